@@ -1,0 +1,159 @@
+-- Vantage storage schema, version 1. Documented for analysts in docs/schema.md.
+-- Every observation row names its measurement and its side: 'probe' rows were
+-- seen from the volunteer's network, 'control' rows from the helper's.
+-- Times t0/t are seconds since the measurement started.
+
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name VARCHAR NOT NULL,
+    applied_at TIMESTAMP DEFAULT current_timestamp
+);
+
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    test_name VARCHAR,
+    started_at TIMESTAMP,
+    finished_at TIMESTAMP,
+    status VARCHAR,              -- running | finished | interrupted | timed_out
+    inputs_total INTEGER,
+    options JSON,                -- the options the run was started with (for --resume)
+    probe_cc VARCHAR,
+    probe_asn VARCHAR,
+    software_version VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS run_inputs (
+    run_id VARCHAR,
+    position INTEGER,
+    input VARCHAR,
+    category_code VARCHAR
+);
+
+CREATE TABLE IF NOT EXISTS measurements (
+    measurement_id VARCHAR PRIMARY KEY,
+    run_id VARCHAR,
+    test_name VARCHAR,
+    test_version VARCHAR,
+    input VARCHAR,
+    domain VARCHAR,
+    scheme VARCHAR,
+    port INTEGER,
+    category_code VARCHAR,
+    start_time TIMESTAMP,
+    runtime DOUBLE,
+    probe_cc VARCHAR,
+    probe_asn VARCHAR,
+    resolver_asn VARCHAR,
+    software_name VARCHAR,
+    software_version VARCHAR,
+    control_failure VARCHAR,     -- NULL when a control answered; else why not
+    control_helper VARCHAR,      -- which helper answered
+    probe_network_ok BOOLEAN,    -- FALSE when the probe itself had no network
+    record JSON                  -- the full record (bodies included), for exports
+);
+
+CREATE TABLE IF NOT EXISTS dns_answers (
+    measurement_id VARCHAR,
+    side VARCHAR,                -- probe | control
+    transaction_id INTEGER,
+    engine VARCHAR,              -- system | udp | doh
+    resolver VARCHAR,
+    hostname VARCHAR,
+    query_type VARCHAR,
+    response_index INTEGER,      -- 0: first response; >=1: late duplicates (injection evidence)
+    failure VARCHAR,
+    rcode VARCHAR,
+    answer_type VARCHAR,         -- A | AAAA | CNAME, NULL when the response had no answer
+    answer VARCHAR,
+    ttl INTEGER,
+    t0 DOUBLE,
+    t DOUBLE
+);
+
+CREATE TABLE IF NOT EXISTS tcp_connects (
+    measurement_id VARCHAR,
+    side VARCHAR,
+    transaction_id INTEGER,
+    ip VARCHAR,
+    port INTEGER,
+    success BOOLEAN,
+    failure VARCHAR,
+    t0 DOUBLE,
+    t DOUBLE
+);
+
+CREATE TABLE IF NOT EXISTS tls_handshakes (
+    measurement_id VARCHAR,
+    side VARCHAR,
+    transaction_id INTEGER,
+    ip VARCHAR,
+    port INTEGER,
+    server_name VARCHAR,
+    success BOOLEAN,
+    failure VARCHAR,
+    tls_version VARCHAR,
+    cipher_suite VARCHAR,
+    cert_valid BOOLEAN,          -- does the presented certificate validate for server_name?
+    cert_error VARCHAR,
+    cert_subject VARCHAR,
+    cert_issuer VARCHAR,
+    cert_sha256 VARCHAR,
+    cert_not_after VARCHAR,
+    t0 DOUBLE,
+    t DOUBLE
+);
+
+CREATE TABLE IF NOT EXISTS http_transactions (
+    measurement_id VARCHAR,
+    side VARCHAR,
+    transaction_id INTEGER,
+    redirect_index INTEGER,      -- 0: the input URL; n: the n-th redirect followed
+    url VARCHAR,
+    method VARCHAR,
+    address VARCHAR,             -- ip:port the request went to, when known
+    failure VARCHAR,
+    status_code INTEGER,
+    headers JSON,
+    title VARCHAR,
+    body_length BIGINT,          -- bytes received (decompressed), up to the cap
+    body_truncated BOOLEAN,
+    body_sha256 VARCHAR,
+    body VARCHAR,                -- the first 64 KiB as text, for fingerprints
+    t0 DOUBLE,
+    t DOUBLE
+);
+
+CREATE TABLE IF NOT EXISTS network_events (
+    measurement_id VARCHAR,
+    side VARCHAR,
+    transaction_id INTEGER,
+    operation VARCHAR,           -- bytes_received | connect | tls_handshake_done | ...
+    address VARCHAR,
+    num_bytes BIGINT,
+    t DOUBLE
+);
+
+CREATE TABLE IF NOT EXISTS throughput_samples (
+    measurement_id VARCHAR,
+    side VARCHAR,                -- probe | control
+    variant VARCHAR,             -- target | scrambled | helper
+    attempt INTEGER,
+    ip VARCHAR,
+    server_name VARCHAR,
+    failure VARCHAR,
+    bytes BIGINT,
+    seconds DOUBLE,
+    kbit_per_s DOUBLE
+);
+
+CREATE TABLE IF NOT EXISTS verdicts (
+    measurement_id VARCHAR PRIMARY KEY,
+    input VARCHAR,
+    status VARCHAR,              -- ok | blocked | throttled | down | server_side | inconclusive
+    layer VARCHAR,
+    method VARCHAR,
+    confidence DOUBLE,
+    confirmed BOOLEAN,
+    evidence JSON,
+    analysed_at TIMESTAMP
+);

@@ -1,0 +1,198 @@
+"""The only code that writes the DuckDB file.
+
+DuckDB allows one writer, so all writes go through one ``Sink``: a bounded
+queue drained by a single thread that inserts records in batches (via Arrow,
+~50x faster than executemany). Memory stays flat however long the run: at most
+``queue_size + batch_size`` records are held at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import duckdb
+import pyarrow as pa
+
+from .flatten import TABLE_COLUMNS, iter_table_rows
+
+MIGRATIONS = [(1, "initial schema", "schema.sql")]
+
+
+class StoreError(Exception):
+    """A database problem the user can fix (bad path, locked file...): one line."""
+
+
+def default_db_path() -> Path:
+    env = os.environ.get("VANTAGE_DB")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "vantage" / "vantage.duckdb"
+
+
+def connect(path: str | os.PathLike | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open (and migrate) the database, or raise StoreError with a clear reason."""
+    target = Path(path) if path else default_db_path()
+    if str(target) != ":memory:":
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the directory for the database {target}: {exc.strerror}") from None
+        if read_only and not target.exists():
+            raise StoreError(f"no database at {target} (run `vantage run` first, or pass --db)")
+        if not read_only and target.exists() and not os.access(target, os.W_OK):
+            raise StoreError(f"the database {target} is not writable")
+        if not read_only and not target.exists() and not os.access(target.parent, os.W_OK):
+            raise StoreError(f"cannot write the database in {target.parent}: permission denied")
+    try:
+        con = duckdb.connect(str(target), read_only=read_only)
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"cannot open the database {target}: {first}") from None
+    if not read_only:
+        migrate(con)
+    return con
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP DEFAULT current_timestamp)")
+    done = {row[0] for row in con.execute("SELECT version FROM schema_migrations").fetchall()}
+    for version, name, filename in MIGRATIONS:
+        if version in done:
+            continue
+        sql = resources.files("probes").joinpath(filename).read_text()
+        con.execute("BEGIN")
+        con.execute(sql)
+        con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
+        con.execute("COMMIT")
+
+
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[tuple]) -> None:
+    columns = TABLE_COLUMNS[table]
+    arrow = pa.table({name: pa.array(list(values)) for name, values in zip(columns, zip(*rows))})
+    con.register("_vantage_batch", arrow)
+    try:
+        # INSERT OR IGNORE: re-importing the same measurement is harmless.
+        verb = "INSERT OR IGNORE" if table == "measurements" else "INSERT"
+        con.execute(f"{verb} INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM _vantage_batch")
+    finally:
+        con.unregister("_vantage_batch")
+
+
+def write_records(con: duckdb.DuckDBPyConnection, batch: list[tuple[dict[str, Any], str | None]]) -> None:
+    """Insert a batch of records atomically; records already stored are skipped."""
+    ids = [r["measurement_id"] for r, _ in batch]
+    placeholders = ",".join("?" * len(ids))
+    existing = {row[0] for row in con.execute(f"SELECT measurement_id FROM measurements WHERE measurement_id IN ({placeholders})", ids).fetchall()}
+    fresh = []
+    for record, category in batch:
+        if record["measurement_id"] not in existing:
+            existing.add(record["measurement_id"])
+            fresh.append((record, category))
+    if not fresh:
+        return
+    con.execute("BEGIN")
+    try:
+        for table, rows in iter_table_rows(fresh):
+            insert_rows(con, table, rows)
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+
+
+class Sink:
+    """A single writer thread fed by a bounded queue.
+
+    ``put`` blocks when the queue is full (back-pressure on the runner instead of
+    unbounded memory). ``close`` flushes everything; records put before a crash
+    of the caller are still written because the thread drains the queue.
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, batch_size: int = 200, queue_size: int = 1000, flush_seconds: float = 1.0):
+        self.con = con
+        self.batch_size = batch_size
+        self.flush_seconds = flush_seconds
+        self.written = 0
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._drain, name="vantage-sink", daemon=True)
+        self._thread.start()
+
+    def put(self, record: dict[str, Any], category_code: str | None = None) -> None:
+        if self.error:
+            raise StoreError(f"writing to the database failed: {self.error}")
+        self._queue.put((record, category_code))
+
+    def call(self, fn, *args) -> None:
+        """Run ``fn(con, *args)`` on the writer thread, in order with the records."""
+        self._queue.put(("call", fn, args))
+
+    def _drain(self) -> None:
+        batch: list = []
+        deadline = time.monotonic() + self.flush_seconds
+        while True:
+            timeout = max(0.0, deadline - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            stop = item is _STOP
+            call = isinstance(item, tuple) and len(item) == 3 and item[0] == "call"
+            if item is not None and not stop and not call:
+                batch.append(item)
+            if batch and (stop or call or len(batch) >= self.batch_size or time.monotonic() >= deadline):
+                self._flush(batch)
+                batch = []
+            if call:
+                try:
+                    item[1](self.con, *item[2])
+                except Exception as exc:  # keep draining: measured data matters more
+                    self.error = exc
+            if time.monotonic() >= deadline:
+                deadline = time.monotonic() + self.flush_seconds
+            if stop:
+                return
+
+    def _flush(self, batch: list) -> None:
+        try:
+            write_records(self.con, batch)
+            self.written += len(batch)
+        except Exception as exc:
+            self.error = exc
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join()
+        if self.error:
+            raise StoreError(f"writing to the database failed: {self.error}")
+
+
+_STOP = object()
+
+
+def write_all(con: duckdb.DuckDBPyConnection, records: Iterable[tuple[dict[str, Any], str | None]], batch_size: int = 500) -> int:
+    """Synchronous bulk write (imports, tests)."""
+    batch: list = []
+    count = 0
+    for item in records:
+        batch.append(item)
+        if len(batch) >= batch_size:
+            write_records(con, batch)
+            count += len(batch)
+            batch = []
+    if batch:
+        write_records(con, batch)
+        count += len(batch)
+    return count
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
