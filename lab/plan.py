@@ -8,12 +8,19 @@ for real traffic, and the namespaces have no link to the host's network.
 
 Namespace names are ``f"{prefix}-{role}"`` where prefix is ``vl`` + a short
 unique id, so a stale lab never collides with a new one. Interface names are
-``f"{role}-{peer}"`` inside each namespace (short: Linux allows 15 chars).
+``iface(role, peer)`` inside each namespace, e.g. ``ce-is`` is the censor's
+interface towards the isp (Linux allows 15 characters).
 """
 
 from __future__ import annotations
 
 ROLES = ("probe", "isp", "censor", "internet", "control")
+ABBREVIATION = {"probe": "pr", "isp": "is", "censor": "ce", "internet": "in", "control": "co"}
+
+
+def iface(role: str, peer: str) -> str:
+    """Name of ``role``'s interface towards ``peer``."""
+    return f"{ABBREVIATION[role]}-{ABBREVIATION[peer]}"
 
 # (left role, right role, left address, right address), all /24 links.
 LINKS = (
