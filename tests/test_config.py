@@ -1,0 +1,247 @@
+"""probes.config (settings table, TOML I/O, env overrides) and probes.consent."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import click
+import pytest
+
+from probes import config as cfg
+from probes import consent
+from probes.config import ConfigError, load_config, save_setting
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    for setting in cfg.SETTINGS:
+        monkeypatch.delenv(cfg.env_var(setting.name), raising=False)
+    monkeypatch.delenv("VANTAGE_CONFIG", raising=False)
+    return tmp_path
+
+
+def test_directories_follow_xdg(tmp_path, monkeypatch):
+    assert cfg.config_dir() == tmp_path / "xdg_config_home" / "vantage"
+    assert cfg.data_dir() == tmp_path / "xdg_data_home" / "vantage"
+    assert cfg.cache_dir() == tmp_path / "xdg_cache_home" / "vantage"
+    assert cfg.config_path() == cfg.config_dir() / "config.toml"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")  # invalid per the spec: ignored
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cfg.cache_dir() == tmp_path / "home" / ".cache" / "vantage"
+
+
+def test_defaults_without_a_file():
+    config = load_config()
+    assert config.concurrency == 50
+    assert config.helpers == []
+    assert config.doh_url == "https://dns.google/dns-query"
+    assert config.consent_given is False
+    assert config.probe_cc == "" and config.probe_asn == ""
+    assert config.db == str(cfg.data_dir() / "vantage.duckdb")
+    assert config.geo_db == str(cfg.cache_dir() / "geo")
+    assert config.sources["concurrency"] == "default"
+    assert set(config.as_dict()) == set(cfg.SETTINGS_BY_NAME)
+
+
+def test_settings_table_covers_required_names():
+    names = set(cfg.SETTINGS_BY_NAME)
+    assert {"db", "helpers", "concurrency", "resolver", "doh_url", "probe_cc", "probe_asn",
+            "consent_given", "extra_ca_file", "geo_db"} <= names
+    for row in cfg.describe_settings():
+        assert row["help"] and row["env"] == "VANTAGE_" + row["name"].upper()
+
+
+def test_default_resolver_reads_resolv_conf(tmp_path):
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# comment\nsearch example\nnameserver fe80::1%eth0\nnameserver 192.0.2.53\nnameserver 8.8.8.8\n")
+    assert cfg.default_resolver(conf) == "192.0.2.53"
+    conf.write_text("nameserver 2001:db8::53\n")
+    assert cfg.default_resolver(conf) == "[2001:db8::53]:53"
+    assert cfg.default_resolver(tmp_path / "missing") == ""
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("192.0.2.1", ("192.0.2.1", 53)),
+    ("192.0.2.1:5353", ("192.0.2.1", 5353)),
+    ("2001:db8::1", ("2001:db8::1", 53)),
+    ("[2001:db8::1]:853", ("2001:db8::1", 853)),
+])
+def test_parse_resolver(text, expected):
+    assert cfg.parse_resolver(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["dns.google", "1.2.3.4:0", "1.2.3.4:x", "[::1", "[::1]x"])
+def test_parse_resolver_rejects(bad):
+    with pytest.raises(ValueError):
+        cfg.parse_resolver(bad)
+
+
+def test_file_values_and_normalisation(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'concurrency = 8\nhelpers = ["https://th.example.org"]\nprobe_cc = "ir"\n'
+        'probe_asn = "12880"\nconsent_given = true\nresolver = "192.0.2.1:53"\n'
+    )
+    config = load_config(path)
+    assert config.concurrency == 8
+    assert config.helpers == ["https://th.example.org"]
+    assert config.probe_cc == "IR"
+    assert config.probe_asn == "AS12880"
+    assert config.consent_given is True
+    assert config.sources["concurrency"] == str(path)
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("concurency = 8\n")
+    with pytest.raises(ConfigError, match="unknown setting 'concurency'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ('concurrency = "many"', "concurrency"),
+    ("concurrency = 0", "concurrency"),
+    ("concurrency = true", "concurrency"),
+    ('helpers = ["https://x", 3]', "helpers"),
+    ('helpers = ["ftp://x"]', "helpers"),
+    ('probe_cc = "IRN"', "probe_cc"),
+    ('probe_asn = "ASX"', "probe_asn"),
+    ('doh_url = "http://dns.example/dns-query"', "doh_url"),
+    ('consent_given = "maybe"', "consent_given"),
+    ("[section]\nx = 1", "section"),
+    ("concurrency = ", "not valid TOML"),
+])
+def test_bad_values_are_one_line_errors(tmp_path, body, needle):
+    path = tmp_path / "c.toml"
+    path.write_text(body + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = info.value.format_message()
+    assert needle in message and "\n" not in message
+
+
+def test_env_overrides_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.toml"
+    path.write_text("concurrency = 8\n")
+    monkeypatch.setenv("VANTAGE_CONCURRENCY", "3")
+    monkeypatch.setenv("VANTAGE_HELPERS", "https://a.example, https://b.example")
+    monkeypatch.setenv("VANTAGE_CONSENT_GIVEN", "yes")
+    monkeypatch.setenv("VANTAGE_DB", str(tmp_path / "x.duckdb"))
+    config = load_config(path)
+    assert config.concurrency == 3
+    assert config.helpers == ["https://a.example", "https://b.example"]
+    assert config.consent_given is True
+    assert config.db == str(tmp_path / "x.duckdb")
+    assert config.sources["concurrency"] == "VANTAGE_CONCURRENCY"
+    monkeypatch.setenv("VANTAGE_CONCURRENCY", "lots")
+    with pytest.raises(ConfigError, match="VANTAGE_CONCURRENCY"):
+        load_config(path)
+
+
+def test_vantage_config_env_points_at_file(tmp_path, monkeypatch):
+    path = tmp_path / "elsewhere.toml"
+    path.write_text("concurrency = 7\n")
+    monkeypatch.setenv("VANTAGE_CONFIG", str(path))
+    assert load_config().concurrency == 7
+
+
+def test_config_is_read_only_and_replace_validates():
+    config = load_config()
+    with pytest.raises(AttributeError):
+        config.concurrency = 3
+    other = config.replace(concurrency="5", probe_cc="de")
+    assert other.concurrency == 5 and other.probe_cc == "DE" and config.concurrency == 50
+    with pytest.raises(ConfigError, match="unknown setting 'nope'"):
+        config.replace(nope=1)
+
+
+def test_save_setting_round_trips_and_keeps_other_keys(tmp_path):
+    path = tmp_path / "sub" / "c.toml"
+    save_setting("concurrency", "12", path=path)
+    save_setting("helpers", ["https://a.example/", "https://b.example/"], path=path)
+    save_setting("consent_given", True, path=path)
+    save_setting("extra_ca_file", 'C:\\odd "name"\n.pem', path=path)
+    data = tomllib.loads(path.read_text())
+    assert data == {
+        "concurrency": 12,
+        "helpers": ["https://a.example/", "https://b.example/"],
+        "consent_given": True,
+        "extra_ca_file": 'C:\\odd "name"\n.pem',
+    }
+    config = load_config(path)
+    assert config.concurrency == 12 and config.consent_given is True
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_save_setting_rejects_bad_input(tmp_path):
+    path = tmp_path / "c.toml"
+    with pytest.raises(ConfigError, match="unknown setting"):
+        save_setting("colour", "blue", path=path)
+    with pytest.raises(ConfigError, match="concurrency"):
+        save_setting("concurrency", "-1", path=path)
+    assert not path.exists()
+
+
+def test_toml_writer_escapes_and_round_trips():
+    data = {"a": "tab\there \x01 \x7f é \\ \"q\"", "b": 0, "c": False, "d": [], "e": ["x", "y"], "f": 1.5}
+    assert tomllib.loads(cfg.dump_toml(data)) == data
+    with pytest.raises(TypeError):
+        cfg.toml_value({"nested": 1})
+
+
+# ---------------------------------------------------------------- consent
+
+
+def test_consent_already_given(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("consent_given = true\n")
+    assert consent.ensure_consent(load_config(path), assume_yes=False, interactive=False) is True
+
+
+def test_consent_yes_records(tmp_path):
+    path = tmp_path / "c.toml"
+    assert consent.ensure_consent(load_config(path), assume_yes=True, interactive=False) is True
+    assert load_config(path).consent_given is True
+
+
+def test_consent_non_interactive_without_yes_refuses(tmp_path):
+    path = tmp_path / "c.toml"
+    assert consent.ensure_consent(load_config(path), assume_yes=False, interactive=False) is False
+    assert not path.exists()
+    assert "\n" not in consent.NO_CONSENT_MESSAGE
+
+
+@pytest.mark.parametrize("answer,expected", [("y\n", True), ("n\n", False), ("\n", False)])
+def test_consent_interactive(tmp_path, answer, expected):
+    path = tmp_path / "c.toml"
+
+    @click.command()
+    def cmd():
+        ok = consent.ensure_consent(load_config(path), assume_yes=False, interactive=True)
+        click.echo(f"result={ok}")
+
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(cmd, input=answer)
+    assert f"result={expected}" in result.output
+    assert "IP address is\n  never stored" in result.output or "IP address is never stored" in result.output
+    assert load_config(path).consent_given is expected
+
+
+def test_consent_text_mentions_the_risks():
+    text = " ".join(consent.CONSENT_TEXT.split())
+    for needle in ("network operator", "anyone else able to watch", "can be dangerous",
+                   "stored locally", "IP address is never stored"):
+        assert needle in text
+
+
+def test_consent_survives_unwritable_config(tmp_path, capsys):
+    path = tmp_path / "file-not-dir" / "c.toml"
+    (tmp_path / "file-not-dir").write_text("")  # parent is a file: cannot write
+    assert consent.ensure_consent(load_config(tmp_path / "missing.toml").replace(), assume_yes=True, interactive=False)
+    config = cfg.Config(load_config().as_dict(), {}, path)
+    assert consent.ensure_consent(config, assume_yes=True, interactive=False) is True
+    assert "consent not remembered" in capsys.readouterr().err
