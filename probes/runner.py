@@ -1,0 +1,208 @@
+"""The async runner: concurrency, per-domain politeness, deadlines, resume.
+
+- A fixed pool of workers (``concurrency``) pulls inputs from a queue, so a
+  10,000-URL list costs a queue of strings, not 10,000 pending tasks.
+- One measurement at a time per domain: the probe never hammers a site, and
+  measurements of one domain do not disturb each other.
+- Each measurement has a total deadline; a measurement cut short is stored with
+  every step that finished and ``x_deadline_exceeded``.
+- Finished records go to the Sink at once; Ctrl-C (cancellation) stores all of
+  them and marks the run ``interrupted`` so ``--resume`` can finish it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterable
+
+from .context import ProbeContext
+from .records import SOFTWARE_VERSION, Clock, Measurement, new_id
+from .store import Sink
+
+# A test: (name, version, measure(url, ctx, keys, clock), new_keys(), label(keys)).
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    version: str
+    measure: Callable[..., Awaitable[Any]]
+    new_keys: Callable[[], dict[str, Any]]
+    label: Callable[[dict[str, Any]], str]
+
+
+@dataclass
+class Location:
+    probe_cc: str = "ZZ"
+    probe_asn: str = "AS0"
+    network_name: str | None = None
+    resolver_asn: str = "AS0"
+    ip_for_scrubbing: str | None = None  # never stored; used to scrub records
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    status: str
+    measured: int = 0
+    total: int = 0
+    outcomes: collections.Counter = field(default_factory=collections.Counter)
+    seconds: float = 0.0
+    network_down: int = 0
+
+
+def scrub(record: dict[str, Any], ip: str | None) -> dict[str, Any]:
+    """Remove the probe's own address from every string of the record (bodies,
+    headers, error messages): OONI's practice, and our privacy promise."""
+    if not ip:
+        return record
+    text = json.dumps(record, ensure_ascii=False)
+    if ip not in text:
+        return record
+    return json.loads(text.replace(ip, "[scrubbed]"))
+
+
+def domain_of(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return (urlsplit(url).hostname or url).lower()
+
+
+def start_run(con, run_id: str, test: Experiment, inputs: list[tuple[str, str | None]], options: dict, location: Location) -> None:
+    con.execute("BEGIN")
+    con.execute(
+        "INSERT INTO runs (run_id, test_name, started_at, status, inputs_total, options, probe_cc, probe_asn, software_version) "
+        "VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+        [run_id, test.name, dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), len(inputs), json.dumps(options),
+         location.probe_cc, location.probe_asn, SOFTWARE_VERSION],
+    )
+    # Store the planned inputs so an interrupted run can be resumed.
+    import pyarrow as pa
+
+    table = pa.table({
+        "run_id": [run_id] * len(inputs),
+        "position": list(range(len(inputs))),
+        "input": [u for u, _ in inputs],
+        "category_code": [c for _, c in inputs],
+    })
+    con.register("_vantage_inputs", table)
+    con.execute("INSERT INTO run_inputs SELECT * FROM _vantage_inputs")
+    con.unregister("_vantage_inputs")
+    con.execute("COMMIT")
+
+
+def finish_run(con, run_id: str, status: str) -> None:
+    con.execute(
+        "UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?",
+        [status, dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), run_id],
+    )
+
+
+def remaining_inputs(con, run_id: str) -> list[tuple[str, str | None]]:
+    """Inputs of ``run_id`` that have no stored measurement yet."""
+    rows = con.execute(
+        """SELECT i.input, i.category_code FROM run_inputs i
+           WHERE i.run_id = ? AND NOT EXISTS (
+               SELECT 1 FROM measurements m WHERE m.run_id = i.run_id AND m.input = i.input)
+           ORDER BY i.position""",
+        [run_id],
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+async def run_inputs(
+    inputs: Iterable[tuple[str, str | None]],
+    *,
+    test: Experiment,
+    ctx: ProbeContext,
+    sink: Sink,
+    run_id: str,
+    location: Location,
+    concurrency: int = 50,
+    max_runtime: float | None = None,
+    on_result: Callable[[str, str], None] | None = None,
+) -> RunSummary:
+    """Measure every input; returns when all are stored (or the run is cut)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in inputs:
+        queue.put_nowait(item)
+    summary = RunSummary(run_id=run_id, status="finished", total=queue.qsize())
+    # Per-domain politeness without idling workers: an input whose domain is
+    # being measured waits in that domain's backlog, and the worker measuring
+    # the domain takes it next.
+    backlog: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+    busy: set[str] = set()
+    started = time.monotonic()
+    deadline = started + max_runtime if max_runtime else None
+    measurement_deadline = ctx.timeouts.measurement
+
+    async def measure_one(url: str, category: str | None) -> None:
+        m = Measurement(
+            test_name=test.name, test_version=test.version, input=url, run_id=run_id,
+            probe_cc=location.probe_cc, probe_asn=location.probe_asn, probe_network_name=location.network_name,
+            resolver_asn=location.resolver_asn, measurement_id=new_id(),
+        )
+        if category:
+            m.annotations["category_code"] = category
+        keys = test.new_keys()
+        m.test_keys = keys
+        t0 = time.monotonic()
+        try:
+            await asyncio.wait_for(test.measure(url, ctx, keys, Clock()), measurement_deadline)
+        except asyncio.TimeoutError:
+            keys["x_deadline_exceeded"] = True
+        except Exception as exc:  # a bug must not lose the run: record it and go on
+            from .failures import classify
+
+            keys["x_test_error"] = classify(exc)
+        m.runtime = time.monotonic() - t0
+        sink.put(scrub(m.to_dict(), location.ip_for_scrubbing), category)
+        label = test.label(keys)
+        summary.outcomes[label] += 1
+        summary.measured += 1
+        if keys.get("x_probe_network_ok") is False:
+            summary.network_down += 1
+        if on_result:
+            on_result(url, label)
+
+    def out_of_time() -> bool:
+        if deadline and time.monotonic() > deadline:
+            summary.status = "timed_out"
+            return True
+        return False
+
+    async def worker() -> None:
+        while not out_of_time():
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            domain = domain_of(item[0])
+            if domain in busy:
+                backlog[domain].append(item)
+                continue
+            busy.add(domain)
+            try:
+                while item is not None and not out_of_time():
+                    await measure_one(*item)
+                    item = backlog[domain].popleft() if backlog[domain] else None
+            finally:
+                busy.discard(domain)
+
+    workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
+    try:
+        await asyncio.gather(*workers)
+    except asyncio.CancelledError:
+        summary.status = "interrupted"
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
+    finally:
+        summary.seconds = time.monotonic() - started
+    return summary

@@ -1,0 +1,159 @@
+"""Web Connectivity: DNS, TCP, TLS and HTTP for one URL, with a control.
+
+Each step is a primitive that records its own observation; this module only
+chains them and decides what to try next (no interpretation: that is
+analysis/). The control request runs concurrently with the probe's own TCP,
+TLS and HTTP steps.
+
+``test_keys`` is filled in place, so that a measurement cut short by its
+deadline still stores every step that finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import dns, failures, http, tcp, tls
+from .context import ProbeContext
+from .records import Clock, Transactions
+
+TEST_NAME = "web_connectivity"
+TEST_VERSION = "0.1.0"
+MAX_ADDRESSES = 4  # addresses tried per URL: enough for CDNs, bounded cost
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _endpoint(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def new_test_keys() -> dict[str, Any]:
+    return {
+        "queries": [],
+        "tcp_connect": [],
+        "tls_handshakes": [],
+        "requests": [],
+        "network_events": [],
+        "control": None,
+        "control_failure": None,
+        "x_control_helper": None,
+        "x_probe_network_ok": None,
+    }
+
+
+async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Clock | None = None) -> dict[str, Any]:
+    """Measure ``url`` into ``keys`` (see new_test_keys)."""
+    clock = clock or Clock()
+    txids = Transactions()
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    t = ctx.timeouts
+
+    # 1. DNS: system resolver, a UDP query we own (late answers = injection), DoH.
+    addresses: list[str] = []
+    if _is_ip(host):
+        addresses = [host]
+    else:
+        lookups = [dns.system_lookup(host, clock=clock, txid=txids.next(), timeout=t.dns)]
+        if ctx.resolver:
+            lookups.append(dns.udp_lookup(host, ctx.resolver, "A", clock=clock, txid=txids.next(), timeout=t.dns, linger=ctx.dns_linger))
+        if ctx.doh_url and ctx.session is not None:
+            lookups.append(dns.doh_lookup(host, ctx.doh_url, "A", session=ctx.session, clock=clock, txid=txids.next(), timeout=t.dns))
+        for result in await asyncio.gather(*lookups):
+            keys["queries"].extend(result if isinstance(result, list) else [result])
+        # The addresses a browser would use: the system resolver's; the UDP
+        # resolver's first answers only when the system resolver gave nothing.
+        system = dns.first_addresses([q for q in keys["queries"] if q["engine"] == "system"])
+        addresses = system or dns.first_addresses([q for q in keys["queries"] if q["engine"] == "udp"])
+    addresses = addresses[:MAX_ADDRESSES]
+
+    # 2. Control, concurrently with everything below.
+    control_task = None
+    if ctx.helpers and ctx.session is not None:
+        from .control import query_control
+
+        control_task = asyncio.ensure_future(
+            query_control(ctx.helpers, url, [_endpoint(a, port) for a in addresses], session=ctx.session, timeout=getattr(t, "control", 30.0))
+        )
+    elif not ctx.helpers:
+        keys["control_failure"] = "no_helper_configured"
+
+    try:
+        # 3. TCP to every address, TLS on each for https.
+        async def connect_one(ip: str) -> bool:
+            entry, conn = await tcp.connect(ip, port, clock=clock, txid=txids.next(), timeout=t.connect)
+            keys["tcp_connect"].append(entry)
+            if conn is not None:
+                conn[1].close()
+            if conn is None or parts.scheme != "https":
+                return conn is not None
+            keys["tls_handshakes"].append(
+                await tls.handshake(ip, port, host, context=ctx.tls(), clock=clock, txid=txids.next(), timeout=t.tls)
+            )
+            return True
+
+        reachable = await asyncio.gather(*(connect_one(ip) for ip in addresses))
+
+        # 4. HTTP, pinned to the first address that accepted a connection.
+        working = [ip for ip, ok in zip(addresses, reachable) if ok]
+        if working or (not addresses and _is_ip(host)):
+            pinned = {host: working[0]} if working and not _is_ip(host) else None
+            keys["requests"].extend(
+                await http.fetch(
+                    url, clock=clock, transactions=txids, timeouts=t, context=ctx.tls(), pinned=pinned,
+                    events=keys["network_events"],
+                )
+            )
+    finally:
+        if control_task is not None:
+            response, helper, failure = await control_task
+            keys["control"] = response
+            keys["x_control_helper"] = helper
+            keys["control_failure"] = failure
+    keys["x_probe_network_ok"] = probe_network_ok(keys)
+    return keys
+
+
+_OFFLINE = {failures.NETWORK_UNREACHABLE, failures.DNS_TEMPORARY, failures.HOST_UNREACHABLE}
+
+
+def probe_network_ok(keys: dict[str, Any]) -> bool:
+    """False when the probe itself looks offline: nothing succeeded and the
+    failures are of the 'no network' kind (or the control was unreachable too)."""
+    ops = keys["queries"] + [{"failure": c["status"]["failure"]} for c in keys["tcp_connect"]] + keys["requests"]
+    if any(op.get("failure") is None for op in ops):
+        return True
+    seen = {op.get("failure") for op in ops}
+    if seen & _OFFLINE:
+        return False
+    # Every step failed (e.g. DNS timeouts everywhere) and no control answered:
+    # we cannot tell censorship from a dead uplink.
+    return not (keys.get("control") is None and keys.get("control_failure") not in (None, "no_helper_configured"))
+
+
+def outcome_label(keys: dict[str, Any]) -> str:
+    """A probe-side label for the progress bar (not a verdict)."""
+    if keys.get("x_probe_network_ok") is False:
+        return "no network"
+    reqs = keys["requests"]
+    if reqs and reqs[-1].get("failure") is None:
+        return "fetched"
+    for name, section in (("tls", keys["tls_handshakes"]), ("tcp", keys["tcp_connect"])):
+        for entry in section:
+            failure = entry.get("failure") if name == "tls" else entry["status"]["failure"]
+            if failure:
+                return f"{name} failure"
+    if keys["queries"] and not any(q.get("answers") for q in keys["queries"]):
+        return "dns failure"
+    return "http failure" if reqs else "no attempt"

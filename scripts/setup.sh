@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up Vantage on a fresh Debian/Ubuntu machine (or a Raspberry Pi OS):
+# a virtualenv in .venv with Vantage installed. With --test, also the test
+# dependencies and (as root) the system packages the lab needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+if [ "$want_test" = 1 ] && [ "$(id -u)" = 0 ]; then
+    need=()
+    command -v iptables >/dev/null || need+=(iptables)
+    command -v ip >/dev/null || need+=(iproute2)
+    command -v tc >/dev/null || need+=(iproute2)
+    [ -e /usr/include/libnetfilter_queue/libnetfilter_queue.h ] || need+=(libnetfilter-queue-dev)
+    if [ "${#need[@]}" -gt 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if [ "$want_test" = 1 ]; then
+    .venv/bin/python -m pip install -q -e '.[test,lab]'
+else
+    .venv/bin/python -m pip install -q -e .
+fi

@@ -1,0 +1,101 @@
+"""The sink and the flattener: records in, documented rows out, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import pytest
+
+from probes import records as R
+from probes import store
+from probes.flatten import flatten, split_endpoint
+
+
+def _record(url="https://a.example/", run="RUN1", **keys):
+    m = R.Measurement("web_connectivity", "0.1.0", url, run)
+    m.test_keys = {
+        "queries": [
+            R.dns_query(engine="udp", resolver="198.18.53.8:53", hostname="a.example", query_type="A",
+                        answers=[R.dns_answer("A", "198.18.100.1", 60)], failure=None, rcode="NOERROR",
+                        t0=0.0, t=0.01, transaction_id=1),
+            R.dns_query(engine="udp", resolver="198.18.53.8:53", hostname="a.example", query_type="A",
+                        answers=[R.dns_answer("A", "198.18.100.2", 60)], failure=None, rcode="NOERROR",
+                        t0=0.0, t=0.2, transaction_id=1, response_index=1),
+        ],
+        "tcp_connect": [R.tcp_connect(ip="198.18.100.1", port=443, failure="connection_refused", t0=0.1, t=0.2, transaction_id=2)],
+        "tls_handshakes": [],
+        "requests": [],
+        "network_events": [],
+        "control": {"dns": {"failure": None, "addrs": ["198.18.100.1", "2001:db8::1"]},
+                    "tcp_connect": {"198.18.100.1:443": {"status": True, "failure": None},
+                                    "[2001:db8::1]:443": {"status": False, "failure": "generic_timeout_error"}},
+                    "http_request": {"status_code": -1, "body_length": -1, "failure": "connection_reset", "title": "", "headers": {}}},
+        "control_failure": None,
+        **keys,
+    }
+    return m.to_dict()
+
+
+def test_flatten_puts_late_answers_and_control_in_their_tables():
+    rows = flatten(_record(), "NEWS")
+    dns = rows["dns_answers"]
+    assert [(r[1], r[7], r[11]) for r in dns if r[1] == "probe"] == [("probe", 0, "198.18.100.1"), ("probe", 1, "198.18.100.2")]
+    control = [r for r in dns if r[1] == "control"]
+    assert {(r[10], r[11]) for r in control} == {("A", "198.18.100.1"), ("AAAA", "2001:db8::1")}
+    tcp = {(r[1], r[3], r[5], r[6]) for r in rows["tcp_connects"]}
+    assert ("probe", "198.18.100.1", False, "connection_refused") in tcp
+    assert ("control", "2001:db8::1", False, "generic_timeout_error") in tcp
+    http = rows["http_transactions"]
+    # OONI's -1 sentinels become NULL, the failure is kept.
+    assert http == [(http[0][0], "control", None, 0, None, "GET", None, "connection_reset", None, "{}", "", None, None, None, None, None, None)]
+    m = rows["measurements"][0]
+    assert m[5] == "a.example" and m[6] == "https" and m[7] == 443 and m[8] == "NEWS" and m[16] is None
+
+
+def test_missing_control_is_recorded_as_such():
+    record = _record(control=None, control_failure=None)
+    assert flatten(record)["measurements"][0][16] == "no_control"
+
+
+def test_split_endpoint_handles_ipv6():
+    assert split_endpoint("[2001:db8::1]:443") == ("2001:db8::1", 443)
+    assert split_endpoint("198.18.0.1:80") == ("198.18.0.1", 80)
+
+
+def test_sink_writes_batches_and_skips_duplicates(tmp_path):
+    con = store.connect(tmp_path / "v.duckdb")
+    sink = store.Sink(con, batch_size=3)
+    records = [_record(url=f"https://s{i}.example/") for i in range(10)]
+    for r in records:
+        sink.put(r, "NEWS")
+    sink.put(records[0], "NEWS")  # the same measurement twice is stored once
+    sink.close()
+    assert con.execute("SELECT count(*) FROM measurements").fetchone()[0] == 10
+    assert con.execute("SELECT count(*) FROM dns_answers WHERE side = 'probe'").fetchone()[0] == 20
+    stored = json.loads(con.execute("SELECT record FROM measurements LIMIT 1").fetchone()[0])
+    assert stored["test_keys"]["queries"][0]["engine"] == "udp"
+
+
+def test_reopening_migrates_once(tmp_path):
+    path = tmp_path / "v.duckdb"
+    store.connect(path).close()
+    con = store.connect(path)
+    assert con.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == 1
+
+
+def test_unwritable_location_is_a_clear_error():
+    # /proc refuses new directories even for root, like a read-only mount.
+    with pytest.raises(store.StoreError, match="cannot create the directory"):
+        store.connect("/proc/vantage-test/v.duckdb")
+
+
+def test_path_under_a_file_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(store.StoreError, match="cannot create the directory"):
+        store.connect(blocker / "sub" / "v.duckdb")
+
+
+def test_ids_sort_by_time():
+    a = R.new_id(1_700_000_000.0)
+    b = R.new_id(1_700_000_000.5)
+    assert len(a) == 26 and a < b
