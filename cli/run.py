@@ -55,11 +55,9 @@ def _inputs(urls, input_file, list_name, categories) -> list[tuple[str, str | No
 
     try:
         if urls:
-            for url in urls:
-                loader.check_url(url)
-            entries = [(u, None) for u in dict.fromkeys(urls)]
+            entries = [(e.url, e.category_code or None) for e in loader.entries_from_urls(urls)]
         elif input_file:
-            entries = [(e.url, e.category_code) for e in loader.load_input_file(input_file)]
+            entries = [(e.url, e.category_code or None) for e in loader.load_input_file(input_file)]
         else:
             path = loader.resolve_list(list_name or "default")
             entries = [(e.url, e.category_code) for e in loader.load_list(path, categories=categories or None)]
