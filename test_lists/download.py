@@ -1,0 +1,153 @@
+"""Downloading Citizen Lab test lists into the cache (`vantage lists update`).
+
+All requested lists are fetched and validated first, and only then renamed
+into place: a run that fails half-way (offline, 404, malformed file) leaves the
+previously downloaded lists exactly as they were, never a truncated file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import aiohttp
+
+from .loader import ListError, cache_dir, parse_csv
+
+DEFAULT_BASE_URL = "https://raw.githubusercontent.com/citizenlab/test-lists/master/lists/"
+BASE_URL_ENV = "VANTAGE_TEST_LISTS_URL"
+MAX_LIST_BYTES = 20 * 1024 * 1024  # global.csv is ~150 kB; anything this big is not a list
+DEFAULT_TIMEOUT = 30.0
+
+
+class DownloadError(ListError):
+    """The lists could not be fetched; nothing in the cache was changed."""
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    name: str
+    path: Path
+    entries: int
+
+
+def base_url() -> str:
+    url = os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    return url if url.endswith("/") else url + "/"
+
+
+def list_names(countries: Iterable[str] = ()) -> list[str]:
+    """``global`` plus each requested country (or ``cis``), validated and lower-cased."""
+    names = ["global"]
+    for cc in countries:
+        low = cc.strip().lower()
+        if low != "cis" and not re.fullmatch(r"[a-z]{2}", low):
+            raise ListError(f"'{cc}' is not a two-letter country code")
+        if low not in names:
+            names.append(low)
+    return names
+
+
+def _describe(exc: BaseException) -> str:
+    # One short reason for the error line; aiohttp messages can be long.
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"network unreachable ({exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, aiohttp.ClientError):
+        return f"{type(exc).__name__}: {exc}".split("\n")[0]
+    return str(exc).split("\n")[0] or type(exc).__name__
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str, name: str) -> bytes:
+    async with session.get(url) as resp:
+        if resp.status == 404:
+            what = "global list" if name == "global" else f"list for '{name}'"
+            raise DownloadError(f"cannot download the test lists: no {what} at {url} (HTTP 404)")
+        if resp.status != 200:
+            raise DownloadError(f"cannot download the test lists: HTTP {resp.status} from {url}")
+        chunks, size = [], 0
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > MAX_LIST_BYTES:
+                raise DownloadError(f"cannot download the test lists: {url} is larger than "
+                                    f"{MAX_LIST_BYTES // (1024 * 1024)} MB")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+async def download_lists(
+    countries: Iterable[str] = (),
+    dest: str | os.PathLike | None = None,
+    base: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[Downloaded]:
+    """Fetch global.csv and the country lists into ``dest`` (default: the cache)."""
+    names = list_names(countries)
+    target = Path(dest) if dest else cache_dir()
+    root = base or base_url()
+    root = root if root.endswith("/") else root + "/"
+    bodies: dict[str, bytes] = {}
+    try:
+        # trust_env: honour HTTP(S)_PROXY, since raw.githubusercontent.com is
+        # itself blocked in some countries and volunteers may need a proxy.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), trust_env=True) as session:
+            results = await asyncio.gather(
+                *(_fetch(session, f"{root}{name}.csv", name) for name in names), return_exceptions=True
+            )
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        raise DownloadError(f"cannot download the test lists: {_describe(exc)}") from None
+    for name, result in zip(names, results):
+        if isinstance(result, DownloadError):
+            raise result
+        if isinstance(result, BaseException):
+            if not isinstance(result, (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)):
+                raise result
+            raise DownloadError(f"cannot download the test lists: {_describe(result)} "
+                                f"({root}{name}.csv)") from None
+        bodies[name] = result
+
+    # Validate everything before touching the cache.
+    parsed: dict[str, int] = {}
+    for name, body in bodies.items():
+        try:
+            text = body.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise DownloadError(f"the downloaded {name}.csv is not UTF-8 text; cache left unchanged") from None
+        try:
+            parsed[name] = len(parse_csv(text, f"{name}.csv (downloaded)"))
+        except ListError as exc:
+            raise DownloadError(f"{exc.format_message()}; cache left unchanged") from None
+
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"cannot create the list cache {target}: {exc.strerror}") from None
+    temps: dict[str, str] = {}
+    try:
+        for name, body in bodies.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=target)
+            temps[name] = tmp
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(body)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for name, tmp in temps.items():
+            os.replace(tmp, target / f"{name}.csv")
+    except OSError as exc:
+        raise DownloadError(f"cannot write the list cache {target}: {exc.strerror or exc}") from None
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return [Downloaded(name, target / f"{name}.csv", parsed[name]) for name in names]
+
+
+def update_lists(countries: Iterable[str] = (), **kwargs) -> list[Downloaded]:
+    """Synchronous wrapper for the CLI."""
+    return asyncio.run(download_lists(countries, **kwargs))
