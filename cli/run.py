@@ -180,6 +180,11 @@ async def _run(con, entries, specs, options, config, run_id, concurrency, max_ru
     from probes.runner import finish_run, remaining_inputs, run_inputs, start_run
     from probes.timeouts import Timeouts
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    # getaddrinfo runs in the default executor; its default size (cores + 4)
+    # would cap system lookups far below the run's concurrency.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=max(8, concurrency or 50)))
     location = await _locate(config, options.get("probe_cc"), options.get("probe_asn"), quiet)
     helpers = options.get("helpers") or list(_setting(config, "helpers", []) or [])
     ctx = ProbeContext(

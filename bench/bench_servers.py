@@ -1,0 +1,67 @@
+"""Loopback servers for the probe benchmark: a DNS server answering every name
+with 127.0.0.1 and an HTTP server serving a small page, each adding a fixed
+delay before every response (the kernel here has no netem).
+
+Run inside a network namespace: ``python bench/bench_servers.py --delay 0.1``.
+Prints "ready" once both listen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import dns.message
+import dns.rcode
+import dns.rrset
+from aiohttp import web
+
+PAGE = "<html><head><title>Bench site</title></head><body>" + "lorem ipsum " * 400 + "</body></html>"
+
+
+class DNSProtocol(asyncio.DatagramProtocol):
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        asyncio.get_running_loop().call_later(self.delay, self._answer, data, addr)
+
+    def _answer(self, data, addr):
+        try:
+            query = dns.message.from_wire(data)
+        except Exception:
+            return
+        response = dns.message.make_response(query)
+        question = query.question[0]
+        if question.rdtype == 1:  # A
+            response.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", "127.0.0.1"))
+        self.transport.sendto(response.to_wire(), addr)
+
+
+async def main(delay: float, http_port: int, dns_port: int) -> None:
+    loop = asyncio.get_running_loop()
+    await loop.create_datagram_endpoint(lambda: DNSProtocol(delay), local_addr=("127.0.0.1", dns_port))
+
+    async def page(request):
+        await asyncio.sleep(delay)
+        return web.Response(text=PAGE, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", http_port, backlog=1024).start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--delay", type=float, default=0.1)
+    parser.add_argument("--http-port", type=int, default=80)
+    parser.add_argument("--dns-port", type=int, default=53)
+    args = parser.parse_args()
+    asyncio.run(main(args.delay, args.http_port, args.dns_port))

@@ -1,0 +1,115 @@
+"""Probe throughput and memory: `vantage run` over N URLs against loopback
+servers that wait 100 ms before each DNS and HTTP response.
+
+Everything runs inside a fresh network namespace (root needed) whose
+resolv.conf points at the benchmark's DNS server, so the system resolver,
+the UDP resolver and HTTP are all exercised and no packet leaves loopback.
+
+    sudo python bench/probe_bench.py --urls 1000 --urls 10000
+
+Writes bench/results/probe.json; docs/benchmarks.md summarises it.
+Targets (issue 2): >= 50 URLs/s at the default concurrency on 2 cores, and
+peak RSS < 150 MB for 10,000 URLs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+def run_once(ns: str, count: int, concurrency: int | None, workdir: Path) -> dict:
+    urls = workdir / f"urls-{count}.txt"
+    urls.write_text("".join(f"http://site{i}.bench.test/page\n" for i in range(count)))
+    db = workdir / f"bench-{count}.duckdb"
+    cmd = ["ip", "netns", "exec", ns, "/usr/bin/env", f"HOME={workdir}", sys.executable, "-m", "cli.main", "run", "web",
+           "--input-file", str(urls), "--db", str(db), "--yes", "--quiet", "--json", "--no-doh",
+           "--resolver", "127.0.0.1", "--probe-cc", "ZZ", "--probe-asn", "AS0"]
+    if concurrency:
+        cmd += ["--concurrency", str(concurrency)]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
+    peak_kb = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak_kb = max(peak_kb, int(line.split()[1]))
+        except OSError:
+            pass
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    seconds = time.monotonic() - start
+    # `ip netns exec` execs the command, so the pid sampled is the probe itself.
+    if proc.returncode != 0:
+        raise SystemExit(f"vantage run failed ({proc.returncode}): {err.strip()[-500:]}")
+    summary = json.loads(out)[0]
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    stored = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
+    fetched = con.execute("SELECT count(*) FROM http_transactions WHERE side='probe' AND status_code = 200").fetchone()[0]
+    con.close()
+    return {
+        "urls": count, "concurrency": concurrency or 50, "seconds": round(seconds, 2),
+        "urls_per_second": round(count / seconds, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
+        "stored": stored, "fetched_ok": fetched, "outcomes": summary["outcomes"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--urls", type=int, action="append", help="URL counts to run (repeatable)")
+    parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--delay", type=float, default=0.1)
+    parser.add_argument("--out", default=str(HERE / "results" / "probe.json"))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("the probe benchmark needs root (it creates a network namespace)")
+    counts = args.urls or [1000]
+    ns = f"vbench-{uuid.uuid4().hex[:6]}"
+    netns_etc = Path("/etc/netns") / ns
+    workdir = Path(tempfile.mkdtemp(prefix="vantage-bench-"))
+    servers = None
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        netns_etc.mkdir(parents=True, exist_ok=True)
+        (netns_etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        servers = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, str(HERE / "bench_servers.py"), "--delay", str(args.delay)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        if servers.stdout.readline().strip() != "ready":
+            raise SystemExit(f"benchmark servers did not start: {servers.stderr.read()[-500:]}")
+        results = [run_once(ns, n, args.concurrency, workdir) for n in counts]
+    finally:
+        if servers:
+            servers.kill()
+            servers.wait()
+        sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(netns_etc, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+    report = {"benchmark": "probe", "delay_seconds": args.delay, "cpus": os.cpu_count(), "runs": results,
+              "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
