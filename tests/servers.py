@@ -27,6 +27,7 @@ import base64
 import datetime as dt
 import functools
 import gzip
+import select
 import socket
 import ssl
 import struct
@@ -59,6 +60,38 @@ def closed_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
+
+
+class Blackhole:
+    """A loopback port where SYNs go unanswered, like a censor dropping them.
+
+    A listener with a zero backlog that never accepts: once its queue is full
+    the kernel drops further SYNs, so connects time out. ``with Blackhole() as
+    port:`` fills the queue first and closes everything on exit.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._fillers: list[socket.socket] = []
+
+    def __enter__(self) -> int:
+        self._listener.bind((LOOPBACK, 0))
+        self._listener.listen(0)
+        port = self._listener.getsockname()[1]
+        for _ in range(16):  # kernels differ in how many a zero backlog admits
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            filler.connect_ex((LOOPBACK, port))
+            self._fillers.append(filler)
+            _, writable, _ = select.select([], [filler], [], 0.05)
+            if not writable:
+                break  # this SYN was dropped: the queue is full
+        return port
+
+    def __exit__(self, *exc: Any) -> None:
+        for sock in self._fillers:
+            sock.close()
+        self._listener.close()
 
 
 # --- certificates -----------------------------------------------------------------
