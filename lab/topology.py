@@ -87,6 +87,7 @@ class Lab:
     prefix: str = field(default_factory=lambda: "vl" + secrets.token_hex(3))
     workdir: Path | None = None
     processes: list[Process] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # saved in the state file (scenario, shell env)
     _up: bool = False
     _old_handlers: dict = field(default_factory=dict)
 
@@ -257,7 +258,7 @@ class Lab:
         return subprocess.run(self.exec_argv(role, argv), capture_output=True, text=True, timeout=timeout, input=input, env=env)
 
     def stop_process(self, proc: Process, grace: float = 2.0) -> None:
-        _kill_group(proc.popen.pid, grace)
+        _kill_group(proc.popen.pid, grace, proc.popen)
         try:
             proc.popen.wait(timeout=grace)
         except subprocess.TimeoutExpired:
@@ -277,6 +278,7 @@ class Lab:
             "pids": [p.popen.pid for p in self.processes],
             "workdir": str(self.workdir) if self.workdir else None,
             "created": time.time(),
+            **self.extra,
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
@@ -302,8 +304,50 @@ class Lab:
             pass
 
 
-def _kill_group(pid: int, grace: float = 2.0) -> None:
-    """SIGTERM the process group led by ``pid``, then SIGKILL what is left."""
+_CLONE_NEWNET = 0x40000000
+
+
+def in_netns(ns: str, fn, *args, timeout: float = 30.0):
+    """Call ``fn(*args)`` in a fresh thread that has joined network namespace
+    ``ns``; return its result (or raise its exception).
+
+    setns(CLONE_NEWNET) changes only the calling thread, and sockets keep the
+    namespace they were created in, so this lets tests and the runner talk from
+    inside a namespace without starting a Python interpreter there."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: dict = {}
+
+    def target():
+        try:
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({ns}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result["value"] = fn(*args)
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    t = threading.Thread(target=target, name=f"netns-{ns}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"call in {ns} did not finish within {timeout}s")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def _kill_group(pid: int, grace: float = 2.0, popen: subprocess.Popen | None = None) -> None:
+    """SIGTERM the process group led by ``pid``, then SIGKILL what is left.
+
+    With ``popen`` (our own child) we reap it while waiting: an unreaped
+    zombie would keep the group "alive" for killpg(0) and cost the full grace."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
@@ -311,11 +355,13 @@ def _kill_group(pid: int, grace: float = 2.0) -> None:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
+            if popen is not None:
+                popen.poll()
             try:
                 os.killpg(pid, 0)
             except ProcessLookupError:
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
 
 
 def _in_lab(pid: int, prefix: str) -> bool:
