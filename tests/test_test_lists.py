@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from cli.main import cli
 from test_lists import download, loader
+from test_lists.cli import lists
 from test_lists.loader import Entry, ListError, load_input_file, load_list, resolve_list
 
 SHARED_LISTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "test-lists"
@@ -256,10 +256,10 @@ def test_base_url_default_and_env(monkeypatch):
 
 def test_cli_show_default_table_and_json():
     runner = CliRunner()
-    result = runner.invoke(cli, ["lists", "show", "--category", "ctrl"])
+    result = runner.invoke(lists, ["show", "--category", "ctrl"])
     assert result.exit_code == 0, result.output
     assert "https://example.com/" in result.output and "2 entries" in result.output
-    result = runner.invoke(cli, ["lists", "show", "--json", "--category", "NEWS", "--category", "lgbt"])
+    result = runner.invoke(lists, ["show", "--json", "--category", "NEWS", "--category", "lgbt"])
     data = json.loads(result.output)
     assert data["count"] == len(data["entries"]) > 0
     assert {e["category_code"] for e in data["entries"]} == {"NEWS", "LGBT"}
@@ -267,17 +267,24 @@ def test_cli_show_default_table_and_json():
 
 def test_cli_show_input_file(tmp_path):
     path = write(tmp_path, "u.txt", "https://a.example/\n")
-    result = CliRunner().invoke(cli, ["lists", "show", "--input-file", str(path), "--json"])
+    result = CliRunner().invoke(lists, ["show", "--input-file", str(path), "--json"])
     assert json.loads(result.output)["count"] == 1
 
 
 def run_main(args, env=None):
-    """Run the real entry point in a subprocess: checks exit code and one-line stderr."""
+    """The error path of `vantage` (cli.main): ClickException → `vantage: <one line>`, exit 2.
+
+    Mounted alone so this test does not depend on every other package importing.
+    """
     import subprocess
     import sys
 
+    script = ("import sys, click\nfrom test_lists.cli import lists\n"
+              "try:\n    lists.main(sys.argv[1:], standalone_mode=False)\n"
+              "except click.ClickException as e:\n"
+              "    print('vantage:', e.format_message(), file=sys.stderr); sys.exit(2)\n")
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-c", "from cli.main import main; main()", *args],
+    return subprocess.run([sys.executable, "-c", script, *args[1:]],
                           capture_output=True, text=True, env=full_env, timeout=60)
 
 
@@ -298,8 +305,8 @@ async def test_cli_update_against_loopback(list_server, isolated_cache):
     import asyncio
 
     # The CLI calls asyncio.run, so run it off this test's event loop.
-    result = await asyncio.to_thread(CliRunner().invoke, cli, ["lists", "update", "--country", "ir"])
+    result = await asyncio.to_thread(CliRunner().invoke, lists, ["update", "--country", "ir"])
     assert result.exit_code == 0, result.output
     assert "global: 2 entries" in result.output and "ir: 1 entries" in result.output
-    result = await asyncio.to_thread(CliRunner().invoke, cli, ["lists", "show", "--list", "ir", "--json"])
+    result = await asyncio.to_thread(CliRunner().invoke, lists, ["show", "--list", "ir", "--json"])
     assert json.loads(result.output)["entries"][0]["url"] == "https://ir1.example/"
