@@ -144,7 +144,11 @@ class ScenarioLab:
         self.censor = Censor(ns=self.ns("censor"), rules=on_path, site_addresses=site_addresses, workdir=self.workdir / "censor", rogue_ca=self.rogue_ca)
         (self.workdir / "censor").mkdir(exist_ok=True)
         _say(self.progress, f"censor: {len(on_path)} on-path rule(s)")
-        self.censor.start()
+        try:
+            self.censor.start()
+        except Exception as exc:
+            # CensorError or an iptables failure: the scenario cannot run as written.
+            raise LabError(f"the censor did not start: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
 
     def _start_helper(self) -> None:
         if not _vantage_has("helper", "serve"):
