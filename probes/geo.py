@@ -15,7 +15,6 @@ The databases are the ones OONI Probe ships (``asn.mmdb``: GeoLite2-ASN keys
 from __future__ import annotations
 
 import asyncio
-import gzip
 import ipaddress
 import os
 import tempfile

@@ -216,7 +216,7 @@ def resolve_list(name: str) -> Path:
     """
     if name == "default":
         return DEFAULT_LIST
-    if is_downloadable_name(name) and not os.sep in name:
+    if is_downloadable_name(name):
         low = name.lower()
         path = cache_dir() / f"{low}.csv"
         if path.is_file():
