@@ -85,7 +85,7 @@ def page(title: str, size: int, seed: str, *, dynamic: bool = False) -> bytes:
         words.append(w)
         length += len(w) + 1
         i += 1
-    filler = " ".join(words).encode()[:room]
+    filler = (" ".join(words) + " ").encode()[:room]
     return head + filler + tail
 
 
