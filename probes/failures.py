@@ -157,7 +157,25 @@ def classify(exc: BaseException | str | None) -> str | None:
             got = classify(inner)
             if got and not got.startswith(UNKNOWN_PREFIX):
                 return got
+    library = _classify_aiohttp(exc)
+    if library is not None:
+        return library
     return _unknown(f"{type(exc).__name__}: {exc}")
+
+
+def _classify_aiohttp(exc: BaseException) -> str | None:
+    """aiohttp's own exceptions that carry no OS error to look at."""
+    if not type(exc).__module__.startswith("aiohttp"):
+        return None
+    import aiohttp  # only here: the rest of this module has no third-party needs
+
+    # The server closed the connection before (or in the middle of) a response.
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
+        return EOF_ERROR
+    # Malformed status line, headers or framing.
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return HTTP_REQUEST_FAILED
+    return None
 
 
 def is_network_down(failure: str | None) -> bool:
