@@ -59,6 +59,7 @@ _TRY_NEXT_ADDRESS = frozenset({
 })
 _MAX_ADDRESSES_PER_HOP = 3
 _MAX_URL = 4096
+_BODY_READ_SECONDS = 10.0
 _MAX_THROUGHPUT_SECONDS = 10.0
 _MAX_THROUGHPUT_BYTES = 64 * 1024 * 1024
 
@@ -683,8 +684,15 @@ class Helper:
         if request.content_length is not None and request.content_length > limit:
             raise BadRequest(f"request body larger than {limit} bytes")
         body = bytearray()
+        # A client that dribbles its body would otherwise hold an in-flight
+        # slot for as long as it likes.
+        deadline = asyncio.get_running_loop().time() + _BODY_READ_SECONDS
         while True:
-            chunk = await request.content.read(16 * 1024)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await request.content.read(16 * 1024)
+            except TimeoutError:
+                raise BadRequest("request body not received in time") from None
             if not chunk:
                 return bytes(body)
             body += chunk

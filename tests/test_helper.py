@@ -445,3 +445,19 @@ def test_cli_serve_options_and_config(tmp_path):
     assert result.exit_code != 0 and "bogus_key" in str(result.exception)
     good = HelperConfig.from_mapping({"listen": "127.0.0.1:0", "allow": ["198.18.0.0/15"], "max-inflight": 7})
     assert good.max_inflight == 7 and good.allow == ["198.18.0.0/15"]
+
+
+async def test_slow_request_body_does_not_hold_a_slot(dns_server, monkeypatch):
+    import services.helper as helper_module
+
+    monkeypatch.setattr(helper_module, "_BODY_READ_SECONDS", 0.3)
+    async with HelperUnderTest(config(dns_server, max_inflight=1)) as helper:
+        host, port = helper.url[len("http://"):].rstrip("/").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.read(4096), 5)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 400") and b"in time" in head
+        status, body, _ = await helper.post(None, raw=b"{}")
+    assert status == 400 and "http_request" in body["error"]
