@@ -169,8 +169,15 @@ def _classify_aiohttp(exc: BaseException) -> str | None:
         return None
     import aiohttp  # only here: the rest of this module has no third-party needs
 
-    # The server closed the connection before (or in the middle of) a response.
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
+    # A body cut short: aiohttp keeps the transport's error only in the message
+    # ("... ConnectionResetError(104, ...)"), and a RST must not read as a FIN.
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        text = str(exc)
+        if "ConnectionResetError" in text or "Connection reset" in text:
+            return CONNECTION_RESET
+        return EOF_ERROR
+    # The server closed the connection before sending a response.
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
         return EOF_ERROR
     # Malformed status line, headers or framing.
     if isinstance(exc, aiohttp.ClientResponseError):

@@ -279,6 +279,8 @@ class WebServer:
       ``/bomb``          gzip bomb, BOMB_SIZE zeros when decompressed
       ``/trickle``       a 200 whose body drips one byte every 50 ms, forever
       ``/reset``         the connection is reset (RST) before any response
+      ``/cut``           100 of 4096 promised bytes, then a clean close (FIN)
+      ``/cut-reset``     100 of 4096 promised bytes, then a reset (RST)
       ``/dns-query``     DoH (RFC 8484, GET and POST) answering from ``responder`` (``self.dns``)
       ``/status/{code}`` an empty response with that status
     ``hits`` counts requests per path.
@@ -316,6 +318,8 @@ class WebServer:
         app.router.add_get("/bomb", self._bomb)
         app.router.add_get("/trickle", self._trickle)
         app.router.add_get("/reset", self._reset)
+        app.router.add_get("/cut", self._cut)
+        app.router.add_get("/cut-reset", self._cut)
         app.router.add_route("*", "/dns-query", self._doh)
         app.router.add_get("/status/{code}", self._status)
         return app
@@ -366,6 +370,18 @@ class WebServer:
     async def _reset(self, request: web.Request) -> web.StreamResponse:
         reset(request.transport)
         raise asyncio.CancelledError  # aiohttp drops the handler quietly
+
+    async def _cut(self, request: web.Request) -> web.StreamResponse:
+        """Promise 4096 bytes, send 100, then close (FIN) or, on /cut-reset, reset."""
+        response = web.StreamResponse(headers={"Content-Type": "text/plain", "Content-Length": "4096"})
+        await response.prepare(request)
+        await response.write(b"y" * 100)
+        await asyncio.sleep(0.05)  # let the first bytes reach the client
+        if request.path == "/cut-reset":
+            reset(request.transport)
+        elif request.transport is not None:
+            request.transport.close()
+        raise asyncio.CancelledError
 
     async def _doh(self, request: web.Request) -> web.Response:
         if request.method == "GET":

@@ -230,3 +230,13 @@ def test_extract_title():
     assert http.extract_title(b"<html><TITLE lang=en>\n A &amp; B\n</title>") == "A & B"
     assert http.extract_title(b"<title>caf\xe9</title>", "text/html; charset=iso-8859-1") == "caf\u00e9"
     assert http.extract_title(b"no title here") is None
+
+
+@pytest.mark.parametrize(("path", "failure"), [("/cut", failures.EOF_ERROR), ("/cut-reset", failures.CONNECTION_RESET)])
+async def test_body_cut_short_keeps_bytes(http_server, path, failure):
+    events = []
+    [entry] = await get(http_server.url(path), events=events)
+    assert entry["failure"] == failure
+    assert entry["response"]["code"] == 200
+    assert entry["response"]["body"] == "y" * 100
+    assert sum(e["num_bytes"] for e in events) == 100
