@@ -25,7 +25,7 @@ def _resolve_scenario(name: str) -> Path:
     p = Path(name)
     if p.exists():
         return p
-    for base in (Path(__file__).parent / "scenarios", Path.cwd() / "lab" / "scenarios"):
+    for base in (Path(__file__).parent / "scenarios", Path(__file__).parent, Path.cwd() / "lab" / "scenarios"):
         for cand in (base / name, base / f"{name}.toml"):
             if cand.exists():
                 return cand
