@@ -88,6 +88,10 @@ def _addresses(rule, site_addresses: dict[str, list[str]]) -> list[str]:
     return addrs
 
 
+def _cidr(address: str) -> str:
+    return address if "/" in address else f"{address}/32"
+
+
 def _hex(n: int) -> str:
     return format(n, "x")
 
@@ -181,13 +185,13 @@ class Censor:
         for r in self.rules:
             if r.action == "ip-blackhole":
                 for a in _addresses(r, self.site_addresses):
-                    out["filter"].append(f"-A VTG-FILTER -d {a}/32 -j DROP")
+                    out["filter"].append(f"-A VTG-FILTER -d {_cidr(a)} -j DROP")
             elif r.action == "ip-reject":
                 for a in _addresses(r, self.site_addresses):
-                    out["filter"].append(f"-A VTG-FILTER -d {a}/32 -p tcp --syn -j REJECT --reject-with tcp-reset")
+                    out["filter"].append(f"-A VTG-FILTER -d {_cidr(a)} -p tcp --syn -j REJECT --reject-with tcp-reset")
             elif r.action == "tls-mitm":
                 for a in _addresses(r, self.site_addresses):
-                    out["nat"].append(f"-A VTG-NAT -i {self.probe_iface} -d {a}/32 -p tcp --dport 443 "
+                    out["nat"].append(f"-A VTG-NAT -i {self.probe_iface} -d {_cidr(a)} -p tcp --dport 443 "
                                       f"-j REDIRECT --to-ports {MITM_PORT}")
         lines = []
         for table, chains in CHAINS.items():

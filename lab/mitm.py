@@ -82,6 +82,7 @@ class Proxy:
     async def handle(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         peer = sock.getpeername()
+        writers: list[asyncio.StreamWriter] = []
         try:
             dest = original_destination(sock)
             hello = await asyncio.to_thread(peek_client_hello, sock)
@@ -90,20 +91,23 @@ class Proxy:
             intercept = any(matches(sni, d) for d in self.domains)
             reader = asyncio.StreamReader(limit=1 << 20)
             protocol = asyncio.StreamReaderProtocol(reader)
-            if intercept:
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: protocol, sock, ssl=self.context_for(sni), ssl_handshake_timeout=10)
-                up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(dest[0], dest[1], ssl=self.upstream, server_hostname=sni), 10)
-            else:
-                transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
-                up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(dest[0], dest[1]), 10)
-            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=self.context_for(sni) if intercept else None,
+                ssl_handshake_timeout=10 if intercept else None)
+            writers.append(asyncio.StreamWriter(transport, protocol, reader, loop))
+            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(
+                dest[0], dest[1], ssl=self.upstream if intercept else None,
+                server_hostname=sni if intercept else None), 10)
+            writers.append(up_writer)
             log.info("%s %s:%d -> %s:%d sni=%s", "intercept" if intercept else "pass", *peer, *dest, sni)
-            await asyncio.gather(self.pump(reader, up_writer), self.pump(up_reader, writer))
+            await asyncio.gather(self.pump(reader, up_writer), self.pump(up_reader, writers[0]))
         except Exception as exc:  # one bad connection must not stop the proxy
             log.info("connection from %s:%d ended: %r", *peer, exc)
-            sock.close()
+        finally:
+            if not writers:
+                sock.close()  # never handed to a transport
+            for writer in writers:
+                writer.close()
 
     @staticmethod
     async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
