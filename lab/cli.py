@@ -67,7 +67,7 @@ def _print_table(result: dict) -> None:
     console = Console()
     table = Table(title=f"scenario {result['scenario']}: {result['correct']}/{result['total']} correct in {result['seconds']}s")
     for col in ("", "url", "expected", "got", "conf."):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     fmt = lambda d: " / ".join(str(d.get(k)) for k in ("status", "layer", "method") if d and d.get(k)) if d else "(no verdict)"  # noqa: E731
     for r in result["results"]:
         got = r["got"] or {}

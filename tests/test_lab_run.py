@@ -217,3 +217,42 @@ def test_scoring_rules():
     thr = {"status": "throttled", "layer": None, "method": "throttle.sni"}
     assert combine({"web_connectivity": {"status": "ok"}, "throttling": thr}) is thr
     assert combine({"web_connectivity": {"status": "blocked"}, "throttling": thr})["status"] == "blocked"
+
+
+def test_cli_malformed_scenario_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from lab.cli import lab
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SCENARIO.replace('title = "Open Site"', 'titel = "Open Site"'))
+    result = CliRunner().invoke(lab, ["run", str(bad), "--json"])
+    assert result.exit_code == 2
+    assert "bad.toml:6: unknown key 'titel' in [[sites]]" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_run_scenario_prints_score_and_cleans_up(tmp_path):
+    """End to end with whatever probe/helper/analysis the tree has: the scored
+    output always comes back, with one result per expectation, and the lab is gone."""
+    from lab.runner import run_scenario
+    from lab.topology import live_prefixes
+
+    if os.geteuid() != 0 and os.environ.get("CI") != "true":
+        pytest.skip("lab tests need root (network namespaces)")
+    path = tmp_path / "mini.toml"
+    path.write_text(
+        'name = "mini"\n[[sites]]\ndomain = "open.example"\n[[sites]]\ndomain = "nx.example"\n'
+        '[[censor]]\naction = "dns-nxdomain"\ndomain = "nx.example"\n'
+        '[[expect]]\nurl = "https://open.example/"\nstatus = "ok"\n'
+        '[[expect]]\nurl = "https://nx.example/"\nstatus = "blocked"\nlayer = "dns"\nmethod = "dns.nxdomain"\n'
+    )
+    before = set(live_prefixes())
+    t = time.monotonic()
+    result = run_scenario(path)
+    assert time.monotonic() - t < 60
+    assert result["scenario"] == "mini" and result["total"] == 2 and len(result["results"]) == 2
+    assert {"url", "expected", "got", "correct"} <= set(result["results"][0])
+    assert set(live_prefixes()) <= before
+    if not result.get("errors"):
+        assert all(r["got"] is not None for r in result["results"])
