@@ -461,3 +461,20 @@ async def test_slow_request_body_does_not_hold_a_slot(dns_server, monkeypatch):
         assert head.startswith(b"HTTP/1.1 400") and b"in time" in head
         status, body, _ = await helper.post(None, raw=b"{}")
     assert status == 400 and "http_request" in body["error"]
+
+
+async def test_response_flattens_into_control_rows(dns_server, https_server, pki):
+    from probes.flatten import flatten
+
+    dns_server.program("localhost", answer=["127.0.0.1"])
+    async with HelperUnderTest(config(dns_server, ca_file=pki.ca_file)) as helper:
+        _, response, _ = await helper.post({"http_request": f"https://localhost:{https_server.port}/",
+                                            "tcp_connect": [], "x_throughput": {"seconds": 0.2}})
+    record = {"measurement_id": "M1", "input": f"https://localhost:{https_server.port}/", "test_keys": {"control": response}}
+    rows = flatten(record)
+    [tls] = rows["tls_handshakes"]
+    assert tls[1] == "control" and tls[6] is True and tls[10] is True and tls[14]  # success, cert_valid, sha256
+    [http] = rows["http_transactions"]
+    assert http[8] == 200 and http[4] == f"https://localhost:{https_server.port}/"
+    assert rows["dns_answers"][0][11] == "127.0.0.1"
+    assert rows["throughput_samples"][0][2] == "helper"
