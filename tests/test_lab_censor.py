@@ -228,6 +228,13 @@ class Servers:
     def _web(self) -> None:
         from aiohttp import web
 
+        async def upload(request: web.Request) -> web.Response:
+            # Timed here, at the receiver: the client's send buffer would hide the shaping.
+            start, size = time.monotonic(), 0
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+            return web.json_response({"bytes": size, "seconds": time.monotonic() - start})
+
         async def page(request: web.Request) -> web.Response:
             if request.path == "/big":
                 return web.Response(body=b"x" * int(request.query.get("n", "1000000")))
@@ -235,6 +242,7 @@ class Servers:
 
         async def serve() -> None:
             app = web.Application()
+            app.router.add_post("/upload", upload)
             app.router.add_get("/{tail:.*}", page)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
@@ -501,3 +509,28 @@ def test_start_stop_leaves_nothing_behind(tmp_path):
         raise RuntimeError("boom")  # the fixture network must go away on failure too
     listed = labnet._run("ip", "netns", "list").stdout
     assert not any(name in listed for name in names)
+
+
+def upload_kbit(lab, host: str, size: int) -> float:
+    """Client-to-server rate of an HTTP upload, as the server measured it."""
+    import json
+
+    with client_sock(lab, timeout=15) as s:
+        s.connect((SHARED, 80))
+        s.sendall(f"POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(b"u" * size)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    report = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    assert report["bytes"] == size
+    return size * 8 / 1000 / max(report["seconds"], 1e-3)
+
+
+@pytest.mark.lab
+def test_throttle_shapes_uploads_too(lab):
+    slow = upload_kbit(lab, DOMAINS["slow"], 64_000)
+    fast = upload_kbit(lab, DOMAINS["open"], 1_000_000)
+    print(f"upload throttled {slow:.0f} kbit/s, unmatched {fast:.0f} kbit/s")
+    assert slow < 400, slow
+    assert fast > 10 * RATE_KBIT, fast
