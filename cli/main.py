@@ -7,6 +7,7 @@ optional dependencies are missing simply does not add its commands.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -63,6 +64,12 @@ def main() -> None:
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug: one line for the user, details on request
+        if os.environ.get("VANTAGE_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        click.echo(f"vantage: internal error: {type(exc).__name__}: {first} (VANTAGE_DEBUG=1 shows details)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def list_runs(db_path, limit, as_json):
         SELECT r.run_id, r.test_name, r.status, CAST(r.started_at AS VARCHAR) AS started_at, r.inputs_total,
                count(m.measurement_id) AS measured, r.probe_cc, r.probe_asn
         FROM runs r LEFT JOIN measurements m USING (run_id)
-        GROUP BY ALL ORDER BY r.started_at DESC LIMIT ?""", [limit])
+        GROUP BY r.run_id, r.test_name, r.status, r.started_at, r.inputs_total, r.probe_cc, r.probe_asn
+        ORDER BY r.started_at DESC LIMIT ?""", [limit])
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return

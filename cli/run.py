@@ -124,11 +124,11 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
 
     config = _load_config(config_path)
     try:
-        from probes.consent import NOTICE, ensure_consent
+        from probes.consent import NO_CONSENT_MESSAGE, ensure_consent, is_interactive
     except ModuleNotFoundError:
         ensure_consent = None
-    if ensure_consent is not None and not ensure_consent(config, assume_yes=assume_yes, interactive=sys.stdin.isatty()):
-        raise UsageFailure("measurements need your informed consent: read `vantage run` on a terminal, or pass --yes")
+    if ensure_consent is not None and config is not None and not ensure_consent(config, assume_yes=assume_yes, interactive=is_interactive()):
+        raise UsageFailure(NO_CONSENT_MESSAGE)
 
     try:
         con = store.connect(db_path or _setting(config, "db"))

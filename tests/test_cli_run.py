@@ -1,0 +1,140 @@
+"""`vantage run` end to end: loopback sites, an offline machine, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from rootonly import require_root
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def vantage(*args: str, env: dict | None = None, prefix: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = (prefix or []) + [sys.executable, "-m", "cli.main", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.fixture
+def home(tmp_path):
+    """An isolated HOME/XDG so config, consent and the default DB stay in tmp."""
+    env = dict(os.environ, HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "cfg"),
+               XDG_DATA_HOME=str(tmp_path / "data"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("VANTAGE_DB", None)
+    return env
+
+
+async def test_run_measures_loopback_sites_and_stores_them(tmp_path, home, http_server, dns_server):
+    dns_server.program("localhost", a=["127.0.0.1"])
+    db = tmp_path / "v.duckdb"
+    page = http_server.url("/page", host="localhost")
+    missing = http_server.url("/status/404", host="127.0.0.1")
+    proc = await _run_async(["run", "web", "--url", page, "--url", missing, "--db", str(db), "--yes", "--json",
+                             "--resolver", dns_server.address, "--no-doh", "--probe-cc", "IT", "--probe-asn", "30722"], home)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)[0]
+    assert summary["measured"] == 2 and summary["status"] == "finished"
+    con = duckdb.connect(str(db), read_only=True)
+    rows = dict(con.execute("SELECT input, control_failure FROM measurements").fetchall())
+    assert rows == {page: "no_helper_configured", missing: "no_helper_configured"}
+    cc, asn = con.execute("SELECT DISTINCT probe_cc, probe_asn FROM measurements").fetchone()
+    assert (cc, asn) == ("IT", "AS30722")
+    status = dict(con.execute("SELECT url, status_code FROM http_transactions WHERE side='probe'").fetchall())
+    assert status[page] == 200 and status[missing] == 404
+    engines = {r[0] for r in con.execute("SELECT engine FROM dns_answers WHERE side='probe'").fetchall()}
+    assert engines == {"system", "udp"}
+    assert con.execute("SELECT status FROM runs").fetchone()[0] == "finished"
+    listed = vantage("results", "list", "--db", str(db), "--json", env=home)
+    assert listed.returncode == 0 and json.loads(listed.stdout)[0]["measured"] == 2
+
+
+async def _run_async(args, env):
+    import asyncio
+
+    # The loopback servers live on this test's event loop: run the CLI in a
+    # subprocess without blocking it.
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli.main", *args, cwd=ROOT, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
+def test_offline_probe_stores_every_url_and_does_not_claim_censorship(tmp_path, home):
+    require_root("ip")
+    ns = f"voff-{uuid.uuid4().hex[:6]}"
+    db = tmp_path / "offline.duckdb"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        proc = vantage("run", "web", "--db", str(db), "--yes", "--json", "--max-runtime", "100",
+                       env=home, prefix=["ip", "netns", "exec", ns], timeout=180)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)[0]
+    from test_lists import loader
+
+    expected = len(loader.load_list(loader.resolve_list("default")))
+    assert summary["measured"] == expected
+    assert summary["network_unreachable"] == expected
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM measurements").fetchone()[0] == expected
+    assert con.execute("SELECT count(*) FROM measurements WHERE probe_network_ok").fetchone()[0] == 0
+    # The human summary says so in words.
+    human = vantage("results", "list", "--db", str(db), env=home)
+    assert human.returncode == 0
+
+
+def test_offline_summary_says_network_unreachable(tmp_path, home):
+    require_root("ip")
+    ns = f"voff-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        proc = vantage("run", "--url", "https://example.org/", "--db", str(tmp_path / "o.duckdb"), "--yes",
+                       env=dict(home, COLUMNS="200"), prefix=["ip", "netns", "exec", ns])
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "network is unreachable" in proc.stdout
+    assert "censorship" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--bogus"], "No such option"),
+    (["run", "--url", "ftp://example.org/"], "not an http(s) URL"),
+    (["run", "--url", "https://a.example/", "--db", "/proc/nope/v.duckdb"], "cannot create the directory"),
+    (["results", "show", "NOPE", "--db", "{tmp}/empty.duckdb"], "no database"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, home, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = vantage(*args, "--yes" if args[0] == "run" else "--json", env=home)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_malformed_list_names_file_and_line(tmp_path, home):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("url,category_code,category_description,date_added,source,notes\n"
+                   "https://ok.example/,NEWS,News,2024-01-01,x,\n"
+                   "notaurl,NEWS,News,2024-01-01,x,\n")
+    db = tmp_path / "v.duckdb"
+    proc = vantage("run", "--list", str(bad), "--db", str(db), "--yes", env=home)
+    assert proc.returncode == 2
+    assert "bad.csv:3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_consent_without_a_terminal_is_refused(tmp_path, home):
+    proc = vantage("run", "--url", "https://a.example/", "--db", str(tmp_path / "v.duckdb"), env=home)
+    assert proc.returncode == 2
+    assert "consent" in proc.stderr
+    assert not (tmp_path / "v.duckdb").exists()  # nothing measured without consent
