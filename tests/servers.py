@@ -173,7 +173,11 @@ class DNSResponder:
         self.rules: dict[str, Rule] = {}
         self.received: list[tuple[str, str]] = []  # (name, type) of each query seen
 
-    def program(self, name: str, **behaviour: Any) -> Rule:
+    def program(self, name: str, *, a: list[str] = (), aaaa: list[str] = (), **behaviour: Any) -> Rule:
+        """Set the behaviour for ``name`` (see :class:`Rule`); ``a=`` and
+        ``aaaa=`` are accepted as spellings of ``answer=`` for one family."""
+        if a or aaaa:
+            behaviour["answer"] = [*behaviour.get("answer", ()), *a, *aaaa]
         rule = Rule(**behaviour)
         self.rules[name.lower().rstrip(".")] = rule
         return rule
@@ -268,7 +272,7 @@ class WebServer:
     """aiohttp site on 127.0.0.1, plain HTTP or HTTPS (``ssl_context``).
 
     Endpoints:
-      ``/``              page with a <title>
+      ``/``, ``/page``   page with a <title>
       ``/gzip``          the same page, gzip-encoded
       ``/deflate``       the same page, deflate (zlib) encoded
       ``/redirect``      302 to ``/``
@@ -308,6 +312,7 @@ class WebServer:
     def _app(self) -> web.Application:
         app = web.Application(middlewares=[self._count])
         app.router.add_get("/", self._page)
+        app.router.add_get("/page", self._page)
         app.router.add_get("/gzip", self._gzip)
         app.router.add_get("/deflate", self._deflate)
         app.router.add_get("/redirect", self._to_page)
