@@ -69,8 +69,6 @@ async def system_lookup(hostname: str, *, clock: Clock, txid: int, timeout: floa
             answers.append(dns_answer("A" if family == socket.AF_INET else "AAAA", ip))
         if not answers:
             failure = failures.DNS_NO_ANSWER
-    except asyncio.CancelledError:
-        raise
     except Exception as exc:  # every network outcome becomes a record
         failure = failures.classify(exc)
     return dns_query(
@@ -185,8 +183,6 @@ async def udp_lookup(
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: _Collector(clock), remote_addr=(ip, port), family=family
         )
-    except asyncio.CancelledError:
-        raise
     except Exception as exc:
         return failed(failures.classify(exc))
 
@@ -256,8 +252,6 @@ async def doh_lookup(
                     response = dns.message.from_wire(body)
                     if not query.is_response(response):
                         failure = failures.classify("doh response does not match the query")
-    except asyncio.CancelledError:
-        raise
     except dns.exception.DNSException as exc:
         failure = failures.classify(f"malformed doh response: {type(exc).__name__}")
     except Exception as exc:
