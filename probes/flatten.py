@@ -20,6 +20,7 @@ from .records import body_bytes
 BODY_TEXT_CAP = 64 * 1024
 
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "run_inputs": ("run_id", "position", "input", "category_code"),
     "measurements": (
         "measurement_id", "run_id", "test_name", "test_version", "input", "domain", "scheme", "port",
         "category_code", "start_time", "runtime", "probe_cc", "probe_asn", "resolver_asn",
@@ -44,6 +45,8 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "measurement_id", "side", "variant", "attempt", "ip", "server_name", "failure", "bytes", "seconds", "kbit_per_s",
     ),
 }
+
+OBSERVATION_TABLES = tuple(name for name in TABLE_COLUMNS if name != "run_inputs")
 
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
 
@@ -83,7 +86,7 @@ def _start_time(value: str | None) -> dt.datetime | None:
 
 def flatten(record: dict[str, Any], category_code: str | None = None) -> dict[str, list[tuple]]:
     """Rows for every table, keyed by table name, for one record."""
-    rows: dict[str, list[tuple]] = {name: [] for name in TABLE_COLUMNS}
+    rows: dict[str, list[tuple]] = {name: [] for name in OBSERVATION_TABLES}
     mid = record["measurement_id"]
     keys = record.get("test_keys") or {}
     url = record.get("input") or ""
@@ -217,7 +220,7 @@ def _control_side(mid: str, control: dict[str, Any], rows: dict[str, list[tuple]
 
 def iter_table_rows(records: list[tuple[dict[str, Any], str | None]]) -> Iterator[tuple[str, list[tuple]]]:
     """Flatten many records, grouping rows per table (for batched inserts)."""
-    merged: dict[str, list[tuple]] = {name: [] for name in TABLE_COLUMNS}
+    merged: dict[str, list[tuple]] = {name: [] for name in OBSERVATION_TABLES}
     for record, category in records:
         for name, table_rows in flatten(record, category).items():
             merged[name].extend(table_rows)

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Iterable
 
 from .context import ProbeContext
 from .records import SOFTWARE_VERSION, Clock, Measurement, new_id
-from .store import Sink
+from .store import Sink, insert_rows
 
 # A test: (name, version, measure(url, ctx, keys, clock), new_keys(), label(keys)).
 
@@ -82,17 +82,7 @@ def start_run(con, run_id: str, test: Experiment, inputs: list[tuple[str, str | 
          location.probe_cc, location.probe_asn, SOFTWARE_VERSION],
     )
     # Store the planned inputs so an interrupted run can be resumed.
-    import pyarrow as pa
-
-    table = pa.table({
-        "run_id": [run_id] * len(inputs),
-        "position": list(range(len(inputs))),
-        "input": [u for u, _ in inputs],
-        "category_code": [c for _, c in inputs],
-    })
-    con.register("_vantage_inputs", table)
-    con.execute("INSERT INTO run_inputs SELECT * FROM _vantage_inputs")
-    con.unregister("_vantage_inputs")
+    insert_rows(con, "run_inputs", [(run_id, i, url, category) for i, (url, category) in enumerate(inputs)])
     con.execute("COMMIT")
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import duckdb
-import pyarrow as pa
 
 from .flatten import TABLE_COLUMNS, iter_table_rows
 
@@ -56,6 +55,9 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False) -> d
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreError(f"cannot open the database {target}: {first}") from None
+    # A probe on a Raspberry Pi: keep DuckDB's own memory small; it spills to
+    # disk beyond this. Analysis connections raise it themselves.
+    con.execute("SET memory_limit = '256MB'")
     if not read_only:
         migrate(con)
     return con
@@ -74,16 +76,20 @@ def migrate(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("COMMIT")
 
 
+_CHUNK_ROWS = 500  # rows per INSERT: one statement, bounded parameter count
+
+
 def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[tuple]) -> None:
+    """Multi-row VALUES inserts: ~20x faster than executemany in DuckDB, and
+    no pyarrow (≈40 MB of RSS a Raspberry Pi can keep)."""
     columns = TABLE_COLUMNS[table]
-    arrow = pa.table({name: pa.array(list(values)) for name, values in zip(columns, zip(*rows))})
-    con.register("_vantage_batch", arrow)
-    try:
-        # INSERT OR IGNORE: re-importing the same measurement is harmless.
-        verb = "INSERT OR IGNORE" if table == "measurements" else "INSERT"
-        con.execute(f"{verb} INTO {table} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM _vantage_batch")
-    finally:
-        con.unregister("_vantage_batch")
+    # INSERT OR IGNORE: re-importing the same measurement is harmless.
+    verb = "INSERT OR IGNORE" if table == "measurements" else "INSERT"
+    row_marks = "(" + ", ".join("?" * len(columns)) + ")"
+    for start in range(0, len(rows), _CHUNK_ROWS):
+        chunk = rows[start:start + _CHUNK_ROWS]
+        sql = f"{verb} INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row_marks] * len(chunk))
+        con.execute(sql, [value for row in chunk for value in row])
 
 
 def write_records(con: duckdb.DuckDBPyConnection, batch: list[tuple[dict[str, Any], str | None]]) -> None:

@@ -61,21 +61,28 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
     t = ctx.timeouts
 
     # 1. DNS: system resolver, a UDP query we own (late answers = injection), DoH.
+    # The UDP query keeps listening for late answers (dns_linger) in the
+    # background while the TCP/TLS/HTTP steps go on; it is collected at the end.
     addresses: list[str] = []
+    background: list[asyncio.Future] = []
     if _is_ip(host):
         addresses = [host]
     else:
-        lookups = [dns.system_lookup(host, clock=clock, txid=txids.next(), timeout=t.dns)]
+        system_task = asyncio.ensure_future(dns.system_lookup(host, clock=clock, txid=txids.next(), timeout=t.dns))
         if ctx.resolver:
-            lookups.append(dns.udp_lookup(host, ctx.resolver, "A", clock=clock, txid=txids.next(), timeout=t.dns, linger=ctx.dns_linger))
+            background.append(asyncio.ensure_future(
+                dns.udp_lookup(host, ctx.resolver, "A", clock=clock, txid=txids.next(), timeout=t.dns, linger=ctx.dns_linger)))
         if ctx.doh_url and ctx.session is not None:
-            lookups.append(dns.doh_lookup(host, ctx.doh_url, "A", session=ctx.session, clock=clock, txid=txids.next(), timeout=t.dns))
-        for result in await asyncio.gather(*lookups):
-            keys["queries"].extend(result if isinstance(result, list) else [result])
+            background.append(asyncio.ensure_future(
+                dns.doh_lookup(host, ctx.doh_url, "A", session=ctx.session, clock=clock, txid=txids.next(), timeout=t.dns)))
+        system = await system_task
+        keys["queries"].append(system)
         # The addresses a browser would use: the system resolver's; the UDP
         # resolver's first answers only when the system resolver gave nothing.
-        system = dns.first_addresses([q for q in keys["queries"] if q["engine"] == "system"])
-        addresses = system or dns.first_addresses([q for q in keys["queries"] if q["engine"] == "udp"])
+        addresses = dns.first_addresses([system])
+        if not addresses and background:
+            await _collect(background, keys)
+            addresses = dns.first_addresses([q for q in keys["queries"] if q["engine"] == "udp"])
     addresses = addresses[:MAX_ADDRESSES]
 
     # 2. Control, concurrently with everything below.
@@ -116,6 +123,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
                 )
             )
     finally:
+        await _collect(background, keys)
         if control_task is not None:
             response, helper, failure = await control_task
             keys["control"] = response
@@ -123,6 +131,13 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
             keys["control_failure"] = failure
     keys["x_probe_network_ok"] = probe_network_ok(keys)
     return keys
+
+
+async def _collect(tasks: list[asyncio.Future], keys: dict[str, Any]) -> None:
+    """Add the results of background DNS lookups (once) to ``queries``."""
+    while tasks:
+        result = await tasks.pop(0)
+        keys["queries"].extend(result if isinstance(result, list) else [result])
 
 
 _OFFLINE = {failures.NETWORK_UNREACHABLE, failures.DNS_TEMPORARY, failures.HOST_UNREACHABLE}
