@@ -364,3 +364,58 @@ def test_request_and_names():
     assert request.startswith(b"GET /a?b=1 HTTP/1.1\r\nHost: news.example\r\n") and request.endswith(b"\r\n\r\n")
     names = {throttling.scrambled_name() for _ in range(20)}
     assert len(names) == 20 and all(n.endswith(".example.net") for n in names)
+
+
+async def _helper_app(delay: float):
+    """A loopback stand-in for the control helper (ts-017 shape + x_throughput)."""
+    from aiohttp import web
+
+    seen = []
+
+    async def handle(request):
+        seen.append(await request.json())
+        await asyncio.sleep(delay)
+        return web.json_response({
+            "dns": {"failure": None, "addrs": ["127.0.0.1"]}, "tcp_connect": {}, "http_request": {"status_code": 200},
+            "x_throughput": [{"variant": "helper", "attempt": 1, "ip": "127.0.0.1", "server_name": TARGET,
+                              "bytes": 1000000, "seconds": 1.0, "kbit_per_s": 8000.0, "failure": None}],
+        })
+
+    app = web.Application()
+    app.router.add_post("/", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}/", seen
+
+
+@pytest.mark.parametrize("delay", [0.0, 4.0])
+async def test_probe_asks_the_helper_and_bounds_the_wait(ca, tmp_path, resolve_target, delay):
+    import aiohttp
+    import time
+
+    server = await PacedServer(ca, slow_sni=None).start()
+    runner, url, seen = await _helper_app(delay)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    settings = throttling.Settings(rounds=1, download_seconds=0.5, max_bytes=256 * 1024, helper_timeout=1.0,
+                                   helper_grace=0.5)
+    try:
+        async with aiohttp.ClientSession() as session:
+            ctx = ProbeContext(extra_ca_file=str(ca_file), helpers=[url], session=session)
+            keys = throttling.new_test_keys()
+            started = time.monotonic()
+            await throttling.measure(f"https://{TARGET}:{server.port}/", ctx, keys, Clock(), settings=settings)
+            elapsed = time.monotonic() - started
+    finally:
+        await server.stop()
+        await runner.cleanup()
+    assert seen[0]["x_throughput"] == {"seconds": 3.0, "max_bytes": 256 * 1024}
+    assert seen[0]["tcp_connect"] == [f"127.0.0.1:{server.port}"]
+    if delay:
+        assert keys["control_failure"] == "control_unreachable: generic_timeout_error" and elapsed < 3.5
+    else:
+        assert keys["control_failure"] is None
+        assert keys["control"]["x_throughput"][0]["kbit_per_s"] == 8000.0
