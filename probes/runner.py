@@ -67,6 +67,20 @@ def scrub(record: dict[str, Any], ip: str | None) -> dict[str, Any]:
     return json.loads(text.replace(ip, "[scrubbed]"))
 
 
+async def _guarded(awaitable, keys: dict[str, Any], budget: float):
+    """Await a test step within ``budget`` seconds; a deadline or a bug is
+    recorded in the keys instead of losing the measurement."""
+    try:
+        return await asyncio.wait_for(awaitable, budget)
+    except asyncio.TimeoutError:
+        keys["x_deadline_exceeded"] = True
+    except Exception as exc:
+        from .failures import classify
+
+        keys["x_test_error"] = classify(exc)
+    return None
+
+
 def domain_of(url: str) -> str:
     from urllib.parse import urlsplit
 
@@ -131,6 +145,11 @@ async def run_inputs(
     deadline = started + max_runtime if max_runtime else None
     measurement_deadline = ctx.timeouts.measurement
 
+    # Measurements whose slow tail (late DNS answers, the control) is still
+    # running; bounded so memory stays flat.
+    finishing: set[asyncio.Task] = set()
+    tail_slots = asyncio.Semaphore(4 * max(1, concurrency))
+
     async def measure_one(url: str, category: str | None) -> None:
         m = Measurement(
             test_name=test.name, test_version=test.version, input=url, run_id=run_id,
@@ -141,15 +160,22 @@ async def run_inputs(
             m.annotations["category_code"] = category
         keys = test.new_keys()
         m.test_keys = keys
+        await tail_slots.acquire()
         t0 = time.monotonic()
-        try:
-            await asyncio.wait_for(test.measure(url, ctx, keys, Clock()), measurement_deadline)
-        except asyncio.TimeoutError:
-            keys["x_deadline_exceeded"] = True
-        except Exception as exc:  # a bug must not lose the run: record it and go on
-            from .failures import classify
+        tail = await _guarded(test.measure(url, ctx, keys, Clock()), keys, measurement_deadline)
+        if asyncio.iscoroutine(tail):
+            task = asyncio.create_task(finish(m, category, keys, tail, t0))
+            finishing.add(task)
+            task.add_done_callback(finishing.discard)
+        else:
+            finish_now(m, category, keys, t0)
 
-            keys["x_test_error"] = classify(exc)
+    async def finish(m: Measurement, category, keys, tail, t0: float) -> None:
+        await _guarded(tail, keys, max(0.0, measurement_deadline - (time.monotonic() - t0)))
+        finish_now(m, category, keys, t0)
+
+    def finish_now(m: Measurement, category, keys, t0: float) -> None:
+        tail_slots.release()
         m.runtime = time.monotonic() - t0
         sink.put(scrub(m.to_dict(), location.ip_for_scrubbing), category)
         label = test.label(keys)
@@ -158,7 +184,7 @@ async def run_inputs(
         if keys.get("x_probe_network_ok") is False:
             summary.network_down += 1
         if on_result:
-            on_result(url, label)
+            on_result(m.input, label)
 
     def out_of_time() -> bool:
         if deadline and time.monotonic() > deadline:
@@ -187,11 +213,14 @@ async def run_inputs(
     workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
     try:
         await asyncio.gather(*workers)
+        while finishing:
+            await asyncio.gather(*list(finishing))
     except asyncio.CancelledError:
         summary.status = "interrupted"
-        for w in workers:
-            w.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        pending = workers + list(finishing)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         raise
     finally:
         summary.seconds = time.monotonic() - started

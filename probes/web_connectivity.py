@@ -51,8 +51,11 @@ def new_test_keys() -> dict[str, Any]:
     }
 
 
-async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Clock | None = None) -> dict[str, Any]:
-    """Measure ``url`` into ``keys`` (see new_test_keys)."""
+async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Clock | None = None):
+    """Measure ``url`` into ``keys`` (see new_test_keys).
+
+    Returns a finisher coroutine: awaiting it collects the late DNS answers and
+    the control response into ``keys``."""
     clock = clock or Clock()
     txids = Transactions()
     parts = urlsplit(url)
@@ -101,8 +104,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
         async def connect_one(ip: str) -> bool:
             entry, conn = await tcp.connect(ip, port, clock=clock, txid=txids.next(), timeout=t.connect)
             keys["tcp_connect"].append(entry)
-            if conn is not None:
-                conn[1].close()
+            tcp.close(conn)
             if conn is None or parts.scheme != "https":
                 return conn is not None
             keys["tls_handshakes"].append(
@@ -122,15 +124,31 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
                     events=keys["network_events"],
                 )
             )
-    finally:
+    except BaseException:
+        _cancel(background + ([control_task] if control_task else []))
+        raise
+    # What is left (late DNS answers, the control) needs no slot of the runner:
+    # it is awaited by the finisher while the next input is measured.
+    return _finish(background, control_task, keys)
+
+
+def _cancel(tasks: list) -> None:
+    for task in tasks:
+        if not task.done():
+            task.cancel()
+
+
+async def _finish(background: list[asyncio.Future], control_task: asyncio.Future | None, keys: dict[str, Any]) -> None:
+    try:
         await _collect(background, keys)
         if control_task is not None:
             response, helper, failure = await control_task
             keys["control"] = response
             keys["x_control_helper"] = helper
             keys["control_failure"] = failure
-    keys["x_probe_network_ok"] = probe_network_ok(keys)
-    return keys
+        keys["x_probe_network_ok"] = probe_network_ok(keys)
+    finally:
+        _cancel(background + ([control_task] if control_task else []))
 
 
 async def _collect(tasks: list[asyncio.Future], keys: dict[str, Any]) -> None:
