@@ -9,7 +9,6 @@ rule, on the same server address, is untouched."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import socket
 import ssl
@@ -17,8 +16,10 @@ import threading
 import time
 from pathlib import Path
 
+import dns.exception
 import dns.message
 import dns.rdatatype
+import dns.rrset
 import pytest
 from cryptography import x509
 from scapy.layers.inet import IP, TCP, UDP
