@@ -275,7 +275,7 @@ def judge(
                 why.append(f"the target was slower in only {slower} of {len(pairs)} rounds")
             if not why:
                 ev["rule"] = "target_slower_than_scrambled"
-                ev["reason"] = (f"target median {t_med:.0f} kbit/s is {ratio:.3g}x the scrambled-SNI control's "
+                ev["reason"] = (f"target median {t_med:.0f} kbit/s is {ratio:.3g}x the scrambled control's "
                                 f"{s_med:.0f} kbit/s on the same address (KS p={p:.3g}, slower in {slower}/{len(pairs)} rounds)")
                 confidence = 0.95 if (p < 1e-4 and ratio <= 1 / 3) else 0.85
                 return Verdict("throttled", layer=layer, method="throttle.sni", confidence=confidence, evidence=ev)
