@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+EXTRA_ENV = [e for e in os.environ.get("BENCH_ENV", "").split() if e]
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -36,7 +37,7 @@ def run_once(ns: str, count: int, concurrency: int | None, workdir: Path) -> dic
     urls = workdir / f"urls-{count}.txt"
     urls.write_text("".join(f"http://site{i}.bench.test/page\n" for i in range(count)))
     db = workdir / f"bench-{count}.duckdb"
-    cmd = ["ip", "netns", "exec", ns, "/usr/bin/env", f"HOME={workdir}", sys.executable, "-m", "cli.main", "run", "web",
+    cmd = ["ip", "netns", "exec", ns, "/usr/bin/env", f"HOME={workdir}", *EXTRA_ENV, sys.executable, "-m", "cli.main", "run", "web",
            "--input-file", str(urls), "--db", str(db), "--yes", "--quiet", "--json", "--no-doh",
            "--resolver", "127.0.0.1", "--probe-cc", "ZZ", "--probe-asn", "AS0"]
     if concurrency:

@@ -209,6 +209,7 @@ async def run_inputs(
                     item = backlog[domain].popleft() if backlog[domain] else None
             finally:
                 busy.discard(domain)
+                backlog.pop(domain, None)
 
     workers = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
     try:

@@ -36,7 +36,7 @@ def default_db_path() -> Path:
     return base / "vantage" / "vantage.duckdb"
 
 
-def connect(path: str | os.PathLike | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(path: str | os.PathLike | None = None, read_only: bool = False, memory_limit: str = "64MB") -> duckdb.DuckDBPyConnection:
     """Open (and migrate) the database, or raise StoreError with a clear reason."""
     target = Path(path) if path else default_db_path()
     if str(target) != ":memory:":
@@ -57,7 +57,7 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False) -> d
         raise StoreError(f"cannot open the database {target}: {first}") from None
     # A probe on a Raspberry Pi: keep DuckDB's own memory small; it spills to
     # disk beyond this. Analysis connections raise it themselves.
-    con.execute("SET memory_limit = '256MB'")
+    con.execute(f"SET memory_limit = '{memory_limit}'")
     if not read_only:
         migrate(con)
     return con
@@ -122,7 +122,7 @@ class Sink:
     of the caller are still written because the thread drains the queue.
     """
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, batch_size: int = 200, queue_size: int = 1000, flush_seconds: float = 1.0):
+    def __init__(self, con: duckdb.DuckDBPyConnection, batch_size: int = 100, queue_size: int = 200, flush_seconds: float = 1.0):
         self.con = con
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
