@@ -1,0 +1,127 @@
+-- 21_dns_signals: per-answer and per-measurement DNS signals (see 20_dns for
+-- the terms). Runs after the engine has applied IPv6 public networks to
+-- _a_ipclass.
+-- Grain: _a_valid (measurement, vouched address), _a_ctl_ip (measurement,
+--   control-resolved address), _a_ipobs (measurement, address the probe used),
+--   _a_ans (one per probe system/UDP first-response address), _a_inject (one
+--   per measurement with differing late responses), _a_dns_m (one per
+--   measurement).
+-- Caveats: see 20_dns.
+CREATE OR REPLACE TEMP TABLE _a_valid AS
+SELECT measurement_id, ip FROM _a_dns
+WHERE ip IS NOT NULL AND (side = 'control' OR (engine = 'doh' AND response_index = 0))
+UNION
+SELECT t.measurement_id, lower(t.ip) FROM tls_handshakes t JOIN _a_m m USING (measurement_id)
+WHERE t.side = 'probe' AND t.success AND coalesce(t.cert_valid, true)
+  AND (t.server_name IS NULL OR lower(rtrim(t.server_name, '.')) IN (m.host, m.host_u));
+
+-- Control-resolved addresses alone (no TLS vouching): used to tell whether a
+-- page came from where the control would have gone.
+CREATE OR REPLACE TEMP TABLE _a_ctl_ip AS
+SELECT DISTINCT measurement_id, ip FROM _a_dns WHERE side = 'control' AND ip IS NOT NULL;
+
+-- What happened downstream on each address the probe used.
+CREATE OR REPLACE TEMP TABLE _a_ipobs AS
+SELECT measurement_id, ip, bool_or(failed) AS failed
+FROM (
+    SELECT measurement_id, lower(ip) AS ip, NOT success AS failed FROM tcp_connects
+    WHERE side = 'probe' AND measurement_id IN (SELECT measurement_id FROM _a_m)
+    UNION ALL
+    SELECT measurement_id, lower(ip), NOT success FROM tls_handshakes
+    WHERE side = 'probe' AND measurement_id IN (SELECT measurement_id FROM _a_m)
+    UNION ALL
+    SELECT measurement_id,
+           lower(CASE WHEN address LIKE '[%' THEN regexp_extract(address, '^\[([^\]]*)\]', 1)
+                      ELSE regexp_extract(address, '^(.*):[0-9]+$', 1) END),
+           failure IS NOT NULL FROM http_transactions
+    WHERE side = 'probe' AND address IS NOT NULL AND measurement_id IN (SELECT measurement_id FROM _a_m)
+)
+GROUP BY ALL;
+
+CREATE OR REPLACE TEMP TABLE _a_ans AS
+SELECT d.measurement_id, d.engine, d.input_host, d.ip,
+       coalesce(c.bogon, false) AS bogon,
+       ci.ip IS NOT NULL AS in_control,
+       v.ip IS NOT NULL AS vouched,
+       coalesce(o.failed, false) AS downstream_failed,
+       -- a fingerprinted address the control got too (127.0.0.1 for a name
+       -- that really points there) is the site's, not a censor's
+       CASE WHEN ci.ip IS NULL THEN f.name END AS fp_name
+FROM _a_dns d
+LEFT JOIN _a_ipclass c ON c.ip = d.ip
+LEFT JOIN _a_ctl_ip ci ON ci.measurement_id = d.measurement_id AND ci.ip = d.ip
+LEFT JOIN _a_valid v ON v.measurement_id = d.measurement_id AND v.ip = d.ip
+LEFT JOIN _a_ipobs o ON o.measurement_id = d.measurement_id AND o.ip = d.ip
+LEFT JOIN (SELECT ip, min(source || ':' || name) AS name FROM fp_dns GROUP BY ip) f ON f.ip = d.ip
+WHERE d.side = 'probe' AND d.engine IN ('system', 'udp') AND d.response_index = 0 AND d.ip IS NOT NULL;
+
+-- Injection: the same query (transaction, type) got a later response whose
+-- answers differ from the first one's. Genuine resolvers answer once.
+CREATE OR REPLACE TEMP TABLE _a_inject AS
+WITH sets AS (
+    SELECT measurement_id, engine, transaction_id, query_type, hostname, response_index,
+           string_agg(DISTINCT ip, ',' ORDER BY ip) AS answers
+    FROM _a_dns
+    WHERE side = 'probe' AND engine IN ('system', 'udp') AND transaction_id IS NOT NULL AND ip IS NOT NULL
+    GROUP BY ALL
+)
+SELECT f.measurement_id, min(f.answers) AS first_answers, min(l.answers) AS late_answers
+FROM sets f
+JOIN sets l ON l.measurement_id = f.measurement_id AND l.engine = f.engine AND l.transaction_id = f.transaction_id
+           AND l.query_type IS NOT DISTINCT FROM f.query_type AND l.hostname IS NOT DISTINCT FROM f.hostname
+           AND f.response_index = 0 AND l.response_index >= 1 AND l.answers <> f.answers
+GROUP BY f.measurement_id;
+
+CREATE OR REPLACE TEMP TABLE _a_dns_m AS
+WITH q AS (
+    SELECT measurement_id,
+           bool_or(input_host AND failure IN ('dns_nxdomain_error', 'android_dns_cache_no_data')) AS p_nx_input,
+           bool_or(input_host AND failure = 'dns_no_answer' AND query_type IN ('A', 'ANY')) AS p_noanswer_input,
+           bool_or(NOT input_host AND failure IN ('dns_nxdomain_error', 'android_dns_cache_no_data')) AS p_nx_other,
+           any_value(hostname) FILTER (WHERE NOT input_host AND failure IN ('dns_nxdomain_error', 'android_dns_cache_no_data')) AS p_nx_other_host,
+           bool_or(input_host AND failure IN ('generic_timeout_error', 'dns_temporary_failure', 'dns_servfail_error')) AS p_timeout_input,
+           any_value(failure) FILTER (WHERE input_host AND failure IS NOT NULL) AS p_input_failure,
+           count(ip) FILTER (WHERE input_host) AS p_addrs_input
+    FROM _a_dns
+    WHERE side = 'probe' AND engine IN ('system', 'udp') AND response_index = 0
+    GROUP BY measurement_id
+), any_probe AS (
+    SELECT measurement_id,
+           bool_or(ip IS NOT NULL) AS p_any_answer,
+           bool_or(failure IN ('network_unreachable', 'host_unreachable')) AS p_dns_unreach
+    FROM _a_dns WHERE side = 'probe'
+    GROUP BY measurement_id
+), a AS (
+    SELECT measurement_id,
+           min(ip) FILTER (WHERE bogon AND NOT in_control AND input_host) AS bogon_input,
+           min(ip) FILTER (WHERE bogon AND NOT in_control AND NOT input_host) AS bogon_other,
+           min(ip) FILTER (WHERE input_host AND NOT vouched AND downstream_failed) AS unvouched_failed,
+           min(ip) FILTER (WHERE input_host AND NOT vouched) AS unvouched,
+           -- the same unvouched answer from the system resolver and from a
+           -- direct UDP query: a forger on the path, not one lying resolver
+           bool_or(engine = 'udp' AND input_host AND NOT vouched AND NOT bogon) AS udp_unvouched,
+           bool_or(engine = 'system' AND input_host AND NOT vouched AND NOT bogon) AS sys_unvouched,
+           min(fp_name) AS dns_fp,
+           min(ip) FILTER (WHERE fp_name IS NOT NULL) AS dns_fp_ip,
+           bool_or(fp_name IS NOT NULL AND bogon) AS dns_fp_bogon,
+           list(DISTINCT ip ORDER BY ip) FILTER (WHERE input_host) AS p_answers
+    FROM _a_ans
+    GROUP BY measurement_id
+)
+SELECT m.measurement_id,
+       coalesce(q.p_nx_input, false) AS p_nx_input,
+       coalesce(q.p_noanswer_input, false) AS p_noanswer_input,
+       coalesce(q.p_nx_other, false) AS p_nx_other, q.p_nx_other_host,
+       coalesce(q.p_timeout_input, false) AS p_timeout_input, q.p_input_failure,
+       coalesce(q.p_addrs_input, 0) AS p_addrs_input,
+       coalesce(any_probe.p_any_answer, false) AS p_any_answer,
+       coalesce(any_probe.p_dns_unreach, false) AS p_dns_unreach,
+       a.bogon_input, a.bogon_other, a.unvouched_failed, a.unvouched,
+       coalesce(a.udp_unvouched AND a.sys_unvouched, false) AS two_path_forgery,
+       a.dns_fp, a.dns_fp_ip, coalesce(a.dns_fp_bogon, false) AS dns_fp_bogon, a.p_answers,
+       i.first_answers AS inj_first, i.late_answers AS inj_late
+FROM _a_m m
+LEFT JOIN q USING (measurement_id)
+LEFT JOIN any_probe USING (measurement_id)
+LEFT JOIN a USING (measurement_id)
+LEFT JOIN _a_inject i USING (measurement_id);

@@ -1,0 +1,76 @@
+-- 90_aggregates: analyst views over verdicts (persistent, recreated by every
+-- `vantage analyze`; read them with the plain duckdb CLI).
+-- Grain: agg_country_day one row per (probe_cc, day); agg_asn per (probe_cc,
+--   probe_asn); agg_domain per domain; agg_category per category_code.
+-- Columns: measurements, ok, anomaly (blocked + throttled: what a censor
+--   does), blocked, throttled, confirmed (blocked with a fingerprint match),
+--   server_side, down, inconclusive, anomaly_rate = anomaly / (ok + anomaly +
+--   server_side), i.e. over the measurements that said something about
+--   censorship (down and inconclusive ones did not).
+-- Caveats: measurements without a verdict yet are counted in measurements but
+--   in no status column. server_side is kept apart from anomaly on purpose: a
+--   site refusing a network is not the network's censorship.
+CREATE OR REPLACE VIEW agg_base AS
+SELECT m.measurement_id, m.probe_cc, m.probe_asn, m.domain, coalesce(m.category_code, 'unknown') AS category_code,
+       CAST(m.start_time AS DATE) AS day, v.status, coalesce(v.confirmed, false) AS confirmed
+FROM measurements m LEFT JOIN verdicts v USING (measurement_id);
+
+CREATE OR REPLACE VIEW agg_country_day AS
+SELECT probe_cc, day,
+       count(*) AS measurements,
+       count(*) FILTER (WHERE status = 'ok') AS ok,
+       count(*) FILTER (WHERE status IN ('blocked', 'throttled')) AS anomaly,
+       count(*) FILTER (WHERE status = 'blocked') AS blocked,
+       count(*) FILTER (WHERE status = 'throttled') AS throttled,
+       count(*) FILTER (WHERE status = 'blocked' AND confirmed) AS confirmed,
+       count(*) FILTER (WHERE status = 'server_side') AS server_side,
+       count(*) FILTER (WHERE status = 'down') AS down,
+       count(*) FILTER (WHERE status = 'inconclusive') AS inconclusive,
+       round(count(*) FILTER (WHERE status IN ('blocked', 'throttled'))
+             / nullif(count(*) FILTER (WHERE status IN ('ok', 'blocked', 'throttled', 'server_side')), 0), 4) AS anomaly_rate
+FROM agg_base GROUP BY ALL;
+
+CREATE OR REPLACE VIEW agg_asn AS
+SELECT probe_cc, probe_asn,
+       count(*) AS measurements,
+       count(*) FILTER (WHERE status = 'ok') AS ok,
+       count(*) FILTER (WHERE status IN ('blocked', 'throttled')) AS anomaly,
+       count(*) FILTER (WHERE status = 'blocked') AS blocked,
+       count(*) FILTER (WHERE status = 'throttled') AS throttled,
+       count(*) FILTER (WHERE status = 'blocked' AND confirmed) AS confirmed,
+       count(*) FILTER (WHERE status = 'server_side') AS server_side,
+       count(*) FILTER (WHERE status = 'down') AS down,
+       count(*) FILTER (WHERE status = 'inconclusive') AS inconclusive,
+       round(count(*) FILTER (WHERE status IN ('blocked', 'throttled'))
+             / nullif(count(*) FILTER (WHERE status IN ('ok', 'blocked', 'throttled', 'server_side')), 0), 4) AS anomaly_rate
+FROM agg_base GROUP BY ALL;
+
+CREATE OR REPLACE VIEW agg_domain AS
+SELECT domain,
+       count(*) AS measurements,
+       count(*) FILTER (WHERE status = 'ok') AS ok,
+       count(*) FILTER (WHERE status IN ('blocked', 'throttled')) AS anomaly,
+       count(*) FILTER (WHERE status = 'blocked') AS blocked,
+       count(*) FILTER (WHERE status = 'throttled') AS throttled,
+       count(*) FILTER (WHERE status = 'blocked' AND confirmed) AS confirmed,
+       count(*) FILTER (WHERE status = 'server_side') AS server_side,
+       count(*) FILTER (WHERE status = 'down') AS down,
+       count(*) FILTER (WHERE status = 'inconclusive') AS inconclusive,
+       round(count(*) FILTER (WHERE status IN ('blocked', 'throttled'))
+             / nullif(count(*) FILTER (WHERE status IN ('ok', 'blocked', 'throttled', 'server_side')), 0), 4) AS anomaly_rate
+FROM agg_base GROUP BY ALL;
+
+CREATE OR REPLACE VIEW agg_category AS
+SELECT category_code,
+       count(*) AS measurements,
+       count(*) FILTER (WHERE status = 'ok') AS ok,
+       count(*) FILTER (WHERE status IN ('blocked', 'throttled')) AS anomaly,
+       count(*) FILTER (WHERE status = 'blocked') AS blocked,
+       count(*) FILTER (WHERE status = 'throttled') AS throttled,
+       count(*) FILTER (WHERE status = 'blocked' AND confirmed) AS confirmed,
+       count(*) FILTER (WHERE status = 'server_side') AS server_side,
+       count(*) FILTER (WHERE status = 'down') AS down,
+       count(*) FILTER (WHERE status = 'inconclusive') AS inconclusive,
+       round(count(*) FILTER (WHERE status IN ('blocked', 'throttled'))
+             / nullif(count(*) FILTER (WHERE status IN ('ok', 'blocked', 'throttled', 'server_side')), 0), 4) AS anomaly_rate
+FROM agg_base GROUP BY ALL;
