@@ -331,6 +331,8 @@ def run_scenario(path: Path | str, progress=None, *, keep: bool = False) -> dict
             errors.append(f"work directory kept: {slab.workdir}")
     result = score(scenario, verdicts, time.monotonic() - start)
     result["timings"] = timings
+    if keep:
+        result["database"] = str(db)
     if errors:
         result["errors"] = errors
     return result
