@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 OONI_HTTP = "fingerprints_http.csv"
 OONI_DNS = "fingerprints_dns.csv"
@@ -173,7 +174,8 @@ def load(directory: str | os.PathLike | None = None) -> FingerprintSet:
     for name in FILES:
         path = _find(base, name)
         if path:
-            texts[name] = path.read_text(encoding="utf-8")
+            # bytes, not read_text: newline translation would change the digest
+            texts[name] = path.read_bytes().decode("utf-8")
     return _parse_all(texts)
 
 
@@ -186,10 +188,14 @@ def install(con: duckdb.DuckDBPyConnection, fps: FingerprintSet) -> dict[str, in
     con.execute("CREATE OR REPLACE TEMP TABLE fp_http (source VARCHAR, name VARCHAR, scope VARCHAR, location VARCHAR,"
                 " header VARCHAR, regex VARCHAR, false_positive BOOLEAN)")
     con.execute("CREATE OR REPLACE TEMP TABLE fp_dns (source VARCHAR, name VARCHAR, scope VARCHAR, ip VARCHAR)")
-    if fps.http:
-        con.executemany("INSERT INTO fp_http VALUES (?, ?, ?, ?, ?, ?, ?)", fps.http)
-    if fps.dns:
-        con.executemany("INSERT INTO fp_dns VALUES (?, ?, ?, ?)", fps.dns)
+    # Through Arrow: executemany costs ~1 ms a row, and there are ~3,000.
+    for table, rows, names in (("fp_http", fps.http, ("source", "name", "scope", "location", "header", "regex", "false_positive")),
+                               ("fp_dns", fps.dns, ("source", "name", "scope", "ip"))):
+        if rows:
+            arrow = pa.table({n: pa.array(list(col)) for n, col in zip(names, zip(*rows))})
+            con.register("_fp_batch", arrow)
+            con.execute(f"INSERT INTO {table} SELECT * FROM _fp_batch")
+            con.unregister("_fp_batch")
     dropped = con.execute("SELECT count(*) FROM fp_http WHERE try(regexp_matches('', regex)) IS NULL").fetchone()[0]
     con.execute("DELETE FROM fp_http WHERE try(regexp_matches('', regex)) IS NULL")
     kept = con.execute("SELECT count(*) FROM fp_http").fetchone()[0]
@@ -262,8 +268,8 @@ def update(directory: str | os.PathLike | None = None, timeout: float = 60.0) ->
         staged = []
         for name, text in texts.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(text.encode("utf-8"))
             staged.append((tmp, target / name))
         for tmp, final in staged:
             os.replace(tmp, final)

@@ -38,9 +38,9 @@ def tcp(ip: str, port: int = 443, failure: str | None = None) -> dict:
 
 
 def tls(ip: str, host: str, failure: str | None = None, valid: bool | None = None, issuer: str = "CN=Lab CA") -> dict:
-    if valid is None:
-        valid = failure is None
-    cert = R.CertInfo(valid=valid, error=failure if not valid else None, issuer=issuer, sha256="ab" * 32) if (failure is None or not valid) else None
+    if valid is None:  # the probe only judges a certificate it received
+        valid = True if failure is None else (False if failure.startswith("ssl_") else None)
+    cert = R.CertInfo(valid=valid, error=failure if not valid else None, issuer=issuer, sha256="ab" * 32) if valid is not None else None
     return R.tls_handshake(address=f"{ip}:443", server_name=host, failure=failure, t0=0.0, t=0.02,
                            transaction_id=next(_tx), cert=cert)
 

@@ -101,6 +101,7 @@ WITH q AS (
            -- direct UDP query: a forger on the path, not one lying resolver
            bool_or(engine = 'udp' AND input_host AND NOT vouched AND NOT bogon) AS udp_unvouched,
            bool_or(engine = 'system' AND input_host AND NOT vouched AND NOT bogon) AS sys_unvouched,
+           bool_or(engine = 'system' AND input_host AND vouched) AS sys_any_vouched,
            min(fp_name) AS dns_fp,
            min(ip) FILTER (WHERE fp_name IS NOT NULL) AS dns_fp_ip,
            bool_or(fp_name IS NOT NULL AND bogon) AS dns_fp_bogon,
@@ -118,6 +119,7 @@ SELECT m.measurement_id,
        coalesce(any_probe.p_dns_unreach, false) AS p_dns_unreach,
        a.bogon_input, a.bogon_other, a.unvouched_failed, a.unvouched,
        coalesce(a.udp_unvouched AND a.sys_unvouched, false) AS two_path_forgery,
+       coalesce(a.sys_any_vouched, false) AS sys_any_vouched,
        a.dns_fp, a.dns_fp_ip, coalesce(a.dns_fp_bogon, false) AS dns_fp_bogon, a.p_answers,
        i.first_answers AS inj_first, i.late_answers AS inj_late
 FROM _a_m m

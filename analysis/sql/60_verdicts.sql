@@ -123,7 +123,10 @@ WITH r AS (
                 AND (f.unvouched_failed IS NOT NULL OR NOT f.p_got_page) THEN 'dns_forged_on_two_paths'
            WHEN f.has_control AND f.p_timeout_input AND f.p_addrs_input = 0 AND f.c_addrs > 0 THEN 'dns_timeout'
            WHEN f.has_control AND f.c_nx AND f.p_addrs_input > 0 AND f.unvouched IS NOT NULL THEN 'dns_answer_for_nonexistent'
-           WHEN f.has_control AND f.unvouched_failed IS NOT NULL AND (f.c_http_ok OR f.c_tls_ok) THEN 'dns_unvouched_then_failed'
+           -- (one dead node among good ones is a CDN's problem, not tampering:
+           -- some system answer must be vouched for to clear it)
+           WHEN f.has_control AND f.unvouched_failed IS NOT NULL AND (f.c_http_ok OR f.c_tls_ok)
+                AND NOT f.sys_any_vouched THEN 'dns_unvouched_then_failed'
            -- 4. A known blockpage needs no control either.
            -- (served from an address only the probe's resolver gave: DNS sent it there)
            WHEN f.http_fp IS NOT NULL AND f.has_control AND f.f_ip_foreign THEN 'dns_blockpage_from_foreign_address'

@@ -1,0 +1,118 @@
+"""Fingerprint loading, SQL matching and `vantage fingerprints update`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from analysis import fingerprints as F
+
+SHARED = Path("/work/shared/data/fingerprints")
+
+
+def shared_or_skip() -> Path:
+    if not SHARED.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail("shared fingerprints missing in CI")
+        pytest.skip("shared fingerprints absent")
+    return SHARED
+
+
+def test_load_shared_sets():
+    fps = F.load(shared_or_skip())
+    assert fps.version.startswith("fp-") and len(fps.version) == 15
+    assert len(fps.dns) == 226
+    sources = {r[0] for r in fps.http}
+    assert sources == {"ooni", "censoredplanet"}
+    assert any(r[6] for r in fps.http if r[0] == "censoredplanet")  # false positives loaded
+
+
+def test_missing_dir_is_empty_set(tmp_path):
+    fps = F.load(tmp_path / "nothing")
+    assert fps.empty and fps.version == "none"
+
+
+def test_pattern_types_become_anchored_regexes():
+    import duckdb
+
+    csv = ("name,scope,other_names,location_found,pattern_type,pattern\n"
+           "t.c,isp,,body,contains,blocked (by law)\n"
+           "t.p,isp,,header.location,prefix,http://block.example/\n"
+           "t.f,isp,,body,full,DENIED\n")
+    rows = F.parse_ooni_http(csv)
+    con = duckdb.connect()
+    F.install(con, F.FingerprintSet(version="t", http=rows))
+    def hit(name, text):
+        return con.execute("SELECT regexp_matches(?, regex) FROM fp_http WHERE name = ?", [text, name]).fetchone()[0]
+    assert hit("t.c", "page: blocked (by law).") and not hit("t.c", "blocked by law")
+    assert hit("t.p", "server: x\nlocation: http://block.example/?u=1") and not hit("t.p", "location: https://x/http://block.example/")
+    assert hit("t.f", "DENIED") and not hit("t.f", "DENIED!")
+
+
+def test_uncompilable_patterns_are_dropped():
+    import duckdb
+
+    con = duckdb.connect()
+    rows = F.parse_cp('{"fingerprint": "bad", "pattern": "(?<=x)y"}\n{"fingerprint": "good", "pattern": "y+"}\n', False)
+    counts = F.install(con, F.FingerprintSet(version="t", http=rows))
+    assert counts == {"http": 1, "dns": 0, "dropped": 1}
+
+
+@pytest.fixture
+async def mirror(tmp_path):
+    src = shared_or_skip()
+    state = {"fail": set()}
+
+    async def serve(request):
+        name = request.match_info["name"]
+        if name in state["fail"]:
+            return web.Response(status=404)
+        path = src / name if (src / name).exists() else src / "censoredplanet" / name
+        return web.Response(body=path.read_bytes())
+
+    app = web.Application()
+    app.router.add_get("/ooni/{name}", serve)
+    app.router.add_get("/cp/{name}", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", state
+    await runner.cleanup()
+
+
+async def test_update_downloads_all_files(mirror, tmp_path, monkeypatch):
+    import asyncio
+
+    base, _ = mirror
+    monkeypatch.setenv(F.OONI_BASE_ENV, base + "/ooni")
+    monkeypatch.setenv(F.CP_BASE_ENV, base + "/cp/")
+    target = tmp_path / "cache"
+    fps = await asyncio.to_thread(F.update, target)
+    assert sorted(p.name for p in target.iterdir()) == sorted(F.FILES)
+    assert F.load(target).version == fps.version == F.load(SHARED).version
+
+
+async def test_update_failure_writes_nothing(mirror, tmp_path, monkeypatch):
+    import asyncio
+
+    base, state = mirror
+    state["fail"].add(F.CP_FALSE_POSITIVES)
+    monkeypatch.setenv(F.OONI_BASE_ENV, base + "/ooni")
+    monkeypatch.setenv(F.CP_BASE_ENV, base + "/cp")
+    target = tmp_path / "cache"
+    with pytest.raises(F.FingerprintError, match="HTTP 404"):
+        await asyncio.to_thread(F.update, target)
+    assert not target.exists() or not any(target.iterdir())
+
+
+def test_update_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv(F.OONI_BASE_ENV, "http://127.0.0.1:9/")
+    monkeypatch.setenv(F.CP_BASE_ENV, "http://127.0.0.1:9/")
+    with pytest.raises(F.FingerprintError) as info:
+        F.update(tmp_path / "c", timeout=5)
+    assert "\n" not in str(info.value) and "cannot download" in str(info.value)

@@ -1,0 +1,261 @@
+"""One test per verdict rule, on hand-built records, traps included."""
+
+from __future__ import annotations
+
+import pytest
+
+from analysis_fixtures import control, database, http, page, q, tcp, tls, verdict, web
+
+IP = "198.18.0.10"
+NEWS = page("Daily News", 20000)
+
+
+def ok_https(host="news.example", ip=IP, body=NEWS, **kw):
+    return web(f"https://{host}/", queries=[q(host, ip)], tcps=[tcp(ip)], tlss=[tls(ip, host)],
+               requests=[http(f"https://{host}/", ip, body=body)], ctl=control(addrs=(ip,), body=NEWS, title="Daily News"), **kw)
+
+
+def one(record, **kw):
+    con = database([record], **kw)
+    return verdict(con, record)
+
+
+def test_plain_success_is_ok():
+    v = one(ok_https())
+    assert (v["status"], v["layer"], v["method"]) == ("ok", None, None)
+    assert v["evidence"]["rule"] == "page_matches_control"
+    assert v["evidence"]["fingerprint_set"].startswith(("fp-", "none"))
+
+
+def test_dns_nxdomain():
+    r = web("https://nx.example/", queries=[q("nx.example", failure="dns_nxdomain_error")],
+            ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))
+    assert one(r)["method"] == "dns.nxdomain"
+
+
+def test_dns_bogon_but_not_public_lab_range():
+    r = web("http://b.example/", queries=[q("b.example", "10.10.34.34")], tcps=[tcp("10.10.34.34", 80, "generic_timeout_error")],
+            ctl=control(addrs=(IP,), body=NEWS, title="Daily News", port=80))
+    v = one(r)
+    assert (v["status"], v["layer"], v["method"]) == ("blocked", "dns", "dns.bogon")
+    # 198.18.0.0/15 is special-purpose, but the lab declares it public
+    assert one(ok_https())["status"] == "ok"
+
+
+def test_dns_injected_late_duplicate():
+    r = web("https://inj.example/", queries=[q("inj.example", "198.18.250.7", engine="udp", txid=900),
+                                           q("inj.example", IP, engine="udp", txid=900, index=1),
+                                           q("inj.example", "198.18.250.7")],
+            tcps=[tcp("198.18.250.7", 443, "generic_timeout_error")], ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))
+    v = one(r)
+    assert (v["layer"], v["method"]) == ("dns", "dns.injected")
+    assert v["evidence"]["compared"]["late_response"] == IP
+
+
+def test_dns_timeout():
+    r = web("https://drop.example/", queries=[q("drop.example", failure="dns_temporary_failure"),
+                                            q("drop.example", engine="udp", failure="generic_timeout_error")],
+            ctl=control(addrs=(IP,), body=NEWS, title="Daily News"), network_ok=False)
+    online = ok_https()  # same run, same minute: the probe was online
+    con = database([r, online])
+    assert (verdict(con, r)["layer"], verdict(con, r)["method"]) == ("dns", "dns.timeout")
+
+
+def test_dns_inconsistent_unvouched_address_then_failure():
+    r = web("https://x.example/", queries=[q("x.example", "198.18.99.9")], tcps=[tcp("198.18.99.9")],
+            tlss=[tls("198.18.99.9", "x.example", failure="connection_reset")],
+            ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))
+    assert one(r)["method"] == "dns.inconsistent"
+
+
+def test_cdn_geo_answer_with_valid_certificate_is_ok():
+    # the probe's resolver gives another (valid) CDN node than the control's
+    r = web("https://cdn.example/", queries=[q("cdn.example", "198.18.7.7", "198.18.7.8")],
+            tcps=[tcp("198.18.7.7"), tcp("198.18.7.8", failure="generic_timeout_error")],
+            tlss=[tls("198.18.7.7", "cdn.example")],
+            requests=[http("https://cdn.example/", "198.18.7.7", body=NEWS)],
+            ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))
+    assert one(r)["status"] == "ok"
+
+
+def test_tcp_reset_and_timeout():
+    refused = web("http://r.example/", queries=[q("r.example", IP)], tcps=[tcp(IP, 80, "connection_refused")],
+                  ctl=control(addrs=(IP,), port=80, body=NEWS, title="Daily News"))
+    dropped = web("https://h.example/", queries=[q("h.example", IP)], tcps=[tcp(IP, 443, "generic_timeout_error")],
+                  ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))
+    con = database([refused, dropped])
+    assert verdict(con, refused)["method"] == "tcp.reset"
+    assert verdict(con, dropped)["method"] == "tcp.timeout"
+
+
+@pytest.mark.parametrize("failure,method", [("connection_reset", "tls.reset"), ("eof_error", "tls.reset"),
+                                            ("generic_timeout_error", "tls.timeout")])
+def test_tls_interference(failure, method):
+    r = web("https://s.example/", queries=[q("s.example", IP)], tcps=[tcp(IP)], tlss=[tls(IP, "s.example", failure=failure)],
+            requests=[http("https://s.example/", None, status=None, body=None, failure=failure)],
+            ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))
+    v = one(r)
+    assert (v["status"], v["layer"], v["method"]) == ("blocked", "tls", method)
+
+
+def test_tls_mitm():
+    r = web("https://m.example/", queries=[q("m.example", IP)], tcps=[tcp(IP)],
+            tlss=[tls(IP, "m.example", failure="ssl_unknown_authority", valid=False, issuer="CN=Rogue")],
+            requests=[http("https://m.example/", None, status=None, body=None, failure="ssl_unknown_authority")],
+            ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))
+    v = one(r)
+    assert v["method"] == "tls.mitm" and v["confidence"] >= 0.85
+    assert v["evidence"]["compared"]["issuer"] == "CN=Rogue"
+
+
+def test_certificate_invalid_for_everyone_is_down():
+    r = web("https://bad.example/", queries=[q("bad.example", IP)], tcps=[tcp(IP)],
+            tlss=[tls(IP, "bad.example", failure="ssl_invalid_certificate", valid=False)],
+            ctl=control(addrs=(IP,), tls_ok={IP: "ssl_invalid_certificate"}, http_failure="ssl_invalid_certificate"))
+    assert one(r)["status"] == "down"
+
+
+def test_http_reset_and_timeout_on_plain_http():
+    reset = web("http://hr.example/", queries=[q("hr.example", IP)], tcps=[tcp(IP, 80)],
+                requests=[http("http://hr.example/", IP, status=None, body=None, failure="connection_reset")],
+                ctl=control(addrs=(IP,), port=80, body=NEWS, title="Daily News"))
+    slow = web("http://ht.example/", queries=[q("ht.example", IP)], tcps=[tcp(IP, 80)],
+               requests=[http("http://ht.example/", IP, status=None, body=None, failure="generic_timeout_error")],
+               ctl=control(addrs=(IP,), port=80, body=NEWS, title="Daily News"))
+    con = database([reset, slow])
+    assert verdict(con, reset)["method"] == "http.reset"
+    assert verdict(con, slow)["method"] == "http.timeout"
+
+
+def test_https_of_http_reset_site_is_ok():
+    assert one(ok_https("host-reset.example"))["status"] == "ok"
+
+
+def test_blockpage_diff_without_fingerprint():
+    body = "<html><body>Access to this resource has been restricted by decision of the regulator.</body></html>"
+    r = web("http://bp.example/", queries=[q("bp.example", IP)], tcps=[tcp(IP, 80)],
+            requests=[http("http://bp.example/", IP, body=body)],
+            ctl=control(addrs=(IP,), port=80, body=page("Citizen Journalism", 30000), title="Citizen Journalism"))
+    v = one(r, fingerprints_dir="/nonexistent")
+    assert (v["status"], v["layer"], v["method"], v["confirmed"]) == ("blocked", "http", "http.diff", False)
+    assert v["evidence"]["fingerprint_set"] == "none"
+
+
+def test_blockpage_fingerprint_confirms(tmp_path):
+    (tmp_path / "blockpage_signatures.json").write_text('{"fingerprint": "t_lab", "pattern": "restricted by decision of the regulator"}\n')
+    (tmp_path / "false_positive_signatures.json").write_text('{"fingerprint": "fp_nginx", "pattern": "Welcome to nginx"}\n')
+    body = "<html><body>Access to this resource has been restricted by decision of the regulator.</body></html>"
+    r = web("http://bp.example/", queries=[q("bp.example", IP)], tcps=[tcp(IP, 80)],
+            requests=[http("http://bp.example/", IP, body=body)],
+            ctl=control(addrs=(IP,), port=80, body=page("Citizen Journalism", 30000), title="Citizen Journalism"))
+    fp_page = web("http://fp.example/", queries=[q("fp.example", IP)], tcps=[tcp(IP, 80)],
+                  requests=[http("http://fp.example/", IP, body="<h1>Welcome to nginx</h1> restricted by decision of the regulator")],
+                  ctl=control(addrs=(IP,), port=80, body=page("Citizen Journalism", 30000), title="Citizen Journalism"))
+    con = database([r, fp_page], fingerprints_dir=tmp_path)
+    v = verdict(con, r)
+    assert (v["method"], v["confirmed"]) == ("http.blockpage", True)
+    assert v["evidence"]["compared"]["fingerprint"] == "censoredplanet:t_lab"
+    # the false-positive signature is checked first: no confirmed blockpage
+    assert verdict(con, fp_page)["confirmed"] is False
+
+
+def test_https_403_with_valid_certificate_is_server_side():
+    r = web("https://geo.example/", queries=[q("geo.example", IP)], tcps=[tcp(IP)], tlss=[tls(IP, "geo.example")],
+            requests=[http("https://geo.example/", IP, status=403, body=page("Forbidden", 300))],
+            ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))
+    v = one(r)
+    assert v["status"] == "server_side" and v["layer"] is None
+
+
+def test_captcha_over_plain_http_is_server_side():
+    r = web("http://cf.example/", queries=[q("cf.example", IP)], tcps=[tcp(IP, 80)],
+            requests=[http("http://cf.example/", IP, status=503, body=page("Just a moment...", 8000))],
+            ctl=control(addrs=(IP,), port=80, body=NEWS, title="Daily News"))
+    assert one(r)["status"] == "server_side"
+
+
+def test_down_for_everyone_is_down():
+    r = web("https://off.example/", queries=[q("off.example", IP)], tcps=[tcp(IP, 443, "generic_timeout_error")],
+            ctl=control(addrs=(IP,), tcp_ok={IP: "generic_timeout_error"}, tls_ok={}, http_failure="generic_timeout_error"))
+    v = one(r)
+    assert v["status"] == "down" and v["method"] is None
+
+
+def test_offline_probe_is_inconclusive_never_blocked():
+    r = web("https://any.example/", queries=[q("any.example", failure="network_unreachable")],
+            tcps=[], ctl=None, control_failure="network_unreachable", network_ok=False)
+    v = one(r)
+    assert v["status"] == "inconclusive"
+    assert v["evidence"]["compared"]["evidence"] == "probe offline"
+
+
+def test_offline_flag_with_dns_only_failures_alone_in_run_stays_inconclusive():
+    r = web("https://drop.example/", queries=[q("drop.example", failure="dns_temporary_failure")],
+            ctl=control(addrs=(IP,), body=NEWS, title="Daily News"), network_ok=False, run_id="lonely")
+    assert one(r)["status"] == "inconclusive"
+
+
+def test_dynamic_page_is_ok():
+    r = ok_https("changing.example", body=page("Daily News", 9000))
+    assert one(r)["status"] == "ok"
+
+
+def test_slow_site_is_ok_and_redirect_to_matching_page_is_ok():
+    slow = ok_https("sluggish.example")
+    moved = web("http://moved.example/", queries=[q("moved.example", IP), q("moved-target.example", IP)],
+                tcps=[tcp(IP, 80), tcp(IP)], tlss=[tls(IP, "moved-target.example")],
+                requests=[http("http://moved.example/", IP, status=301, body="", index=0),
+                          http("https://moved-target.example/", IP, body=NEWS, index=1)],
+                ctl=control(addrs=(IP,), port=80, body=NEWS, title="Daily News"))
+    con = database([slow, moved])
+    assert verdict(con, slow)["status"] == "ok"
+    assert verdict(con, moved)["status"] == "ok"
+
+
+def test_missing_control_is_inconclusive_but_valid_https_page_is_ok():
+    plain = web("http://nc.example/", queries=[q("nc.example", IP)], tcps=[tcp(IP, 80)],
+                requests=[http("http://nc.example/", IP, body=NEWS)], ctl=None)
+    secure = web("https://nc.example/", queries=[q("nc.example", IP)], tcps=[tcp(IP)], tlss=[tls(IP, "nc.example")],
+                 requests=[http("https://nc.example/", IP, body=NEWS)], ctl=None)
+    con = database([plain, secure])
+    assert verdict(con, plain)["status"] == "inconclusive"
+    assert verdict(con, secure)["status"] == "ok"
+
+
+def test_throttling_hook():
+    def sample(side, variant, kbit):
+        return {"side": side, "variant": variant, "attempt": 1, "ip": IP, "server_name": "v.example", "failure": None,
+                "bytes": 100000, "seconds": 1.0, "kbit_per_s": kbit}
+
+    throttled = ok_https("social.example", throughput=[sample("probe", "target", 120), sample("probe", "scrambled", 9000),
+                                                       sample("control", "helper", 9500)])
+    tired = web("https://tired.example/", queries=[q("tired.example", IP)], tcps=[tcp(IP)], tlss=[tls(IP, "tired.example")],
+                requests=[http("https://tired.example/", IP, body="x" * 1000, failure="generic_timeout_error")],
+                ctl=control(addrs=(IP,), body=NEWS, title="Daily News"),
+                throughput=[sample("probe", "target", 180), sample("probe", "scrambled", 185), sample("control", "helper", 190)])
+    con = database([throttled, tired])
+    v = verdict(con, throttled)
+    assert (v["status"], v["method"]) == ("throttled", "throttle.sni")
+    assert verdict(con, tired)["status"] == "ok"
+
+
+def test_only_missing_and_replacement():
+    from analysis.engine import analyze
+
+    a, b = ok_https(), ok_https("other.example")
+    con = database([a])
+    from probes.store import write_all
+
+    write_all(con, [(b, None)])
+    assert analyze(con, only_missing=True, fingerprints_dir="/nonexistent") == 1
+    assert analyze(con, fingerprints_dir="/nonexistent") == 2
+    assert con.execute("SELECT count(*) FROM verdicts").fetchone()[0] == 2
+
+
+def test_aggregate_views():
+    con = database([ok_https(), web("https://nx.example/", queries=[q("nx.example", failure="dns_nxdomain_error")],
+                                    ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))])
+    row = con.execute("SELECT measurements, ok, anomaly, blocked, confirmed, inconclusive, anomaly_rate FROM agg_country_day").fetchone()
+    assert row == (2, 1, 1, 1, 0, 0, 0.5)
+    for view in ("agg_asn", "agg_domain", "agg_category"):
+        assert con.execute(f"SELECT sum(measurements) FROM {view}").fetchone()[0] == 2
