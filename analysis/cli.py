@@ -22,10 +22,15 @@ from .engine import AnalysisError, analyze as run_analysis, summary
 @json_option
 def analyze(db_path, public_networks, fingerprints_dir, only_missing, as_json):
     """Compute verdicts (ok, blocked, throttled, down, server_side, inconclusive) for stored measurements."""
+    import os
+
     from probes.store import StoreError, connect
 
     try:
-        con = connect(db_path)
+        # The probe's store caps DuckDB at 64 MB for small devices; the analysis
+        # joins whole tables and needs room (1.6 GB analyses 1M measurements
+        # in ~25 s; less works, spilling to disk).
+        con = connect(db_path, memory_limit=os.environ.get("VANTAGE_ANALYZE_MEMORY", "1GB"))
     except StoreError as exc:
         raise UsageFailure(str(exc)) from None
     try:

@@ -44,21 +44,21 @@ WITH dns AS (
            count(answer) FILTER (WHERE engine = 'th' AND answer_type = 'A') AS c_addrs4,
            bool_or(engine = 'th' AND failure IN ('dns_name_error', 'dns_nxdomain_error')) AS c_nx,
            any_value(failure) FILTER (WHERE engine = 'th') AS c_dns_failure
-    FROM dns_answers SEMI JOIN _a_m USING (measurement_id)
-    WHERE side = 'control'
+    FROM dns_answers
+    WHERE side = 'control' {{AND_IN_SCOPE}}
     GROUP BY measurement_id
 ), tcp AS (
     SELECT measurement_id, bool_or(success) AS c_tcp_ok, count(*) AS c_tcp_n
-    FROM tcp_connects SEMI JOIN _a_m USING (measurement_id)
-    WHERE side = 'control'
+    FROM tcp_connects
+    WHERE side = 'control' {{AND_IN_SCOPE}}
     GROUP BY measurement_id
 ), tls AS (
     SELECT measurement_id,
            bool_or(success AND coalesce(cert_valid, true)) AS c_tls_ok,
            bool_or(failure LIKE 'ssl\_%' ESCAPE '\' OR cert_valid = false) AS c_tls_certfail,
            any_value(failure) FILTER (WHERE failure LIKE 'ssl\_%' ESCAPE '\') AS c_tls_certfail_what
-    FROM tls_handshakes SEMI JOIN _a_m USING (measurement_id)
-    WHERE side = 'control'
+    FROM tls_handshakes
+    WHERE side = 'control' {{AND_IN_SCOPE}}
     GROUP BY measurement_id
 ), http AS (
     SELECT measurement_id,
@@ -69,8 +69,8 @@ WITH dns AS (
            any_value(body_truncated) AS c_trunc,
            any_value(body_sha256) AS c_sha,
            any_value(coalesce(json_extract_string(headers, '$.Server'), json_extract_string(headers, '$.server'))) AS c_server
-    FROM http_transactions SEMI JOIN _a_m USING (measurement_id)
-    WHERE side = 'control'
+    FROM http_transactions
+    WHERE side = 'control' {{AND_IN_SCOPE}}
     GROUP BY measurement_id
 )
 SELECT m.measurement_id,

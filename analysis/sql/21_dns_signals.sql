@@ -25,16 +25,16 @@ CREATE OR REPLACE TEMP TABLE _a_ipobs AS
 SELECT measurement_id, ip, bool_or(failed) AS failed
 FROM (
     SELECT measurement_id, lower(ip) AS ip, NOT success AS failed FROM tcp_connects
-    WHERE side = 'probe' AND measurement_id IN (SELECT measurement_id FROM _a_m)
+    WHERE side = 'probe' {{AND_IN_SCOPE}}
     UNION ALL
     SELECT measurement_id, lower(ip), NOT success FROM tls_handshakes
-    WHERE side = 'probe' AND measurement_id IN (SELECT measurement_id FROM _a_m)
+    WHERE side = 'probe' {{AND_IN_SCOPE}}
     UNION ALL
     SELECT measurement_id,
            lower(CASE WHEN address LIKE '[%' THEN regexp_extract(address, '^\[([^\]]*)\]', 1)
                       ELSE regexp_extract(address, '^(.*):[0-9]+$', 1) END),
            failure IS NOT NULL FROM http_transactions
-    WHERE side = 'probe' AND address IS NOT NULL AND measurement_id IN (SELECT measurement_id FROM _a_m)
+    WHERE side = 'probe' AND address IS NOT NULL {{AND_IN_SCOPE}}
 )
 GROUP BY ALL;
 
@@ -58,11 +58,15 @@ WHERE d.side = 'probe' AND d.engine IN ('system', 'udp') AND d.response_index = 
 -- Injection: the same query (transaction, type) got a later response whose
 -- answers differ from the first one's. Genuine resolvers answer once.
 CREATE OR REPLACE TEMP TABLE _a_inject AS
-WITH sets AS (
-    SELECT measurement_id, engine, transaction_id, query_type, hostname, response_index,
-           string_agg(DISTINCT ip, ',' ORDER BY ip) AS answers
-    FROM _a_dns
-    WHERE side = 'probe' AND engine IN ('system', 'udp') AND transaction_id IS NOT NULL AND ip IS NOT NULL
+WITH late AS (  -- few measurements have late responses: find them first
+    SELECT DISTINCT measurement_id, transaction_id FROM _a_dns
+    WHERE side = 'probe' AND response_index >= 1 AND ip IS NOT NULL
+), sets AS (
+    SELECT d.measurement_id, d.engine, d.transaction_id, d.query_type, d.hostname, d.response_index,
+           string_agg(DISTINCT d.ip, ',' ORDER BY d.ip) AS answers
+    FROM _a_dns d
+    JOIN late USING (measurement_id, transaction_id)
+    WHERE d.side = 'probe' AND d.engine IN ('system', 'udp') AND d.ip IS NOT NULL
     GROUP BY ALL
 )
 SELECT f.measurement_id, min(f.answers) AS first_answers, min(l.answers) AS late_answers

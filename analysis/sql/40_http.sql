@@ -19,21 +19,34 @@
 --     not a blockpage, and skipping it keeps the regex scan affordable.
 --   * Any false-positive signature (Censored Planet's list, OONI's scope "fp")
 --     matching a response cancels every blockpage match on it.
-CREATE OR REPLACE TEMP TABLE _a_hops AS
+-- A view, not a table: only the last hop of most measurements is needed, and
+-- arg_max finds it without sorting every hop.
+CREATE OR REPLACE TEMP VIEW _a_hops AS
 SELECT h.measurement_id, h.redirect_index, h.transaction_id, h.url,
        lower(regexp_extract(h.url, '^([A-Za-z][A-Za-z0-9+.-]*)://', 1)) AS hop_scheme,
        lower(CASE WHEN h.address LIKE '[%' THEN regexp_extract(h.address, '^\[([^\]]*)\]', 1)
                   ELSE regexp_extract(h.address, '^(.*):[0-9]+$', 1) END) AS ip,
-       h.failure, nullif(h.status_code, 0) AS status_code, h.title, h.body_length, h.body_truncated, h.body_sha256, h.body, h.headers,
-       row_number() OVER (PARTITION BY h.measurement_id ORDER BY h.redirect_index DESC, h.t0 DESC NULLS LAST, h.transaction_id DESC NULLS LAST) AS from_last
+       h.failure, nullif(h.status_code, 0) AS status_code, h.title, h.body_length, h.body_truncated, h.body_sha256, h.body, h.headers
 FROM http_transactions h
-WHERE h.side = 'probe' AND h.measurement_id IN (SELECT measurement_id FROM _a_m);
+WHERE h.side = 'probe' {{AND_IN_SCOPE}};
 
 CREATE OR REPLACE TEMP TABLE _a_http_m AS
-WITH f AS (
-    SELECT h.*,
+WITH last AS (
+    SELECT measurement_id,
+           arg_max(struct_pack(redirect_index, transaction_id, url, failure, status_code, title, body_length, body_truncated,
+                               body_sha256, headers, address),
+                   (coalesce(redirect_index, 0), coalesce(t0, 0), coalesce(transaction_id, 0))) AS h
+    FROM http_transactions
+    WHERE side = 'probe' {{AND_IN_SCOPE}}
+    GROUP BY measurement_id
+), f AS (
+    SELECT measurement_id, h.url, h.failure, nullif(h.status_code, 0) AS status_code, h.title, h.body_length,
+           h.body_truncated, h.body_sha256,
+           lower(regexp_extract(h.url, '^([A-Za-z][A-Za-z0-9+.-]*)://', 1)) AS hop_scheme,
+           lower(CASE WHEN h.address LIKE '[%' THEN regexp_extract(h.address, '^\[([^\]]*)\]', 1)
+                      ELSE regexp_extract(h.address, '^(.*):[0-9]+$', 1) END) AS ip,
            coalesce(json_extract_string(h.headers, '$.Server'), json_extract_string(h.headers, '$.server')) AS f_server
-    FROM _a_hops h WHERE from_last = 1
+    FROM last
 )
 SELECT f.measurement_id, f.url AS f_url, f.hop_scheme AS f_scheme, f.ip AS f_ip, f.failure AS f_failure,
        f.status_code AS f_status, f.title AS f_title, f.body_length AS f_len, f.f_server,
@@ -46,13 +59,19 @@ SELECT f.measurement_id, f.url AS f_url, f.hop_scheme AS f_scheme, f.ip AS f_ip,
             WHEN greatest(f.body_length, k.c_len) = 0 THEN 1.0
             ELSE least(f.body_length, k.c_len) / greatest(f.body_length, k.c_len) END AS len_ratio,
        k.c_sha IS NOT NULL AND f.body_sha256 = k.c_sha AS same_body,
-       f.status_code IN (403, 429, 503) AND (
-           regexp_matches(coalesce(f.title, ''), '(?i)just a moment|attention required|captcha|are you a robot|are you human|security check|ddos-guard')
-           OR regexp_matches(coalesce(f.body, ''), '(?i)cf-chl-|cf_chl_opt|g-recaptcha|h-captcha|hcaptcha\.com|challenge-platform')) AS captcha_like,
+       false AS captcha_like,
        f.ip IS NOT NULL AND ci.ip IS NULL AND coalesce(k.c_addrs, 0) > 0 AS f_ip_foreign
 FROM f
 LEFT JOIN _a_ctl k USING (measurement_id)
 LEFT JOIN _a_ctl_ip ci ON ci.measurement_id = f.measurement_id AND ci.ip = f.ip;
+
+-- Challenge pages only matter for refusals (403/429/503): look at those bodies alone.
+UPDATE _a_http_m SET captcha_like = true
+FROM http_transactions h
+WHERE h.measurement_id = _a_http_m.measurement_id AND h.side = 'probe' AND _a_http_m.f_status IN (403, 429, 503)
+  AND h.url IS NOT DISTINCT FROM _a_http_m.f_url AND nullif(h.status_code, 0) = _a_http_m.f_status
+  AND (regexp_matches(coalesce(h.title, ''), '(?i)just a moment|attention required|captcha|are you a robot|are you human|security check|ddos-guard')
+       OR regexp_matches(coalesce(h.body, ''), '(?i)cf-chl-|cf_chl_opt|g-recaptcha|h-captcha|hcaptcha\.com|challenge-platform'));
 
 -- Responses worth a fingerprint scan: every hop of a measurement whose last
 -- hop does not plainly match the control's page.

@@ -20,7 +20,7 @@ WITH s AS (
            median(kbit_per_s) FILTER (WHERE side = 'probe' AND variant = 'scrambled') AS p_scrambled,
            median(kbit_per_s) FILTER (WHERE side = 'control') AS c_rate
     FROM throughput_samples
-    WHERE failure IS NULL AND kbit_per_s > 0 AND measurement_id IN (SELECT measurement_id FROM _a_m)
+    WHERE failure IS NULL AND kbit_per_s > 0 {{AND_IN_SCOPE}}
     GROUP BY measurement_id
 )
 SELECT measurement_id,
