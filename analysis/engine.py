@@ -155,6 +155,11 @@ def analyze(
                     " SELECT measurement_id, input, status, layer, method, confidence, confirmed, evidence, current_timestamp"
                     " FROM _a_verdicts")
         count = con.execute("SELECT count(*) FROM _a_verdicts").fetchone()[0]
+        # The throttling test's verdicts need a significance test over its
+        # samples (analysis/throttling.py); they replace the SQL baseline's.
+        from .throttling import apply_throttling
+
+        apply_throttling(con, public_networks)
         install_views(con)
     finally:
         _drop_temp(con)

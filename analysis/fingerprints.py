@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 
 OONI_HTTP = "fingerprints_http.csv"
 OONI_DNS = "fingerprints_dns.csv"
@@ -192,6 +191,8 @@ def install(con: duckdb.DuckDBPyConnection, fps: FingerprintSet) -> dict[str, in
     for table, rows, names in (("fp_http", fps.http, ("source", "name", "scope", "location", "header", "regex", "false_positive")),
                                ("fp_dns", fps.dns, ("source", "name", "scope", "ip"))):
         if rows:
+            import pyarrow as pa  # lazy: the probe's `vantage run` never pays for it
+
             arrow = pa.table({n: pa.array(list(col)) for n, col in zip(names, zip(*rows))})
             con.register("_fp_batch", arrow)
             con.execute(f"INSERT INTO {table} SELECT * FROM _fp_batch")

@@ -6,7 +6,8 @@
 --   _a_fp_hits  one row per (measurement, hop, fingerprint) that matched.
 -- Columns (_a_http_m): f_* of the last hop (url, scheme, ip, failure, status,
 --   title, length, server header), p_got_page, status/title/length comparisons
---   (len_ratio = smaller/larger body), captcha-like flag, fp_name.
+--   (len_ratio = smaller/larger body), captcha-like flag, fp_name,
+--   f_still_flowing (a timeout while bytes were still arriving).
 -- Caveats:
 --   * Dynamic pages change bodies on every load: a body that differs while the
 --     status class and the title match is not an anomaly. Length is compared
@@ -34,7 +35,7 @@ CREATE OR REPLACE TEMP TABLE _a_http_m AS
 WITH last AS (
     SELECT measurement_id,
            arg_max(struct_pack(redirect_index, transaction_id, url, failure, status_code, title, body_length, body_truncated,
-                               body_sha256, headers, address),
+                               body_sha256, headers, address, t),
                    (coalesce(redirect_index, 0), coalesce(t0, 0), coalesce(transaction_id, 0))) AS h
     FROM http_transactions
     WHERE side = 'probe' {{AND_IN_SCOPE}}
@@ -45,8 +46,18 @@ WITH last AS (
            lower(regexp_extract(h.url, '^([A-Za-z][A-Za-z0-9+.-]*)://', 1)) AS hop_scheme,
            lower(CASE WHEN h.address LIKE '[%' THEN regexp_extract(h.address, '^\[([^\]]*)\]', 1)
                       ELSE regexp_extract(h.address, '^(.*):[0-9]+$', 1) END) AS ip,
-           coalesce(json_extract_string(h.headers, '$.Server'), json_extract_string(h.headers, '$.server')) AS f_server
+           coalesce(json_extract_string(h.headers, '$.Server'), json_extract_string(h.headers, '$.server')) AS f_server,
+           h.transaction_id AS f_txid, h.t AS f_t
     FROM last
+), flow AS (
+    -- A fetch that timed out while bytes were still arriving (the last byte
+    -- came less than 2 s before the deadline) was slow, not stalled: that is
+    -- a throughput question for the throttling test, not evidence of blocking.
+    -- A censor that freezes a flow shows a long silence before the deadline.
+    SELECT e.measurement_id, sum(e.num_bytes) AS bytes, max(e.t) AS last_byte_t
+    FROM network_events e JOIN f ON f.measurement_id = e.measurement_id AND e.transaction_id = f.f_txid
+    WHERE f.failure = 'generic_timeout_error' AND e.side = 'probe' AND e.operation = 'bytes_received'
+    GROUP BY e.measurement_id
 )
 SELECT f.measurement_id, f.url AS f_url, f.hop_scheme AS f_scheme, f.ip AS f_ip, f.failure AS f_failure,
        f.status_code AS f_status, f.title AS f_title, f.body_length AS f_len, f.f_server,
@@ -60,8 +71,10 @@ SELECT f.measurement_id, f.url AS f_url, f.hop_scheme AS f_scheme, f.ip AS f_ip,
             ELSE least(f.body_length, k.c_len) / greatest(f.body_length, k.c_len) END AS len_ratio,
        k.c_sha IS NOT NULL AND f.body_sha256 = k.c_sha AS same_body,
        false AS captcha_like,
-       f.ip IS NOT NULL AND ci.ip IS NULL AND coalesce(k.c_addrs, 0) > 0 AS f_ip_foreign
+       f.ip IS NOT NULL AND ci.ip IS NULL AND coalesce(k.c_addrs, 0) > 0 AS f_ip_foreign,
+       coalesce(flow.bytes > 0 AND f.f_t - flow.last_byte_t < 2.0, false) AS f_still_flowing
 FROM f
+LEFT JOIN flow USING (measurement_id)
 LEFT JOIN _a_ctl k USING (measurement_id)
 LEFT JOIN _a_ctl_ip ci ON ci.measurement_id = f.measurement_id AND ci.ip = f.ip;
 

@@ -50,6 +50,7 @@ INSERT INTO _a_rules VALUES
     ('control_http_failed_probe_ok', 'ok',         NULL,   NULL,               0.5),
     ('control_http_failed',        'inconclusive', NULL,   NULL,               0.0),
     ('http_reset',                 'blocked',      'http', 'http.reset',       0.8),
+    ('slow_transfer',              'inconclusive', NULL,   NULL,               0.2),
     ('http_timeout_mid_body',      'blocked',      'http', 'http.timeout',     0.5),
     ('http_timeout',               'blocked',      'http', 'http.timeout',     0.75),
     ('probe_http_failed_unclassified', 'inconclusive', NULL, NULL,             0.0),
@@ -84,7 +85,7 @@ SELECT m.measurement_id, m.input, m.host, m.scheme, m.control_failure, m.probe_n
        coalesce(h.p_got_page, false) AS p_got_page, coalesce(h.f_https_valid, false) AS f_https_valid,
        coalesce(h.status_class_differs, false) AS status_class_differs, coalesce(h.title_differs, false) AS title_differs,
        coalesce(h.both_titles, false) AS both_titles, h.len_ratio, coalesce(h.captcha_like, false) AS captcha_like,
-       coalesce(h.f_ip_foreign, false) AS f_ip_foreign,
+       coalesce(h.f_ip_foreign, false) AS f_ip_foreign, coalesce(h.f_still_flowing, false) AS f_still_flowing,
        k.c_server IS NOT NULL AND h.f_server = k.c_server AS same_server,
        fp.http_fp,
        th.t_status, th.t_method, th.t_confidence, th.t_compared,
@@ -159,6 +160,7 @@ WITH r AS (
            WHEN NOT f.c_http_ok AND f.f_status < 400 THEN 'control_http_failed_probe_ok'
            WHEN NOT f.c_http_ok THEN 'control_http_failed'
            WHEN f.f_failure IN ('connection_reset', 'eof_error') THEN 'http_reset'
+           WHEN f.f_failure = 'generic_timeout_error' AND f.f_status IS NOT NULL AND f.f_still_flowing THEN 'slow_transfer'
            WHEN f.f_failure = 'generic_timeout_error' AND f.f_status IS NOT NULL THEN 'http_timeout_mid_body'
            WHEN f.f_failure = 'generic_timeout_error' THEN 'http_timeout'
            WHEN f.f_failure IS NOT NULL THEN 'probe_http_failed_unclassified'
