@@ -1,7 +1,7 @@
 """The `vantage` command line: thin wiring of probes/, analysis/, services/ and lab/.
 
-Each package contributes its commands from its own ``cli.py``; a package whose
-optional dependencies are missing simply does not add its commands.
+Each package contributes its commands from its own ``cli.py``, imported only
+when one of its commands runs.
 """
 
 from __future__ import annotations
@@ -14,39 +14,37 @@ import click
 
 from .common import UsageFailure
 
-_MOUNTS = (
-    # (module, attribute) — each attribute is a click command or group.
-    ("cli.run", "run"),
-    ("cli.results", "results"),
-    ("test_lists.cli", "lists"),
-    ("probes.geo_cli", "geo"),
-    ("analysis.cli", "analyze"),
-    ("analysis.cli", "fingerprints"),
-    ("services.cli", "helper"),
-    ("lab.cli", "lab"),
-)
+# command name -> (module, attribute): each attribute is a click command or group.
+_COMMANDS = {
+    "run": ("cli.run", "run"),
+    "results": ("cli.results", "results"),
+    "lists": ("test_lists.cli", "lists"),
+    "geo": ("probes.geo_cli", "geo"),
+    "analyze": ("analysis.cli", "analyze"),
+    "fingerprints": ("analysis.cli", "fingerprints"),
+    "helper": ("services.cli", "helper"),
+    "lab": ("lab.cli", "lab"),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Imports a command's package only when that command runs: `vantage run`
+    on a Raspberry Pi does not pay for the lab, the helper or the analysis."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in _COMMANDS:
+            return None
+        module_name, attr = _COMMANDS[name]
+        return getattr(importlib.import_module(module_name), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vantage")
 def cli() -> None:
     """Vantage: measure internet censorship (DNS, TCP, TLS, HTTP) against a control."""
-
-
-def _mount() -> None:
-    for module_name, attr in _MOUNTS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.split(".")[0] in {"cli", "probes", "analysis", "services", "lab", "test_lists"}:
-                continue  # not built yet
-            raise
-        command = getattr(module, attr, None)
-        if command is not None:
-            cli.add_command(command)
-
-
-_mount()
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from pathlib import Path
 import json
 import sys
 from typing import Any
@@ -131,7 +132,8 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
         raise UsageFailure(NO_CONSENT_MESSAGE)
 
     try:
-        con = store.connect(db_path or _setting(config, "db"))
+        db_file = str(db_path or _setting(config, "db"))
+        con = store.connect(db_file, memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
     except store.StoreError as exc:
         raise UsageFailure(str(exc)) from None
 
@@ -158,7 +160,10 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
     }.items()})
 
     specs = _test_specs(options["test"])
-    summaries = asyncio_run(_run(con, entries, specs, options, config, run_id, concurrency, max_runtime, quiet or as_json))
+    try:
+        summaries = asyncio_run(_run(con, db_file, entries, specs, options, config, run_id, concurrency, max_runtime, quiet or as_json))
+    except store.StoreError as exc:
+        raise UsageFailure(str(exc)) from None
     _print_summary(summaries, as_json, db_path)
 
 
@@ -171,7 +176,7 @@ def asyncio_run(coro):
         sys.exit(130)
 
 
-async def _run(con, entries, specs, options, config, run_id, concurrency, max_runtime, quiet):
+async def _run(con, db_file, entries, specs, options, config, run_id, concurrency, max_runtime, quiet):
     import aiohttp
 
     from probes import store
@@ -182,6 +187,7 @@ async def _run(con, entries, specs, options, config, run_id, concurrency, max_ru
 
     from concurrent.futures import ThreadPoolExecutor
 
+    _limit_malloc_arenas()
     # getaddrinfo runs in the default executor; its default size (cores + 4)
     # would cap system lookups far below the run's concurrency.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=max(8, concurrency or 50)))
@@ -204,7 +210,8 @@ async def _run(con, entries, specs, options, config, run_id, concurrency, max_ru
             if run_id is None:
                 start_run(con, this_run, spec, entries, options, location)
             todo = entries if run_id is None else remaining_inputs(con, this_run)
-            sink = store.Sink(con)
+            rescue = Path(db_file).with_name(f"{Path(db_file).stem}.rescue-{this_run}.jsonl")
+            sink = store.Sink(con, rescue_path=rescue)
             status = "interrupted"
             progress = _Progress(len(todo), spec.name, quiet)
             try:
@@ -219,9 +226,24 @@ async def _run(con, entries, specs, options, config, run_id, concurrency, max_ru
                 try:
                     sink.close()
                 finally:
-                    finish_run(con, this_run, status)
-                    con.execute("CHECKPOINT")
+                    try:
+                        finish_run(con, this_run, status)
+                        con.execute("CHECKPOINT")
+                    except Exception:  # the database already failed; sink.close said so
+                        pass
     return summaries
+
+
+def _limit_malloc_arenas() -> None:
+    """glibc gives each resolver thread its own malloc arena, which it keeps;
+    two arenas are plenty for a probe that spends its time waiting (-10 MB
+    of RSS on a 10,000-URL run). No-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
 
 
 def _system_resolver() -> str | None:

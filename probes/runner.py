@@ -187,6 +187,9 @@ async def run_inputs(
             on_result(m.input, label)
 
     def out_of_time() -> bool:
+        if sink.failed:  # the database refuses writes: stop, keep what is measured
+            summary.status = "store_failed"
+            return True
         if deadline and time.monotonic() > deadline:
             summary.status = "timed_out"
             return True

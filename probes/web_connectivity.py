@@ -104,7 +104,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
         async def connect_one(ip: str) -> bool:
             entry, conn = await tcp.connect(ip, port, clock=clock, txid=txids.next(), timeout=t.connect)
             keys["tcp_connect"].append(entry)
-            tcp.close(conn)
+            await tcp.close(conn)
             if conn is None or parts.scheme != "https":
                 return conn is not None
             keys["tls_handshakes"].append(

@@ -99,3 +99,36 @@ def test_ids_sort_by_time():
     a = R.new_id(1_700_000_000.0)
     b = R.new_id(1_700_000_000.5)
     assert len(a) == 26 and a < b
+
+
+def test_bodies_are_stored_once_in_http_transactions(tmp_path):
+    page = "<title>Hi</title>" + "x" * 1000
+    record = _record(requests=[{"request": {"url": "https://a.example/", "method": "GET", "headers": {}},
+                                "response": {"code": 200, "headers": {}, "body": page, "body_is_truncated": False},
+                                "failure": None, "t0": 0.3, "t": 0.4, "transaction_id": 3, "x_redirect_index": 0}])
+    con = store.connect(tmp_path / "v.duckdb")
+    store.write_all(con, [(record, None)])
+    stored = json.loads(con.execute("SELECT record FROM measurements").fetchone()[0])
+    response = stored["test_keys"]["requests"][0]["response"]
+    assert "body" not in response and response["x_body_in"] == "http_transactions.body"
+    body, title, length = con.execute("SELECT body, title, body_length FROM http_transactions WHERE side = 'probe'").fetchone()
+    assert (body, title, length) == (page, "Hi", len(page))
+    assert record["test_keys"]["requests"][0]["response"]["body"] == page  # the caller's record is untouched
+
+
+def test_a_failing_database_sends_records_to_the_rescue_file(tmp_path):
+    import duckdb as _duckdb
+
+    con = store.connect(tmp_path / "v.duckdb")
+    rescue = tmp_path / "rescue.jsonl"
+    sink = store.Sink(con, batch_size=2, rescue_path=rescue)
+    con_closed = _duckdb.connect(":memory:")
+    con_closed.close()
+    sink.con = con_closed  # any write now fails, as on a full disk
+    records = [_record(url=f"https://s{i}.example/") for i in range(5)]
+    for r in records:
+        sink.put(r)
+    with pytest.raises(store.StoreError, match="5 measurements saved to"):
+        sink.close()
+    saved = [json.loads(line) for line in rescue.read_text().splitlines()]
+    assert [s["record"]["measurement_id"] for s in saved] == [r["measurement_id"] for r in records]
