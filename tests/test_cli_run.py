@@ -138,3 +138,33 @@ def test_no_consent_without_a_terminal_is_refused(tmp_path, home):
     assert proc.returncode == 2
     assert "consent" in proc.stderr
     assert not (tmp_path / "v.duckdb").exists()  # nothing measured without consent
+
+
+async def test_ctrl_c_keeps_finished_measurements_and_resume_finishes_the_run(tmp_path, home, http_server, dns_server):
+    import asyncio
+    import signal
+
+    dns_server.program("localhost", a=["127.0.0.1"])
+    db = tmp_path / "v.duckdb"
+    fast = http_server.url("/page", host="127.0.0.1")
+    slow = http_server.url("/trickle", host="localhost")  # drips forever: still running at Ctrl-C
+    args = ["run", "web", "--url", fast, "--url", slow, "--db", str(db), "--yes", "--quiet",
+            "--resolver", dns_server.address, "--no-doh", "--probe-cc", "ZZ", "--probe-asn", "AS0"]
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli.main", *args, cwd=ROOT, env=home,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    await asyncio.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 130, err.decode()
+    assert "resume" in err.decode() and "Traceback" not in err.decode()
+    con = duckdb.connect(str(db), read_only=True)
+    run_id, status = con.execute("SELECT run_id, status FROM runs").fetchone()
+    assert status == "interrupted"
+    assert [r[0] for r in con.execute("SELECT input FROM measurements").fetchall()] == [fast]
+    con.close()
+
+    resumed = await _run_async(["run", "--resume", run_id, "--db", str(db), "--yes", "--json"], home)
+    assert resumed.returncode == 0, resumed.stderr
+    con = duckdb.connect(str(db), read_only=True)
+    assert sorted(r[0] for r in con.execute("SELECT input FROM measurements WHERE run_id = ?", [run_id]).fetchall()) == sorted([fast, slow])
+    assert con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] == "finished"
