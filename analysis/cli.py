@@ -30,7 +30,9 @@ def analyze(db_path, public_networks, fingerprints_dir, only_missing, as_json):
         # The probe's store caps DuckDB at 64 MB for small devices; the analysis
         # joins whole tables and needs room (1.6 GB analyses 1M measurements
         # in ~25 s; less works, spilling to disk).
-        con = connect(db_path, memory_limit=os.environ.get("VANTAGE_ANALYZE_MEMORY", "1GB"))
+        from cli.results import resolve_db
+
+        con = connect(resolve_db(db_path), memory_limit=os.environ.get("VANTAGE_ANALYZE_MEMORY", "1GB"))
     except StoreError as exc:
         raise UsageFailure(str(exc)) from None
     try:

@@ -9,11 +9,25 @@ import click
 from .common import UsageFailure, db_option, json_option
 
 
+def resolve_db(db_path):
+    """--db / VANTAGE_DB, else the config file's `db`: the same file `vantage run` wrote."""
+    if db_path:
+        return db_path
+    try:
+        from probes.config import load_config
+
+        return load_config().db
+    except ModuleNotFoundError:
+        from probes import store
+
+        return str(store.default_db_path())
+
+
 def _open(db_path):
     from probes import store
 
     try:
-        return store.connect(db_path, read_only=True) if (db_path or store.default_db_path().exists()) else store.connect(db_path)
+        return store.connect(resolve_db(db_path), read_only=True)
     except store.StoreError as exc:
         raise UsageFailure(str(exc)) from None
 

@@ -57,6 +57,8 @@ def _inputs(urls, input_file, list_name, categories) -> list[tuple[str, str | No
     try:
         if urls:
             entries = [(e.url, e.category_code or None) for e in loader.entries_from_urls(urls)]
+        elif input_file and str(input_file).lower().endswith(".csv"):
+            entries = [(e.url, e.category_code or None) for e in loader.load_list(input_file)]
         elif input_file:
             entries = [(e.url, e.category_code or None) for e in loader.load_input_file(input_file)]
         else:
@@ -70,9 +72,9 @@ def _inputs(urls, input_file, list_name, categories) -> list[tuple[str, str | No
 
 
 async def _locate(config, probe_cc: str | None, probe_asn: str | None, quiet: bool):
-    from probes.runner import Location
+    from probes.runner import Location, local_addresses
 
-    location = Location()
+    location = Location(scrub_ips=local_addresses())
     try:
         from probes import geo
     except ModuleNotFoundError:
@@ -86,7 +88,8 @@ async def _locate(config, probe_cc: str | None, probe_asn: str | None, quiet: bo
         found = await geo.discover_probe_location(config)
         location.probe_cc, location.probe_asn = found.cc, found.asn
         location.network_name = getattr(found, "network_name", None)
-        location.ip_for_scrubbing = getattr(found, "ip_for_scrubbing", None)
+        if getattr(found, "ip_for_scrubbing", None):
+            location.scrub_ips.append(found.ip_for_scrubbing)
         if getattr(found, "warning", None) and not quiet:
             click.echo(f"warning: {found.warning}", err=True)
     if probe_cc:
@@ -99,7 +102,7 @@ async def _locate(config, probe_cc: str | None, probe_asn: str | None, quiet: bo
 @click.command()
 @click.argument("test", type=click.Choice(TESTS), default="web", required=False)
 @click.option("--list", "list_name", help="Test list: default, global, a country code, or a CSV path.")
-@click.option("--input-file", type=click.Path(dir_okay=False), help="A file with one URL per line (or a Citizen Lab CSV).")
+@click.option("--input-file", type=click.Path(dir_okay=False), help="A file with one URL per line, or a Citizen Lab CSV (*.csv).")
 @click.option("--url", "urls", multiple=True, help="A URL to measure (repeatable).")
 @click.option("--category", "categories", multiple=True, help="Only URLs of this category code (repeatable).")
 @click.option("--helper", "helpers", multiple=True, help="Control helper URL (repeatable; tried in order).")
@@ -131,6 +134,23 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
     if ensure_consent is not None and config is not None and not ensure_consent(config, assume_yes=assume_yes, interactive=is_interactive()):
         raise UsageFailure(NO_CONSENT_MESSAGE)
 
+    if config is not None:
+        # The same checks as the config file (one-line errors, exit 2).
+        overrides = {"resolver": resolver, "doh_url": doh_url, "probe_cc": probe_cc, "probe_asn": probe_asn,
+                     "helpers": list(helpers) or None}
+        config = config.replace(**{k: v for k, v in overrides.items() if v})
+    if ca_file:
+        import ssl
+
+        from probes.tls import make_context
+
+        try:
+            make_context(ca_file)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise UsageFailure(f"--ca-file {ca_file}: not a usable PEM CA certificate ({exc})") from None
+    if categories and (urls or input_file):
+        raise UsageFailure("--category filters a test list (--list); it cannot apply to --url or --input-file")
+
     try:
         db_file = str(db_path or _setting(config, "db"))
         con = store.connect(db_file, memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
@@ -145,7 +165,8 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
             raise UsageFailure(f"no run {resume_id} in {db_path or 'the database'}")
         options = json.loads(row[1] or "{}")
         entries = runner_mod.remaining_inputs(con, resume_id)
-        test = options.get("test", "web")
+        # A run is one test (`all` starts one run per test): resume that test.
+        test = {"web_connectivity": "web", "throttling": "throttling"}.get(row[0], "web")
         run_id = resume_id
     else:
         entries = _inputs(urls, input_file, list_name, categories)

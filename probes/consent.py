@@ -26,8 +26,10 @@ Before you measure: please read this.
   attract the attention of the authorities, with serious consequences. If you are
   unsure, talk to someone you trust who knows the local situation, and use a
   custom list (--input-file) or the default list rather than a full test list.
-* Measurements are stored locally on this computer, in a DuckDB file. Nothing
-  leaves the computer unless you upload it yourself (`vantage upload`).
+* Measurements are stored locally on this computer, in a DuckDB file. To
+  measure, Vantage contacts the sites themselves, a DNS-over-HTTPS resolver
+  (dns.google by default), a public-IP lookup service (to find your country and
+  network) and, when configured, a control helper, which learns each URL tested.
 * Each measurement records your country and network (ASN). Your IP address is
   never stored, and Vantage removes it from the web pages it keeps.
 

@@ -13,7 +13,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
+import ipaddress
+import re
+import socket
 import datetime as dt
 import json
 import time
@@ -42,7 +46,7 @@ class Location:
     probe_asn: str = "AS0"
     network_name: str | None = None
     resolver_asn: str = "AS0"
-    ip_for_scrubbing: str | None = None  # never stored; used to scrub records
+    scrub_ips: list[str] = field(default_factory=list)  # never stored; scrubbed from records
 
 
 @dataclass
@@ -56,15 +60,52 @@ class RunSummary:
     network_down: int = 0
 
 
-def scrub(record: dict[str, Any], ip: str | None) -> dict[str, Any]:
-    """Remove the probe's own address from every string of the record (bodies,
-    headers, error messages): OONI's practice, and our privacy promise."""
-    if not ip:
+def _ip_pattern(ip: str) -> re.Pattern:
+    # Whole addresses only: scrubbing 1.2.3.4 must not touch 11.2.3.45.
+    edge = r"[0-9A-Fa-f:.]" if ":" in ip else r"[0-9.]"
+    return re.compile(rf"(?<!{edge}){re.escape(ip)}(?!{edge})")
+
+
+def scrub(record: dict[str, Any], ips: Iterable[str] | str | None) -> dict[str, Any]:
+    """Remove the probe's own addresses from every string of the record
+    (bodies, headers, error messages), including binary bodies kept as
+    base64: OONI's practice, and our privacy promise."""
+    if isinstance(ips, str):
+        ips = [ips]
+    patterns = [_ip_pattern(ip) for ip in (ips or []) if ip]
+    if not patterns:
         return record
+    keys = record.get("test_keys") or {}
+    for r in keys.get("requests") or []:
+        body = (r.get("response") or {}).get("body")
+        if isinstance(body, dict) and body.get("format") == "base64":
+            raw = base64.b64decode(body.get("data") or "")
+            text = raw.decode("latin-1")  # byte-preserving: addresses are ASCII
+            for pattern in patterns:
+                text = pattern.sub("[scrubbed]", text)
+            body["data"] = base64.b64encode(text.encode("latin-1")).decode()
     text = json.dumps(record, ensure_ascii=False)
-    if ip not in text:
-        return record
-    return json.loads(text.replace(ip, "[scrubbed]"))
+    cleaned = text
+    for pattern in patterns:
+        cleaned = pattern.sub("[scrubbed]", cleaned)
+    return record if cleaned == text else json.loads(cleaned)
+
+
+def local_addresses() -> list[str]:
+    """The addresses this machine would send from (no packet is sent: a UDP
+    connect only picks a route). Scrubbed too, since behind no NAT they are
+    the public address, and a public-IP lookup may be off or fail."""
+    found = []
+    for family, target in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.connect((target, 9))
+                address = sock.getsockname()[0]
+        except OSError:
+            continue
+        if not ipaddress.ip_address(address).is_loopback:
+            found.append(address)
+    return found
 
 
 async def _guarded(awaitable, keys: dict[str, Any], budget: float):
@@ -168,16 +209,16 @@ async def run_inputs(
             finishing.add(task)
             task.add_done_callback(finishing.discard)
         else:
-            finish_now(m, category, keys, t0)
+            await finish_now(m, category, keys, t0)
 
     async def finish(m: Measurement, category, keys, tail, t0: float) -> None:
         await _guarded(tail, keys, max(0.0, measurement_deadline - (time.monotonic() - t0)))
-        finish_now(m, category, keys, t0)
+        await finish_now(m, category, keys, t0)
 
-    def finish_now(m: Measurement, category, keys, t0: float) -> None:
+    async def finish_now(m: Measurement, category, keys, t0: float) -> None:
         tail_slots.release()
         m.runtime = time.monotonic() - t0
-        sink.put(scrub(m.to_dict(), location.ip_for_scrubbing), category)
+        await sink.aput(scrub(m.to_dict(), location.scrub_ips), category)
         label = test.label(keys)
         summary.outcomes[label] += 1
         summary.measured += 1

@@ -14,7 +14,7 @@ CREATE TABLE IF NOT EXISTS runs (
     test_name VARCHAR,
     started_at TIMESTAMP,
     finished_at TIMESTAMP,
-    status VARCHAR,              -- running | finished | interrupted | timed_out
+    status VARCHAR,              -- running | finished | interrupted | timed_out | store_failed
     inputs_total INTEGER,
     options JSON,                -- the options the run was started with (for --resume)
     probe_cc VARCHAR,
@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS measurements (
     control_failure VARCHAR,     -- NULL when a control answered; else why not
     control_helper VARCHAR,      -- which helper answered
     probe_network_ok BOOLEAN,    -- FALSE when the probe itself had no network
-    record JSON                  -- the full record (bodies included), for exports
+    record JSON                  -- the full record; response bodies live in http_transactions.body
 );
 
 CREATE TABLE IF NOT EXISTS dns_answers (

@@ -91,6 +91,18 @@ _CHUNK_ROWS = 500  # rows per INSERT: one statement, bounded parameter count
 _CHUNK_BYTES = 2 * 1024 * 1024  # ...and bounded size: bodies can be 64 KiB each
 
 
+def _valid_text(value: Any) -> Any:
+    """DuckDB refuses strings that are not valid UTF-8, and undecodable bytes
+    from the network (headers, bodies) reach us as lone surrogates: replace
+    them rather than lose the record."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
 def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[tuple]) -> None:
     """Multi-row VALUES inserts: ~20x faster than executemany in DuckDB, and
     no pyarrow (≈40 MB of RSS a Raspberry Pi can keep)."""
@@ -100,7 +112,7 @@ def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[tuple]) -
     row_marks = "(" + ", ".join("?" * len(columns)) + ")"
     def flush(chunk: list[tuple]) -> None:
         sql = f"{verb} INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row_marks] * len(chunk))
-        con.execute(sql, [value for row in chunk for value in row])
+        con.execute(sql, [_valid_text(value) for row in chunk for value in row])
 
     chunk: list[tuple] = []
     size = 0
@@ -164,6 +176,16 @@ class Sink:
         to the rescue file (the runner stops starting new measurements)."""
         self._queue.put((record, category_code))
 
+    async def aput(self, record: dict[str, Any], category_code: str | None = None) -> None:
+        """``put`` for the event loop: waits for room in a thread when the
+        queue is full, so measurements in flight are not frozen meanwhile."""
+        try:
+            self._queue.put_nowait((record, category_code))
+        except queue.Full:
+            import asyncio
+
+            await asyncio.to_thread(self._queue.put, (record, category_code))
+
     @property
     def failed(self) -> bool:
         return self.error is not None
@@ -214,9 +236,10 @@ class Sink:
         try:
             with open(self.rescue_path, "a", encoding="utf-8") as fh:
                 for record, category in batch:
-                    fh.write(json.dumps({"category_code": category, "record": record}, ensure_ascii=False) + "\n")
+                    # ASCII JSON: escapes whatever text the database choked on.
+                    fh.write(json.dumps({"category_code": category, "record": record}) + "\n")
             self.rescued += len(batch)
-        except OSError:
+        except Exception:  # the last resort must not kill the writer thread
             pass
 
     def close(self) -> None:

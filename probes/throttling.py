@@ -51,6 +51,12 @@ TEST_VERSION = "0.1.0"
 USER_AGENT = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"
 SCRAMBLED_SUFFIX = "example.net"  # reserved by RFC 2606: no censor lists it, no site answers to it
 ARRIVAL_GRANULARITY = 0.01  # arrivals are coalesced per 10 ms to bound the record's size
+# A Vantage helper answers an ``x_throughput`` request within ``seconds`` plus
+# this much (DNS, connect, TLS and the request: 5 s; closing: 1 s; see
+# docs/helper.md). The probe's control timeout must leave room for it.
+HELPER_OVERHEAD = 6.0
+# On top of that: the POST round trip and a helper that queues the request.
+CONTROL_SLACK = 5.0
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,17 @@ class Settings:
     connect_timeout: float = 5.0
     handshake_timeout: float = 5.0
     helper_seconds: float = 3.0
-    helper_timeout: float = 20.0  # from the start of the measurement
+    # From the start of the measurement. A helper answers within
+    # helper_seconds + HELPER_OVERHEAD (9 s); 20 s leaves CONTROL_SLACK and the
+    # probe's own DNS lookup on top, while a helper that never answers costs
+    # at most ~2 s beyond our own (~17 s of time-bound) downloads.
+    helper_timeout: float = 20.0
     helper_grace: float = 2.0     # after our own downloads, whatever the above
+
+    def control_room(self) -> float:
+        """Seconds the control timeout leaves beyond the helper's answer bound
+        (negative: a conforming helper may be cut off)."""
+        return self.helper_timeout - (self.helper_seconds + HELPER_OVERHEAD)
 
 
 DEFAULT = Settings()
@@ -230,6 +245,21 @@ class _Download:
     @property
     def body_complete(self) -> bool:
         return self.content_length is not None and self.body_bytes >= self.content_length
+
+
+async def timed_download(
+    ip: str, port: int, *, tls_context: ssl.SSLContext | None, server_name: str | None, host_header: str, path: str,
+    clock: Clock, txid: int = 1, settings: Settings = DEFAULT, keys: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One time-bounded download, measured exactly as the probe's own: the
+    control helper uses it for its ``x_throughput`` sample so that both sides
+    count the same bytes over the same interval. ``keys`` (optional) collects
+    the tcp_connect / tls_handshakes entries. Setup takes at most
+    ``connect_timeout + handshake_timeout``, reading ``download_seconds`` from
+    the request, closing at most 1 s. Never raises for network outcomes."""
+    scratch = keys if keys is not None else {"tcp_connect": [], "tls_handshakes": []}
+    return await _download(ip, port, tls_context=tls_context, server_name=server_name, host_header=host_header,
+                           path=path, clock=clock, txid=txid, settings=settings, keys=scratch)
 
 
 async def _download(

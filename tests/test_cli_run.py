@@ -112,9 +112,12 @@ def test_offline_summary_says_network_unreachable(tmp_path, home):
     (["run", "--url", "ftp://example.org/"], "not an http(s) URL"),
     (["run", "--url", "https://a.example/", "--db", "/proc/nope/v.duckdb"], "cannot create the directory"),
     (["results", "show", "NOPE", "--db", "{tmp}/empty.duckdb"], "no database"),
+    (["run", "--url", "https://a.example/", "--ca-file", "{self}", "--db", "{tmp}/v.duckdb"], "--ca-file"),
+    (["run", "--url", "https://a.example/", "--category", "NEWS", "--db", "{tmp}/v.duckdb"], "--category"),
+    (["run", "--url", "https://a.example/", "--resolver", "not-an-ip", "--db", "{tmp}/v.duckdb"], "resolver"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, home, args, message):
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{self}", __file__) for a in args]
     proc = vantage(*args, "--yes" if args[0] == "run" else "--json", env=home)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

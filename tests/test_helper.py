@@ -328,6 +328,99 @@ async def test_throughput_extension(dns_server, http_server):
     assert sample["variant"] == "helper" and sample["failure"] is None and sample["ip"] == "127.0.0.1"
     assert 100_000 <= sample["bytes"] <= 100_000 + 65536
     assert sample["kbit_per_s"] > 0 and sample["seconds"] > 0
+    assert sample["x_stopped"] == "max_bytes" and sample["x_samples_kbit"]
+
+
+class TrickleSite:
+    """A loopback site that answers at once but sends its (large) body at
+    about ``kbit`` kbit/s: a fetch of the helper's usual 512 KiB would take
+    ~20 s at 200 kbit/s."""
+
+    def __init__(self, kbit: float = 200, size: int = 4 * 1024 * 1024, chunk: int = 2500):
+        self.size, self.chunk, self.interval = size, chunk, chunk * 8 / 1000 / kbit
+        self.requests = 0
+        self.port = 0
+
+    async def _handle(self, reader, writer):
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            self.requests += 1  # connect-only checks send no request
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n"
+                         b"<html><head><title>Trickle</title></head><body>" % self.size)
+            sent = 0
+            while sent < self.size:
+                writer.write(b"x" * self.chunk)
+                sent += self.chunk
+                await writer.drain()
+                await asyncio.sleep(self.interval)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the helper hangs up at its time bound
+        finally:
+            writer.close()
+
+    async def __aenter__(self):
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self._server.close()
+
+
+async def test_throughput_on_a_slow_site_answers_in_bounded_time(dns_server):
+    """The timed download runs alongside the usual work, and the answer comes
+    within seconds + 6 s (probes/throttling.py HELPER_OVERHEAD) even though the
+    site would need ~20 s for the usual 512 KiB fetch."""
+    import time
+
+    from probes.throttling import HELPER_OVERHEAD
+
+    dns_server.program("slow.test", answer=["127.0.0.1"])
+    async with TrickleSite(kbit=200) as site, HelperUnderTest(config(dns_server, request_timeout=30.0)) as helper:
+        url = f"http://slow.test:{site.port}/video"
+        started = time.monotonic()
+        status, response, _ = await helper.post({"http_request": url, "tcp_connect": [f"127.0.0.1:{site.port}"],
+                                                 "x_throughput": {"seconds": 1.5, "max_bytes": 2_000_000}})
+        elapsed = time.monotonic() - started
+    assert status == 200
+    assert elapsed < 1.5 + HELPER_OVERHEAD and elapsed < 5.0, elapsed  # in practice ~2 s
+    [sample] = response["x_throughput"]
+    assert sample["failure"] is None and sample["ip"] == "127.0.0.1" and sample["x_status_code"] == 200
+    assert sample["x_stopped"] == "deadline" and sample["seconds"] == 1.5
+    assert 100 < sample["kbit_per_s"] < 400, sample  # ~200 kbit/s, measured like the probe's downloads
+    assert len(sample["x_samples_kbit"]) >= 5 and all(x >= 0 for x in sample["x_samples_kbit"])
+    assert sample["x_bin_seconds"] == 0.2 and sample["x_ttfb"] is not None
+    # The usual work is still there; its body is read only up to 32 KiB.
+    http = response["http_request"]
+    assert http["failure"] is None and http["status_code"] == 200 and http["title"] == "Trickle"
+    assert http["x_body_truncated"] is True and http["body_length"] <= 32 * 1024
+    assert response["tcp_connect"][f"127.0.0.1:{site.port}"]["status"] is True
+    assert site.requests == 2  # the fetch and the timed download
+
+
+async def test_throughput_answer_is_bounded_when_the_site_never_answers(dns_server):
+    import time
+
+    from probes.throttling import HELPER_OVERHEAD
+
+    dns_server.program("stuck.test", answer=["127.0.0.1"])
+    async with SlowSite(delay=30.0) as site, HelperUnderTest(config(dns_server, request_timeout=30.0)) as helper:
+        started = time.monotonic()
+        status, response, _ = await helper.post({"http_request": f"http://stuck.test:{site.port}/", "tcp_connect": [],
+                                                 "x_throughput": {"seconds": 0.5}})
+        elapsed = time.monotonic() - started
+    assert status == 200 and elapsed < 0.5 + HELPER_OVERHEAD + 0.5, elapsed
+    [sample] = response["x_throughput"]
+    assert sample["failure"] == "generic_timeout_error" and sample["bytes"] == 0 and sample["x_samples_kbit"] == []
+    assert response["http_request"]["failure"] == "generic_timeout_error"
+
+
+async def test_without_throughput_the_full_body_is_fetched(dns_server, http_server):
+    dns_server.program("site.test", answer=["127.0.0.1"])
+    async with HelperUnderTest(config(dns_server)) as helper:
+        _, plain, _ = await helper.post({"http_request": f"http://site.test:{http_server.port}/large", "tcp_connect": []})
+    assert "x_throughput" not in plain
+    assert plain["http_request"]["body_length"] > 32 * 1024
 
 
 def test_simhash_keeps_near_duplicates_close():

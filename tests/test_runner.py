@@ -106,3 +106,16 @@ def test_scrub_removes_the_probe_address_everywhere():
     cleaned = scrub(record, "203.0.113.7")
     assert "203.0.113.7" not in str(cleaned)
     assert cleaned["test_keys"]["requests"][0]["response"]["body"] == "your ip is [scrubbed]"
+
+
+def test_scrub_matches_whole_addresses_and_binary_bodies():
+    import base64
+
+    raw = b"\xff\xfe binary page for 203.0.113.7 \x00"
+    record = {"test_keys": {"requests": [{"response": {"body": {"format": "base64", "data": base64.b64encode(raw).decode()}}}],
+                            "queries": [{"answers": [{"ipv4": "203.0.113.70"}, {"ipv4": "1203.0.113.7"}]}]}}
+    cleaned = scrub(record, ["203.0.113.7"])
+    body = base64.b64decode(cleaned["test_keys"]["requests"][0]["response"]["body"]["data"])
+    assert body == b"\xff\xfe binary page for [scrubbed] \x00"
+    # Other addresses that merely contain the probe's are left alone.
+    assert [a["ipv4"] for a in cleaned["test_keys"]["queries"][0]["answers"]] == ["203.0.113.70", "1203.0.113.7"]

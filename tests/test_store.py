@@ -132,3 +132,19 @@ def test_a_failing_database_sends_records_to_the_rescue_file(tmp_path):
         sink.close()
     saved = [json.loads(line) for line in rescue.read_text().splitlines()]
     assert [s["record"]["measurement_id"] for s in saved] == [r["measurement_id"] for r in records]
+
+
+def test_undecodable_header_text_is_stored_not_lost(tmp_path):
+    # aiohttp hands undecodable header bytes over as lone surrogates.
+    record = _record(requests=[{"request": {"url": "https://a.example/", "method": "GET", "headers": {}},
+                                "response": {"code": 200, "headers": {"X-Name": "caf\udce9"}, "body": "<title>caf\udce9</title>",
+                                             "body_is_truncated": False},
+                                "failure": None, "t0": 0.3, "t": 0.4, "transaction_id": 3, "x_redirect_index": 0}])
+    con = store.connect(tmp_path / "v.duckdb")
+    sink = store.Sink(con, rescue_path=tmp_path / "rescue.jsonl")
+    sink.put(record)
+    sink.close()
+    assert con.execute("SELECT count(*) FROM measurements").fetchone()[0] == 1
+    headers = con.execute("SELECT headers FROM http_transactions WHERE side = 'probe'").fetchone()[0]
+    assert "caf" in headers
+    assert not (tmp_path / "rescue.jsonl").exists()

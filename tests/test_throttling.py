@@ -419,3 +419,51 @@ async def test_probe_asks_the_helper_and_bounds_the_wait(ca, tmp_path, resolve_t
     else:
         assert keys["control_failure"] is None
         assert keys["control"]["x_throughput"][0]["kbit_per_s"] == 8000.0
+
+
+def test_default_control_timeout_leaves_room_for_the_helper():
+    from services import helper
+
+    # The helper's answer bound (setup + close) is what the probe budgets for.
+    assert throttling.HELPER_OVERHEAD == helper._THROUGHPUT_SETUP_SECONDS + helper._THROUGHPUT_CLOSE_SECONDS
+    assert throttling.DEFAULT.control_room() >= throttling.CONTROL_SLACK
+    # Even the longest download a helper accepts fits the default timeout.
+    assert throttling.Settings(helper_seconds=helper._MAX_THROUGHPUT_SECONDS).control_room() >= 0
+
+
+async def test_probe_gets_helper_samples_from_a_real_helper_on_a_slow_site(ca, tmp_path, resolve_target):
+    """Probe -> the real control helper -> a site slow for everyone, all on
+    loopback: the helper's timed download comes back with per-bin samples
+    while the probe is still downloading, and flattens into control rows."""
+    import time
+
+    import aiohttp
+
+    from probes.flatten import flatten
+    from services.helper import Helper, HelperConfig, start
+
+    server = await PacedServer(ca, slow_sni="*").start()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    config = HelperConfig(listen="127.0.0.1:0", allow=["127.0.0.0/8"], rate_per_minute=0, ca_file=str(ca_file))
+    runner, bound = await start(Helper(config), "127.0.0.1:0")
+    settings = throttling.Settings(rounds=1, download_seconds=1.0, max_bytes=1024 * 1024, helper_seconds=1.0,
+                                   helper_timeout=10.0, helper_grace=0.5)
+    try:
+        async with aiohttp.ClientSession() as session:
+            ctx = ProbeContext(extra_ca_file=str(ca_file), helpers=[f"http://{bound[0]}/"], session=session)
+            keys = throttling.new_test_keys()
+            started = time.monotonic()
+            await throttling.measure(f"https://{TARGET}:{server.port}/", ctx, keys, Clock(), settings=settings)
+            elapsed = time.monotonic() - started
+    finally:
+        await server.stop()
+        await runner.cleanup()
+    assert keys["control_failure"] is None, keys["control_failure"]
+    [sample] = keys["control"]["x_throughput"]
+    assert sample["failure"] is None and sample["x_stopped"] == "deadline" and sample["kbit_per_s"] > 0
+    assert len(sample["x_samples_kbit"]) >= 3
+    assert elapsed < 1.0 + throttling.HELPER_OVERHEAD  # the control did not stretch the test
+    rows = flatten({"measurement_id": "M1", "input": "x", "test_keys": keys})["throughput_samples"]
+    control = [r for r in rows if r[1] == "control"]
+    assert len(control) == 1 and control[0][2] == "helper" and control[0][9] > 0
