@@ -27,6 +27,8 @@ import aiohttp
 import click
 import maxminddb
 
+from .downloads import DownloadFailed, describe, fetch_capped
+
 DEFAULT_GEO_URL = "https://github.com/ooni/probe-assets/releases/latest/download/"
 GEO_URL_ENV = "VANTAGE_GEO_URL"
 GEO_FILES = {"asn": "asn.mmdb.gz", "country": "country.mmdb.gz"}
@@ -149,25 +151,10 @@ def _gunzip(body: bytes, kind: str) -> bytes:
 
 
 async def _fetch(session: aiohttp.ClientSession, url: str) -> bytes:
-    async with session.get(url) as resp:
-        if resp.status != 200:
-            raise GeoError(f"cannot download the geolocation databases: HTTP {resp.status} from {url}")
-        chunks, size = [], 0
-        async for chunk in resp.content.iter_chunked(256 * 1024):
-            size += len(chunk)
-            if size > MAX_COMPRESSED:
-                raise GeoError(f"cannot download the geolocation databases: {url} is over "
-                               f"{MAX_COMPRESSED >> 20} MB")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "timed out"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"network unreachable ({exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error})"
-    return (f"{type(exc).__name__}: {exc}".split("\n")[0])
+    try:
+        return await fetch_capped(session, url, MAX_COMPRESSED, chunk_size=256 * 1024)
+    except DownloadFailed as exc:
+        raise GeoError(f"cannot download the geolocation databases: {exc}") from None
 
 
 async def download_geo(
@@ -187,12 +174,12 @@ async def download_geo(
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), trust_env=True) as session:
             bodies = await asyncio.gather(*(_fetch(session, url) for url in urls.values()), return_exceptions=True)
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        raise GeoError(f"cannot download the geolocation databases: {_describe(exc)}") from None
+        raise GeoError(f"cannot download the geolocation databases: {describe(exc)}") from None
     for (kind, url), body in zip(urls.items(), bodies):
         if isinstance(body, GeoError):
             raise body
         if isinstance(body, (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)):
-            raise GeoError(f"cannot download the geolocation databases: {_describe(body)} ({url})") from None
+            raise GeoError(f"cannot download the geolocation databases: {describe(body)} ({url})") from None
         if isinstance(body, BaseException):
             raise body
 

@@ -17,6 +17,8 @@ from typing import Iterable
 
 import aiohttp
 
+from probes.downloads import DownloadFailed, describe, fetch_capped
+
 from .loader import ListError, cache_dir, parse_csv
 
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/citizenlab/test-lists/master/lists/"
@@ -53,32 +55,14 @@ def list_names(countries: Iterable[str] = ()) -> list[str]:
     return names
 
 
-def _describe(exc: BaseException) -> str:
-    # One short reason for the error line; aiohttp messages can be long.
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "timed out"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"network unreachable ({exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error})"
-    if isinstance(exc, aiohttp.ClientError):
-        return f"{type(exc).__name__}: {exc}".split("\n")[0]
-    return str(exc).split("\n")[0] or type(exc).__name__
-
-
 async def _fetch(session: aiohttp.ClientSession, url: str, name: str) -> bytes:
-    async with session.get(url) as resp:
-        if resp.status == 404:
+    try:
+        return await fetch_capped(session, url, MAX_LIST_BYTES)
+    except DownloadFailed as exc:
+        if exc.status == 404:
             what = "global list" if name == "global" else f"list for '{name}'"
-            raise DownloadError(f"cannot download the test lists: no {what} at {url} (HTTP 404)")
-        if resp.status != 200:
-            raise DownloadError(f"cannot download the test lists: HTTP {resp.status} from {url}")
-        chunks, size = [], 0
-        async for chunk in resp.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > MAX_LIST_BYTES:
-                raise DownloadError(f"cannot download the test lists: {url} is larger than "
-                                    f"{MAX_LIST_BYTES // (1024 * 1024)} MB")
-            chunks.append(chunk)
-        return b"".join(chunks)
+            raise DownloadError(f"cannot download the test lists: no {what} at {url} (HTTP 404)") from None
+        raise DownloadError(f"cannot download the test lists: {exc}") from None
 
 
 async def download_lists(
@@ -101,14 +85,14 @@ async def download_lists(
                 *(_fetch(session, f"{root}{name}.csv", name) for name in names), return_exceptions=True
             )
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        raise DownloadError(f"cannot download the test lists: {_describe(exc)}") from None
+        raise DownloadError(f"cannot download the test lists: {describe(exc)}") from None
     for name, result in zip(names, results):
         if isinstance(result, DownloadError):
             raise result
         if isinstance(result, BaseException):
             if not isinstance(result, (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)):
                 raise result
-            raise DownloadError(f"cannot download the test lists: {_describe(result)} "
+            raise DownloadError(f"cannot download the test lists: {describe(result)} "
                                 f"({root}{name}.csv)") from None
         bodies[name] = result
 
