@@ -216,7 +216,7 @@ async def _run(con, db_file, entries, specs, options, config, run_id, concurrenc
     helpers = options.get("helpers") or list(_setting(config, "helpers", []) or [])
     ctx = ProbeContext(
         timeouts=Timeouts(),
-        resolver=options.get("resolver") or _setting(config, "resolver") or _system_resolver(),
+        resolver=options.get("resolver") or _setting(config, "resolver") or None,  # config default: /etc/resolv.conf
         doh_url=None if options.get("no_doh") else (options.get("doh_url") or _setting(config, "doh_url")),
         helpers=helpers,
         extra_ca_file=options.get("ca_file") or _setting(config, "extra_ca_file"),
@@ -265,18 +265,6 @@ def _limit_malloc_arenas() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
-
-
-def _system_resolver() -> str | None:
-    try:
-        with open("/etc/resolv.conf") as fh:
-            for line in fh:
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] == "nameserver":
-                    return parts[1]
-    except OSError:
-        pass
-    return None
 
 
 class _Progress:
