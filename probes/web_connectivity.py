@@ -22,7 +22,7 @@ from .records import Clock, Transactions
 
 TEST_NAME = "web_connectivity"
 TEST_VERSION = "0.1.0"
-MAX_ADDRESSES = 4  # addresses tried per URL: enough for CDNs, bounded cost
+MAX_ADDRESSES = 8  # every address the system resolver gave, up to a bound (DNS round-robin pools can be huge)
 
 
 def _is_ip(host: str) -> bool:
