@@ -62,6 +62,19 @@ _MAX_URL = 4096
 _BODY_READ_SECONDS = 10.0
 _MAX_THROUGHPUT_SECONDS = 10.0
 _MAX_THROUGHPUT_BYTES = 64 * 1024 * 1024
+# An x_throughput request is answered within ``seconds`` + setup + close from
+# its arrival (probes/throttling.py HELPER_OVERHEAD is their sum): DNS,
+# connect, TLS and sending the request must fit in the setup allowance, the
+# timed part is ``seconds`` from the request, closing takes at most 1 s.
+_THROUGHPUT_SETUP_SECONDS = 5.0
+_THROUGHPUT_CLOSE_SECONDS = 1.0
+# The sample's own bounds end this much before the answer's, so event-loop lag
+# never lets the request deadline cut a finished sample.
+_THROUGHPUT_MARGIN = 0.5
+# With x_throughput, the page fetch reads only this much of the body (enough
+# for the title and a fingerprint of its start): the timed download stands in
+# for the rest, and a full 512 KiB fetch would compete with it for bandwidth.
+_THROUGHPUT_FETCH_BODY = 32 * 1024
 
 
 @dataclass
@@ -387,7 +400,7 @@ class Measurer:
         return tcp_result, _tls_entry(hs)
 
     async def _fetch_chain(self, req: ControlRequest, first_addrs: list[str], first_failure: str | None,
-                           clock: Clock, txids: Transactions, out: dict[str, Any]) -> None:
+                           clock: Clock, txids: Transactions, out: dict[str, Any], max_body: int | None = None) -> None:
         """Follow redirects hop by hop, checking each hop's addresses against
         the policy before connecting, and pinning the connection to the checked
         address. Writes the final outcome into ``out['http']``."""
@@ -419,7 +432,8 @@ class Measurer:
             for ip in allowed[:_MAX_ADDRESSES_PER_HOP]:
                 entries = await http.fetch(
                     url, clock=clock, transactions=txids, timeouts=self.config.timeouts, context=self.context,
-                    pinned={host: ip}, max_redirects=0, max_body=self.config.max_response_body,
+                    pinned={host: ip}, max_redirects=0,
+                    max_body=self.config.max_response_body if max_body is None else max_body,
                     headers=headers, events=[],
                 )
                 entry = entries[-1] if entries else None
@@ -475,6 +489,15 @@ class Measurer:
         state: dict[str, Any] = {}
         tasks: list[asyncio.Task] = []
         pending_keys: dict[asyncio.Task, tuple[str, bool]] = {}
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        budget = self.config.request_timeout
+        fetch_body = None
+        if req.throughput is not None:
+            # The whole answer is bounded by the timed download's own bound:
+            # a slow site must not make the probe's control request time out.
+            budget = min(budget, req.throughput["seconds"] + _THROUGHPUT_SETUP_SECONDS + _THROUGHPUT_CLOSE_SECONDS)
+            fetch_body = min(self.config.max_response_body, _THROUGHPUT_FETCH_BODY)
 
         def start_endpoint(key: str, ip_text: str, port: int) -> None:
             wants_tls = port in tls_ports
@@ -516,13 +539,19 @@ class Measurer:
                 if (canonical, req.port) not in seen:
                     seen.add((canonical, req.port))
                     start_endpoint(_format_endpoint(ip, req.port), ip, req.port)
-            await self._fetch_chain(req, addrs, failure, clock, txids, state)
-            if req.throughput and state.get("http", {}).get("failure") is None and state.get("final_ip"):
-                state["throughput"] = [await self._throughput(state["final_url"], state["final_ip"], req)]
+            if req.throughput is not None:
+                # Concurrently with the page fetch, not after it.
+                async def throughput() -> None:
+                    state["throughput"] = [await self._throughput(
+                        req, addrs, failure, clock, txids,
+                        setup_deadline=started + _THROUGHPUT_SETUP_SECONDS - _THROUGHPUT_MARGIN)]
+
+                tasks.append(asyncio.ensure_future(throughput()))
+            await self._fetch_chain(req, addrs, failure, clock, txids, state, max_body=fetch_body)
 
         main = asyncio.ensure_future(dns_then_rest())
         doh = asyncio.ensure_future(self.doh(req.host, clock, txids)) if req.host_ip is None else None
-        deadline = asyncio.get_running_loop().time() + self.config.request_timeout
+        deadline = started + budget
         try:
             async with asyncio.timeout_at(deadline):
                 await main
@@ -568,55 +597,60 @@ class Measurer:
         }
         if req.throughput is not None:
             response["x_throughput"] = state.get("throughput") or [{
-                "variant": "helper", "attempt": 1, "ip": state.get("final_ip"), "server_name": server_name,
-                "bytes": 0, "seconds": 0.0, "kbit_per_s": None, "failure": http_section["failure"] or failures.GENERIC_TIMEOUT,
+                "variant": "helper", "attempt": 1, "ip": None, "server_name": server_name,
+                "bytes": 0, "seconds": None, "kbit_per_s": None,
+                "failure": dns_section["failure"] or failures.GENERIC_TIMEOUT,
             }]
         return response
 
-    async def _throughput(self, url: str, ip: str, req: ControlRequest) -> dict[str, Any]:
-        """Download ``url`` from the already-checked ``ip`` for at most
-        ``seconds`` or ``max_bytes``, whichever comes first; the probe compares
-        its own rate with this one to tell throttling from a slow site."""
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+    async def _throughput(self, req: ControlRequest, addrs: list[str], dns_failure: str | None, clock: Clock,
+                          txids: Transactions, *, setup_deadline: float) -> dict[str, Any]:
+        """The timed download of ``x_throughput``: the request's URL (no
+        redirects, as the probe's own downloads) from the first allowed
+        address of the helper's lookup (IPv4 first, as the probe), measured by
+        the probe's code (probes.throttling.timed_download: wire bytes from
+        the request, 200 ms samples). Connect and TLS must finish by
+        ``setup_deadline``; reading stops ``seconds`` after the request or at
+        ``max_bytes``. The probe compares its rate with this one to tell
+        address-based throttling from a slow site."""
+        from probes import throttling
+
         seconds, max_bytes = req.throughput["seconds"], req.throughput["max_bytes"]
-        result = {"variant": "helper", "attempt": 1, "ip": ip, "server_name": host, "bytes": 0, "seconds": 0.0,
-                  "kbit_per_s": None, "failure": None}
-        writer = None
-        received = 0
-        start = time.monotonic()
-        try:
-            async with asyncio.timeout(seconds + self.config.timeouts.connect + self.config.timeouts.tls):
-                reader, writer = await asyncio.open_connection(
-                    ip, port, ssl=self.context if parts.scheme == "https" else None,
-                    server_hostname=host if parts.scheme == "https" else None,
-                )
-                path = urlunsplit(("", "", parts.path or "/", parts.query, ""))
-                request = (f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: {req.headers['User-Agent']}\r\n"
-                           "Accept: */*\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n")
-                writer.write(request.encode("latin-1", "replace"))
-                await writer.drain()
-                await reader.readuntil(b"\r\n\r\n")  # the rate is of the body only
-                start = time.monotonic()
-                try:
-                    async with asyncio.timeout(seconds):
-                        while received < max_bytes:
-                            chunk = await reader.read(65536)
-                            if not chunk:
-                                break
-                            received += len(chunk)
-                except TimeoutError:
-                    pass  # the time bound is the normal end of a throughput sample
-        except Exception as exc:
-            result["failure"] = failures.classify(exc)
-        finally:
-            if writer is not None:
-                writer.close()
-        elapsed = max(time.monotonic() - start, 1e-6)
-        result["bytes"] = received
-        result["seconds"] = round(elapsed, 6)
-        result["kbit_per_s"] = round(received * 8 / 1000 / elapsed, 3) if received else 0.0
+        https = req.scheme == "https"
+        result: dict[str, Any] = {"variant": "helper", "attempt": 1, "ip": None, "server_name": req.host,
+                                  "bytes": 0, "seconds": None, "kbit_per_s": None, "failure": None}
+        allowed = [d.address for d in map(self.policy.check, addrs) if d.allowed]
+        ipv4 = [a for a in allowed if ":" not in a]
+        if dns_failure or not addrs:
+            result["failure"] = dns_failure or failures.DNS_NO_ANSWER
+            return result
+        if not allowed:
+            result.update(ip=addrs[0], failure=failures.ADDRESS_REFUSED)
+            return result
+        ip = (ipv4 or allowed)[0]
+        result["ip"] = ip
+        remaining = setup_deadline - asyncio.get_running_loop().time()
+        if remaining < 0.1:
+            result["failure"] = failures.GENERIC_TIMEOUT
+            return result
+        t = self.config.timeouts
+        settings = throttling.Settings(
+            download_seconds=seconds, max_bytes=max_bytes,
+            connect_timeout=min(t.connect, remaining / 2 if https else remaining),
+            handshake_timeout=min(t.tls, remaining / 2),
+        )
+        parts = urlsplit(req.url)
+        default_port = req.port == (443 if https else 80)
+        host_header = (f"[{req.host}]" if ":" in req.host else req.host) + ("" if default_port else f":{req.port}")
+        entry = await throttling.timed_download(
+            ip, req.port, tls_context=self.context if https else None, server_name=req.host if https else None,
+            host_header=host_header, path=urlunsplit(("", "", parts.path or "/", parts.query, "")), clock=clock,
+            txid=txids.next(), settings=settings,
+        )
+        result.update({k: entry[k] for k in ("bytes", "seconds", "kbit_per_s", "failure")})
+        for key in ("x_status_code", "x_content_length", "x_body_bytes", "x_stopped", "x_ttfb", "x_bin_seconds",
+                    "x_samples_kbit"):
+            result[key] = entry.get(key)
         return result
 
 
