@@ -33,7 +33,6 @@ throughput samples, status code, why it stopped).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import secrets
 import ssl
 import string
@@ -41,7 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import dns, failures
+from . import dns, failures, tls
+from .addresses import endpoint, is_ip
 from .context import ProbeContext
 from .records import Clock, Transactions, tcp_connect, tls_handshake
 
@@ -109,18 +109,6 @@ def scrambled_name() -> str:
     alphabet = string.ascii_lowercase + string.digits
     label = secrets.choice(string.ascii_lowercase) + "".join(secrets.choice(alphabet) for _ in range(11))
     return f"{label}.{SCRAMBLED_SUFFIX}"
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
-def _endpoint(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _unverified(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -290,13 +278,13 @@ async def _download(
             th0 = clock.now()
             try:
                 async with asyncio.timeout(settings.handshake_timeout):
-                    await _handshake(sslobj, incoming, outgoing, reader, writer)
+                    await tls.drive_handshake(sslobj, incoming, outgoing, reader, writer)
             except Exception as exc:
                 failure = failures.classify(exc)
                 raise
             finally:
                 entry = tls_handshake(
-                    address=_endpoint(ip, port), server_name=server_name or "", failure=failure, t0=th0, t=clock.now(),
+                    address=endpoint(ip, port), server_name=server_name or "", failure=failure, t0=th0, t=clock.now(),
                     transaction_id=txid, tls_version=sslobj.version() if failure is None else None,
                     negotiated_protocol=sslobj.selected_alpn_protocol() if failure is None else None,
                 )
@@ -387,25 +375,6 @@ async def _download(
     }
 
 
-async def _handshake(sslobj, incoming, outgoing, reader, writer) -> None:
-    while True:
-        try:
-            sslobj.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            pending = outgoing.read()
-            if pending:
-                writer.write(pending)
-                await writer.drain()
-            data = await reader.read(65536)
-            if not data:
-                raise EOFError("peer closed the connection during the TLS handshake")
-            incoming.write(data)
-    pending = outgoing.read()
-    if pending:
-        writer.write(pending)
-
-
 def _drain_plain(sslobj: ssl.SSLObject, d: _Download) -> bool:
     """Decrypt what arrived; True when the server closed TLS (close_notify)."""
     while True:
@@ -441,7 +410,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
 
     # 1. One address for every download: the comparison is "same server,
     #    different name", so the address must not change between variants.
-    if _is_ip(host):
+    if is_ip(host):
         addresses = [host]
     else:
         query = await dns.system_lookup(host, clock=clock, txid=txids.next(), timeout=ctx.timeouts.dns)
@@ -457,7 +426,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
 
         extra = {"x_throughput": {"seconds": settings.helper_seconds, "max_bytes": settings.max_bytes}}
         control_task = asyncio.ensure_future(query_control(
-            ctx.helpers, url, [_endpoint(ip, port)] if ip else [], session=ctx.session,
+            ctx.helpers, url, [endpoint(ip, port)] if ip else [], session=ctx.session,
             timeout=settings.helper_timeout, extra=extra,
         ))
     elif not ctx.helpers:

@@ -47,11 +47,13 @@ def _unverified(context: ssl.SSLContext) -> ssl.SSLContext:
     return loose
 
 
-async def _drive(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext, server_name: str,
-) -> ssl.SSLObject:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = context.wrap_bio(incoming, outgoing, server_side=False, server_hostname=server_name or None)
+async def drive_handshake(
+    obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+) -> None:
+    """Run a client handshake over plain streams by hand. asyncio's own TLS
+    reports a clean close mid-handshake as a reset; here EOF stays EOF
+    (``EOFError``) and a RST surfaces as ConnectionResetError."""
     try:
         while True:
             try:
@@ -71,6 +73,14 @@ async def _drive(
         pending = outgoing.read()
         if pending and not writer.is_closing():
             writer.write(pending)
+
+
+async def _drive(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext, server_name: str,
+) -> ssl.SSLObject:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = context.wrap_bio(incoming, outgoing, server_side=False, server_hostname=server_name or None)
+    await drive_handshake(obj, incoming, outgoing, reader, writer)
     return obj
 
 

@@ -12,29 +12,17 @@ deadline still stores every step that finished.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import dns, failures, http, tcp, tls
+from .addresses import endpoint, is_ip
 from .context import ProbeContext
 from .records import Clock, Transactions
 
 TEST_NAME = "web_connectivity"
 TEST_VERSION = "0.1.0"
 MAX_ADDRESSES = 8  # every address the system resolver gave, up to a bound (DNS round-robin pools can be huge)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
-def _endpoint(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def new_test_keys() -> dict[str, Any]:
@@ -68,7 +56,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
     # background while the TCP/TLS/HTTP steps go on; it is collected at the end.
     addresses: list[str] = []
     background: list[asyncio.Future] = []
-    if _is_ip(host):
+    if is_ip(host):
         addresses = [host]
     else:
         system_task = asyncio.ensure_future(dns.system_lookup(host, clock=clock, txid=txids.next(), timeout=t.dns))
@@ -94,7 +82,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
         from .control import query_control
 
         control_task = asyncio.ensure_future(
-            query_control(ctx.helpers, url, [_endpoint(a, port) for a in addresses], session=ctx.session, timeout=getattr(t, "control", 30.0))
+            query_control(ctx.helpers, url, [endpoint(a, port) for a in addresses], session=ctx.session, timeout=getattr(t, "control", 30.0))
         )
     elif not ctx.helpers:
         keys["control_failure"] = "no_helper_configured"
@@ -116,8 +104,8 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
 
         # 4. HTTP, pinned to the first address that accepted a connection.
         working = [ip for ip, ok in zip(addresses, reachable) if ok]
-        if working or (not addresses and _is_ip(host)):
-            pinned = {host: working[0]} if working and not _is_ip(host) else None
+        if working or (not addresses and is_ip(host)):
+            pinned = {host: working[0]} if working and not is_ip(host) else None
             keys["requests"].extend(
                 await http.fetch(
                     url, clock=clock, transactions=txids, timeouts=t, context=ctx.tls(), pinned=pinned,

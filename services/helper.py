@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import ssl
 import time
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
