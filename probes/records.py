@@ -156,8 +156,12 @@ def tls_handshake(
     cipher_suite: str | None = None,
     negotiated_protocol: str | None = None,
     cert: CertInfo | None = None,
+    chain: list[bytes] | None = None,
 ) -> dict[str, Any]:
+    """``chain``: every certificate the server presented, leaf first (OONI's
+    peer_certificates); ``cert`` describes the leaf and its validation."""
     cert = cert or CertInfo()
+    presented = chain if chain else ([cert.der] if cert.der else [])
     return {
         "address": address,
         "server_name": server_name,
@@ -166,7 +170,7 @@ def tls_handshake(
         "cipher_suite": cipher_suite,
         "negotiated_protocol": negotiated_protocol,
         "no_tls_verify": False,
-        "peer_certificates": [{"format": "base64", "data": base64.b64encode(cert.der).decode()}] if cert.der else [],
+        "peer_certificates": [{"format": "base64", "data": base64.b64encode(der).decode()} for der in presented],
         "t0": t0,
         "t": t,
         "transaction_id": transaction_id,

@@ -15,6 +15,7 @@ import ssl
 from typing import Any
 
 from . import failures
+from .addresses import endpoint
 from .records import CertInfo, Clock, tls_handshake
 
 # Validation failures after which the certificate is still worth capturing.
@@ -98,8 +99,27 @@ async def _attempt(
             pass
 
 
-def _address(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _presented_chain(obj: ssl.SSLObject | None) -> list[bytes]:
+    """The certificates the server sent, leaf first (DER). Python 3.13 has
+    SSLObject.get_unverified_chain(); 3.11 and 3.12 have it on the underlying
+    object only, so fall back to the leaf where neither exists."""
+    if obj is None:
+        return []
+    getter = getattr(obj, "get_unverified_chain", None) or getattr(getattr(obj, "_sslobj", None), "get_unverified_chain", None)
+    try:
+        chain = getter() if getter else None
+    except (ssl.SSLError, ValueError):
+        chain = None
+    if chain:
+        out = []
+        for cert in chain:
+            der = cert if isinstance(cert, bytes) else cert.public_bytes(ssl._ssl.ENCODING_DER)
+            out.append(der)
+        return out
+    leaf = obj.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
 
 
 async def handshake(
@@ -135,7 +155,8 @@ async def handshake(
 
     cipher = obj.cipher() if obj is not None else None
     return tls_handshake(
-        address=_address(ip, port),
+        chain=_presented_chain(obj),
+        address=endpoint(ip, port),
         server_name=server_name,
         failure=failure,
         t0=t0,

@@ -114,3 +114,24 @@ def test_make_context_adds_extra_ca(pki):
     context = tls.make_context(pki.ca_file)
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     assert len(context.get_ca_certs()) == base + 1
+
+
+async def test_the_whole_presented_chain_is_recorded(tmp_path):
+    import base64
+
+    import trustme
+    from cryptography import x509
+
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    leaf = intermediate.issue_cert("localhost", "127.0.0.1")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    leaf.configure_cert(server_ctx)  # sends the leaf and the intermediate
+    ca_file = tmp_path / "root.pem"
+    root.cert_pem.write_to_path(str(ca_file))
+    async with servers.RawServer("tls", server_ctx) as server:
+        entry = await shake(server.port, tls.make_context(str(ca_file)))
+    assert entry["failure"] is None and entry["x_cert_valid"] is True
+    chain = [x509.load_der_x509_certificate(base64.b64decode(c["data"])) for c in entry["peer_certificates"]]
+    assert len(chain) == 2
+    assert chain[0].issuer == chain[1].subject  # leaf first, then its issuer
