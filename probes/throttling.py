@@ -111,18 +111,6 @@ def scrambled_name() -> str:
     return f"{label}.{SCRAMBLED_SUFFIX}"
 
 
-def _unverified(context: ssl.SSLContext) -> ssl.SSLContext:
-    """Same protocol settings and ALPN as ``context`` (so the two ClientHellos
-    differ only by their SNI) but accepting any certificate: the server's
-    certificate cannot match a name we made up."""
-    loose = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    loose.check_hostname = False
-    loose.verify_mode = ssl.CERT_NONE
-    loose.minimum_version = context.minimum_version
-    loose.set_alpn_protocols(["http/1.1"])
-    return loose
-
-
 def build_request(path: str, host_header: str) -> bytes:
     """A minimal HTTP/1.1 GET. ``Connection: close`` lets the server's EOF mark
     the end of the body; ``identity`` keeps bytes on the wire = bytes of the page."""
@@ -462,7 +450,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
 
 async def _rounds(ip, port, https, host, host_header, path, ctx, keys, clock, txids, settings) -> None:
     target_ctx = ctx.tls() if https else None
-    scrambled_ctx = _unverified(target_ctx) if https else None
+    scrambled_ctx = tls.unverified_context(target_ctx) if https else None
     for attempt in range(settings.rounds):
         # ABBA order: neither variant always goes first.
         order = ("target", "scrambled") if attempt % 2 == 0 else ("scrambled", "target")

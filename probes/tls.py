@@ -37,7 +37,7 @@ def make_context(extra_ca_file: str | None = None) -> ssl.SSLContext:
     return context
 
 
-def _unverified(context: ssl.SSLContext) -> ssl.SSLContext:
+def unverified_context(context: ssl.SSLContext) -> ssl.SSLContext:
     """A context that accepts any certificate, keeping the client's ALPN so
     the second ClientHello looks like the first."""
     loose = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -145,7 +145,7 @@ async def handshake(
     elif failure in CERT_FAILURES:
         try:
             async with asyncio.timeout(timeout):
-                obj = await _attempt(ip, port, server_name, _unverified(context))
+                obj = await _attempt(ip, port, server_name, unverified_context(context))
             der = obj.getpeercert(binary_form=True)
             cert = CertInfo.from_der(der, False, failure) if der else None
         except Exception:  # the server went away in between: keep the first failure only

@@ -15,8 +15,14 @@ SELECT m.measurement_id, m.probe_cc, m.probe_asn, m.domain, coalesce(m.category_
        CAST(m.start_time AS DATE) AS day, v.status, coalesce(v.confirmed, false) AS confirmed
 FROM measurements m LEFT JOIN verdicts v USING (measurement_id);
 
-CREATE OR REPLACE VIEW agg_country_day AS
-SELECT probe_cc, day,
+-- One GROUPING SETS pass holds the counts for every grain (the column list
+-- is written once); each analyst view picks its grain out of it.
+CREATE OR REPLACE VIEW agg_counts AS
+SELECT CASE WHEN GROUPING(day) = 0 THEN 'country_day'
+            WHEN GROUPING(probe_asn) = 0 THEN 'asn'
+            WHEN GROUPING(domain) = 0 THEN 'domain'
+            ELSE 'category' END AS grain,
+       probe_cc, day, probe_asn, domain, category_code,
        count(*) AS measurements,
        count(*) FILTER (WHERE status = 'ok') AS ok,
        count(*) FILTER (WHERE status IN ('blocked', 'throttled')) AS anomaly,
@@ -28,49 +34,17 @@ SELECT probe_cc, day,
        count(*) FILTER (WHERE status = 'inconclusive') AS inconclusive,
        round(count(*) FILTER (WHERE status IN ('blocked', 'throttled'))
              / nullif(count(*) FILTER (WHERE status IN ('ok', 'blocked', 'throttled', 'server_side')), 0), 4) AS anomaly_rate
-FROM agg_base GROUP BY ALL;
+FROM agg_base
+GROUP BY GROUPING SETS ((probe_cc, day), (probe_cc, probe_asn), (domain), (category_code));
+
+CREATE OR REPLACE VIEW agg_country_day AS
+SELECT probe_cc, day, * EXCLUDE (grain, probe_cc, day, probe_asn, domain, category_code) FROM agg_counts WHERE grain = 'country_day';
 
 CREATE OR REPLACE VIEW agg_asn AS
-SELECT probe_cc, probe_asn,
-       count(*) AS measurements,
-       count(*) FILTER (WHERE status = 'ok') AS ok,
-       count(*) FILTER (WHERE status IN ('blocked', 'throttled')) AS anomaly,
-       count(*) FILTER (WHERE status = 'blocked') AS blocked,
-       count(*) FILTER (WHERE status = 'throttled') AS throttled,
-       count(*) FILTER (WHERE status = 'blocked' AND confirmed) AS confirmed,
-       count(*) FILTER (WHERE status = 'server_side') AS server_side,
-       count(*) FILTER (WHERE status = 'down') AS down,
-       count(*) FILTER (WHERE status = 'inconclusive') AS inconclusive,
-       round(count(*) FILTER (WHERE status IN ('blocked', 'throttled'))
-             / nullif(count(*) FILTER (WHERE status IN ('ok', 'blocked', 'throttled', 'server_side')), 0), 4) AS anomaly_rate
-FROM agg_base GROUP BY ALL;
+SELECT probe_cc, probe_asn, * EXCLUDE (grain, probe_cc, day, probe_asn, domain, category_code) FROM agg_counts WHERE grain = 'asn';
 
 CREATE OR REPLACE VIEW agg_domain AS
-SELECT domain,
-       count(*) AS measurements,
-       count(*) FILTER (WHERE status = 'ok') AS ok,
-       count(*) FILTER (WHERE status IN ('blocked', 'throttled')) AS anomaly,
-       count(*) FILTER (WHERE status = 'blocked') AS blocked,
-       count(*) FILTER (WHERE status = 'throttled') AS throttled,
-       count(*) FILTER (WHERE status = 'blocked' AND confirmed) AS confirmed,
-       count(*) FILTER (WHERE status = 'server_side') AS server_side,
-       count(*) FILTER (WHERE status = 'down') AS down,
-       count(*) FILTER (WHERE status = 'inconclusive') AS inconclusive,
-       round(count(*) FILTER (WHERE status IN ('blocked', 'throttled'))
-             / nullif(count(*) FILTER (WHERE status IN ('ok', 'blocked', 'throttled', 'server_side')), 0), 4) AS anomaly_rate
-FROM agg_base GROUP BY ALL;
+SELECT domain, * EXCLUDE (grain, probe_cc, day, probe_asn, domain, category_code) FROM agg_counts WHERE grain = 'domain';
 
 CREATE OR REPLACE VIEW agg_category AS
-SELECT category_code,
-       count(*) AS measurements,
-       count(*) FILTER (WHERE status = 'ok') AS ok,
-       count(*) FILTER (WHERE status IN ('blocked', 'throttled')) AS anomaly,
-       count(*) FILTER (WHERE status = 'blocked') AS blocked,
-       count(*) FILTER (WHERE status = 'throttled') AS throttled,
-       count(*) FILTER (WHERE status = 'blocked' AND confirmed) AS confirmed,
-       count(*) FILTER (WHERE status = 'server_side') AS server_side,
-       count(*) FILTER (WHERE status = 'down') AS down,
-       count(*) FILTER (WHERE status = 'inconclusive') AS inconclusive,
-       round(count(*) FILTER (WHERE status IN ('blocked', 'throttled'))
-             / nullif(count(*) FILTER (WHERE status IN ('ok', 'blocked', 'throttled', 'server_side')), 0), 4) AS anomaly_rate
-FROM agg_base GROUP BY ALL;
+SELECT category_code, * EXCLUDE (grain, probe_cc, day, probe_asn, domain, category_code) FROM agg_counts WHERE grain = 'category';
