@@ -11,11 +11,10 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
-import re
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-from .records import body_bytes
+from .records import body_bytes, title_bytes
 
 BODY_TEXT_CAP = 64 * 1024
 
@@ -48,14 +47,11 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
 
 OBSERVATION_TABLES = tuple(name for name in TABLE_COLUMNS if name != "run_inputs")
 
-_TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
-
-
 def extract_title(body: bytes) -> str | None:
-    match = _TITLE.search(body[:BODY_TEXT_CAP * 2])
-    if not match:
+    raw = title_bytes(body[:BODY_TEXT_CAP * 2])
+    if raw is None:
         return None
-    return " ".join(match.group(1).decode("utf-8", "replace").split())[:256] or None
+    return " ".join(raw.decode("utf-8", "replace").split())[:256] or None
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int | None]:

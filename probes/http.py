@@ -31,7 +31,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from . import failures
-from .records import Clock, Transactions, body_field, network_event
+from .records import Clock, Transactions, body_field, network_event, title_bytes
 from .timeouts import Timeouts
 from .tls import make_context
 
@@ -49,23 +49,22 @@ BROWSER_HEADERS = {
     "Accept-Encoding": "gzip, deflate",
 }
 
-_TITLE = re.compile(rb"<title[^>]*>(.*?)</title\s*>", re.IGNORECASE | re.DOTALL)
 _CHARSET = re.compile(r"charset=[\"']?([\w.:-]+)", re.IGNORECASE)
 
 
 def extract_title(body: bytes, content_type: str | None = None) -> str | None:
     """The page's <title>, unescaped and with whitespace collapsed."""
-    match = _TITLE.search(body[:MAX_BODY])
-    if not match:
+    raw = title_bytes(body[:MAX_BODY])
+    if raw is None:
         return None
     charset = "utf-8"
     found = _CHARSET.search(content_type or "")
     if found:
         charset = found.group(1)
     try:
-        text = match.group(1).decode(charset, "replace")
+        text = raw.decode(charset, "replace")
     except LookupError:  # a charset name Python does not know
-        text = match.group(1).decode("utf-8", "replace")
+        text = raw.decode("utf-8", "replace")
     return " ".join(html.unescape(text).split())[:256]
 
 

@@ -191,6 +191,21 @@ def body_field(body: bytes) -> str | dict[str, str]:
         return {"format": "base64", "data": base64.b64encode(body).decode()}
 
 
+def title_bytes(body: bytes) -> bytes | None:
+    """The raw content of the first <title> element, found in linear time (a
+    lazy regex is quadratic on a hostile page full of unclosed <title> tags:
+    minutes of CPU for 512 KiB)."""
+    low = body.lower()
+    start = low.find(b"<title")
+    if start < 0:
+        return None
+    opened = low.find(b">", start)
+    if opened < 0:
+        return None
+    end = low.find(b"</title", opened)
+    return body[opened + 1:end] if end >= 0 else None
+
+
 def body_bytes(body: str | dict | None) -> bytes:
     if body is None:
         return b""

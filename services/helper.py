@@ -39,6 +39,11 @@ from probes.timeouts import Timeouts
 from .ssrf import Policy, parse_ip
 
 log = logging.getLogger("vantage.helper")
+# aiohttp's server logger names the client address on malformed requests;
+# we promise never to log client addresses.
+logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL + 1)
+
+MAX_RESOLVED_ADDRESSES = 8
 
 # ip_info flags (a bitmask, same meaning as OONI's TH).
 FLAG_RESOLVED_BY_PROBE = 1  # the address is in the probe's tcp_connect list
@@ -195,7 +200,10 @@ def parse_request(data: Any, config: HelperConfig) -> ControlRequest:
     if len(endpoints) > config.max_endpoints:
         raise BadRequest(f"too many tcp_connect endpoints (max {config.max_endpoints})")
     for endpoint in endpoints:
-        ip_text, ep_port = split_endpoint(endpoint)
+        try:
+            ip_text, ep_port = split_endpoint(endpoint)
+        except ValueError:  # "1.2.3.4:abc"
+            raise BadRequest(f"invalid tcp_connect endpoint: {endpoint[:64]!r}") from None
         if ep_port is None or not 0 < ep_port < 65536 or parse_ip(ip_text) is None:
             raise BadRequest(f"invalid tcp_connect endpoint: {endpoint[:64]!r}")
 
@@ -219,7 +227,9 @@ def simhash(body: bytes, shingle: int = 3) -> str:
     """64-bit simhash of the body's word shingles, as 16 hex digits. Pages that
     differ only in a timestamp or a token keep most bits, so analysis can tell
     "same page, dynamic bits" from "a different page" (a blockpage)."""
-    words = re.findall(r"\w+", body.decode("utf-8", "replace").lower())
+    # The first 64 KiB say which page this is; hashing 512 KiB of one-letter
+    # words costs seconds of event-loop time.
+    words = re.findall(r"\w+", body[:65536].decode("utf-8", "replace").lower())
     if not words:
         return "0" * 16
     grams = [" ".join(words[i:i + shingle]) for i in range(max(1, len(words) - shingle + 1))]
@@ -533,7 +543,9 @@ class Measurer:
             else:
                 addrs, failure = await self.resolve(req.host, clock, txids)
             state["dns"] = {"failure": failure, "addrs": addrs}
-            for ip in addrs:
+            # Bounded like the probe's (MAX_ADDRESSES): a name with thousands of
+            # records must not turn one request into a connection flood.
+            for ip in addrs[:MAX_RESOLVED_ADDRESSES]:
                 canonical = self.policy.check(ip).address or ip
                 if (canonical, req.port) not in seen:
                     seen.add((canonical, req.port))
@@ -751,6 +763,8 @@ class Helper:
                     data = json.loads(raw)
                 except (ValueError, UnicodeDecodeError):
                     raise BadRequest("malformed JSON") from None
+                except RecursionError:  # hostile nesting, within the size cap
+                    raise BadRequest("JSON nested too deeply") from None
                 req = parse_request(data, self.config)
             except BadRequest as exc:
                 status = 400

@@ -452,6 +452,8 @@ def test_simhash_keeps_near_duplicates_close():
     (b'{"http_request": "http://a.test/", "tcp_connect": [80]}', "tcp_connect"),
     (b'{"http_request": "http://a.test/", "tcp_connect": ["a.test:80"]}', "endpoint"),
     (b'{"http_request": "http://a.test/", "tcp_connect": ["1.2.3.4"]}', "endpoint"),
+    (b'{"http_request": "http://a.test/", "tcp_connect": ["1.2.3.4:abc"]}', "endpoint"),
+    (b"[" * 20000 + b"]" * 20000, "nested"),
     (b'{"http_request": "http://a.test/", "tcp_connect": [], "http_request_headers": []}', "headers"),
     (b'{"http_request": "http://a.test/", "tcp_connect": [], "http_request_headers": {"A": [1]}}', "headers"),
     (b'{"http_request": "http://a.test/", "tcp_connect": [], "x_throughput": {"seconds": 3600}}', "x_throughput"),
