@@ -171,6 +171,10 @@ class Lab:
             etc = NETNS_ETC / self.ns(role)
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "resolv.conf").write_text(f"# vantage lab {self.prefix}\nnameserver {RESOLV[role]}\noptions timeout:3 attempts:1\n")
+            # Name lookups go to that resolver only: on a host where nsswitch
+            # sends them to systemd-resolved or nscd over a Unix socket, they
+            # would otherwise reach the host's resolver and the real network.
+            (etc / "nsswitch.conf").write_text("hosts: files dns\n")
         for left, right, left_ip, right_ip in plan.LINKS:
             a, b = plan.iface(left, right), plan.iface(right, left)
             _run(["ip", "-n", self.ns(left), "link", "add", a, "type", "veth", "peer", "name", b, "netns", self.ns(right)])

@@ -259,3 +259,22 @@ def test_aggregate_views():
     assert row == (2, 1, 1, 1, 0, 0, 0.5)
     for view in ("agg_asn", "agg_domain", "agg_category"):
         assert con.execute(f"SELECT sum(measurements) FROM {view}").fetchone()[0] == 2
+
+
+def test_ipv4_only_probe_on_a_geo_dns_site_is_ok():
+    # The probe's resolver gave its own (valid) v4 address plus a v6 one the
+    # probe cannot route to; plain http, so no certificate vouches for either.
+    v4, v6 = "198.18.0.20", "2a00:1450:4001::20"
+    url = "http://geo.example/"
+    r = web(url, queries=[q("geo.example", v4, v6)], tcps=[tcp(v4, 80), tcp(v6, 80, failure="network_unreachable")],
+            requests=[http(url, v4, body=NEWS)],
+            ctl=control(addrs=("198.18.0.30",), body=NEWS, title="Daily News", port=80))
+    assert one(r)["status"] == "ok"
+
+
+def test_an_odd_header_name_does_not_stop_the_analysis():
+    r = ok_https()
+    r["test_keys"]["requests"][0]["response"]["headers"] = {'X-"quoted"': "1", "": "empty", "Back\\slash": "x",
+                                                           "Content-Type": "text/html"}
+    r["test_keys"]["requests"][0]["response"]["code"] = 403  # differs from the control: fingerprints are scanned
+    assert one(r)["status"] in ("server_side", "blocked")

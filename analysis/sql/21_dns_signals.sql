@@ -24,7 +24,9 @@ SELECT DISTINCT measurement_id, ip FROM _a_dns WHERE side = 'control' AND ip IS 
 CREATE OR REPLACE TEMP TABLE _a_ipobs AS
 SELECT measurement_id, ip, bool_or(failed) AS failed
 FROM (
-    SELECT measurement_id, lower(ip) AS ip, NOT success AS failed FROM tcp_connects
+    -- network_unreachable is the probe's own routing (an IPv4-only probe
+    -- given an AAAA answer), not something done to that address.
+    SELECT measurement_id, lower(ip) AS ip, NOT success AND coalesce(failure, '') <> 'network_unreachable' AS failed FROM tcp_connects
     WHERE side = 'probe' {{AND_IN_SCOPE}}
     UNION ALL
     SELECT measurement_id, lower(ip), NOT success FROM tls_handshakes

@@ -90,9 +90,9 @@ WHERE h.measurement_id = _a_http_m.measurement_id AND h.side = 'probe' AND _a_ht
 -- hop does not plainly match the control's page.
 CREATE OR REPLACE TEMP TABLE _a_resp AS
 SELECT h.measurement_id, h.redirect_index, coalesce(h.body, '') AS body,
-       coalesce(array_to_string(list_transform(json_keys(h.headers),
+       coalesce(array_to_string(list_transform(list_filter(json_keys(h.headers), lambda k: k <> '' AND NOT contains(k, '"') AND NOT contains(k, chr(92))),
            lambda k: lower(k) || ': ' || coalesce(json_extract_string(h.headers, '$."' || k || '"'), '')), chr(10)), '') AS htext,
-       coalesce(array_to_string(list_transform(json_keys(h.headers),
+       coalesce(array_to_string(list_transform(list_filter(json_keys(h.headers), lambda k: k <> '' AND NOT contains(k, '"') AND NOT contains(k, chr(92))),
            lambda k: k || ': ' || coalesce(json_extract_string(h.headers, '$."' || k || '"'), '')), chr(13) || chr(10)), '')
            || chr(13) || chr(10) || chr(13) || chr(10) || coalesce(h.body, '') AS rtext
 FROM _a_hops h

@@ -26,7 +26,9 @@ WITH s AS (
 SELECT measurement_id,
        CASE WHEN p_target < 0.5 * p_scrambled THEN 'throttled'
             WHEN p_target < 0.5 * c_rate AND p_scrambled < 0.5 * c_rate THEN 'throttled'
-            ELSE 'ok' END AS t_status,
+            -- 'ok' only when something as good as the control says so; a slow
+            -- target with nothing to compare gives no opinion (NULL).
+            WHEN p_target >= 0.5 * coalesce(c_rate, p_scrambled) THEN 'ok' END AS t_status,
        CASE WHEN p_target < 0.5 * p_scrambled THEN 'throttle.sni'
             WHEN p_target < 0.5 * c_rate AND p_scrambled < 0.5 * c_rate THEN 'throttle.ip' END AS t_method,
        CASE WHEN p_target < 0.25 * coalesce(p_scrambled, c_rate) THEN 0.8 ELSE 0.6 END AS t_confidence,

@@ -127,7 +127,7 @@ WITH r AS (
            -- (one dead node among good ones is a CDN's problem, not tampering:
            -- some system answer must be vouched for to clear it)
            WHEN f.has_control AND f.unvouched_failed IS NOT NULL AND (f.c_http_ok OR f.c_tls_ok)
-                AND NOT f.sys_any_vouched THEN 'dns_unvouched_then_failed'
+                AND NOT f.sys_any_vouched AND NOT f.p_got_page THEN 'dns_unvouched_then_failed'
            -- 4. A known blockpage needs no control either.
            -- (served from an address only the probe's resolver gave: DNS sent it there)
            WHEN f.http_fp IS NOT NULL AND f.has_control AND f.f_ip_foreign THEN 'dns_blockpage_from_foreign_address'
