@@ -380,7 +380,9 @@ def apply_throttling(con, public_networks: Iterable[str] = ()) -> int:
     # The probe's typical throughput in each run: median over measurements.
     per_run: dict[str, list[tuple[str, float]]] = {}
     for mid, (run_id, *_rest, probe_median, _bins) in parsed.items():
-        if probe_median is not None:
+        # Without a run id (imported data) measurements of different probes
+        # would be pooled into one baseline.
+        if probe_median is not None and run_id is not None:
             per_run.setdefault(run_id, []).append((mid, probe_median))
 
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -295,6 +296,14 @@ class RateLimiter:
         self._buckets: dict[bytes, tuple[float, float]] = {}  # digest -> (tokens, updated)
 
     def _key(self, address: str) -> bytes:
+        # An IPv6 client owns at least a /64: one bucket per /64, or rotating
+        # addresses would escape the limit.
+        try:
+            ip = ipaddress.ip_address(address)
+            if ip.version == 6:
+                address = str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        except ValueError:
+            pass
         return hmac.new(self._salt, address.encode(), hashlib.sha256).digest()[:16]
 
     def _prune(self, now: float) -> None:
@@ -317,6 +326,11 @@ class RateLimiter:
         self._buckets[key] = (tokens - 1.0, now)
         if len(self._buckets) > self.MAX_CLIENTS:
             self._prune(now)
+            # Still full (clients rotating faster than buckets refill): drop
+            # the oldest half; dicts keep insertion order.
+            if len(self._buckets) > self.MAX_CLIENTS:
+                for stale in list(self._buckets)[: len(self._buckets) // 2]:
+                    del self._buckets[stale]
         return True, 0.0
 
     def __len__(self) -> int:
@@ -713,7 +727,10 @@ class Helper:
 
     def _client(self, request: web.Request) -> str:
         if self.config.trust_forwarded_for:
-            forwarded = request.headers.get("X-Forwarded-For")
+            # The proxy appends its own line (HAProxy) or entry: the last one
+            # is the one the client cannot forge.
+            lines = request.headers.getall("X-Forwarded-For", [])
+            forwarded = lines[-1] if lines else None
             if forwarded:
                 # The last entry is the one our own proxy appended; earlier ones
                 # are whatever the client chose to send.

@@ -573,3 +573,15 @@ async def test_response_flattens_into_control_rows(dns_server, https_server, pki
     assert http[8] == 200 and http[4] == f"https://localhost:{https_server.port}/"
     assert rows["dns_answers"][0][11] == "127.0.0.1"
     assert rows["throughput_samples"][0][2] == "helper"
+
+
+def test_rate_limit_keys_ipv6_clients_by_their_64_and_stays_bounded():
+    now = [0.0]
+    limiter = RateLimiter(2, clock=lambda: now[0])
+    assert limiter.allow("2001:db8:1:2::1")[0] and limiter.allow("2001:db8:1:2::99")[0]
+    assert not limiter.allow("2001:db8:1:2:ffff::7")[0]  # same /64, third request
+    assert limiter.allow("2001:db8:1:3::1")[0]  # another /64
+    limiter.MAX_CLIENTS = 10
+    for i in range(50):  # rotating clients faster than buckets refill
+        limiter.allow(f"198.18.{i // 250}.{i % 250}")
+    assert len(limiter._buckets) <= 11
