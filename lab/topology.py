@@ -123,6 +123,18 @@ class Lab:
     def __exit__(self, *exc) -> None:
         self.down()
 
+    def _shield_teardown(self) -> None:
+        """A second Ctrl-C during teardown must not leave namespaces behind."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread() or not self._old_handlers:
+            return  # handlers we did not install are not ours to change
+        for sig in self._old_handlers:
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except (ValueError, OSError):
+                pass
+
     def _install_handlers(self) -> None:
         atexit.register(self.down)
         import threading
@@ -293,7 +305,7 @@ class Lab:
         if not self._up:
             self._restore_handlers()
             return
-        self._up = False
+        self._shield_teardown()
         for proc in reversed(self.processes):
             try:
                 self.stop_process(proc)
@@ -301,6 +313,8 @@ class Lab:
                 pass
         self.processes.clear()
         teardown_prefix(self.prefix, keep_workdir=bool(os.environ.get("VANTAGE_LAB_KEEP")))
+        # Only now: a teardown cut short stays due (atexit runs it again).
+        self._up = False
         self._restore_handlers()
         try:
             atexit.unregister(self.down)
