@@ -5,6 +5,10 @@ in chunks and turns network errors into one short reason."""
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
 
 import aiohttp
 
@@ -41,3 +45,27 @@ async def fetch_capped(session: aiohttp.ClientSession, url: str, limit: int, chu
                 raise DownloadFailed(f"{url} is larger than {limit // (1024 * 1024)} MB")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def install_atomically(target: Path, files: dict[str, bytes], check: Callable[[str, str], None] | None = None) -> None:
+    """Write every file to a temporary name in ``target``, ``check(name, tmp)``
+    each, then rename them all into place: a failure leaves the old files as
+    they were, never a half-written set. Raises OSError (and what ``check``
+    raises)."""
+    temps: dict[str, str] = {}
+    try:
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=target)
+            temps[name] = tmp
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if check:
+                check(name, tmp)
+        for name, tmp in temps.items():
+            os.replace(tmp, target / name)
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import aiohttp
 import click
 import maxminddb
 
-from .downloads import DownloadFailed, describe, fetch_capped
+from .downloads import DownloadFailed, describe, fetch_capped, install_atomically
 
 DEFAULT_GEO_URL = "https://github.com/ooni/probe-assets/releases/latest/download/"
 GEO_URL_ENV = "VANTAGE_GEO_URL"
@@ -187,25 +186,11 @@ async def download_geo(
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GeoError(f"cannot create {target}: {exc.strerror}") from None
-    temps: dict[str, str] = {}
+    files = {f"{kind}.mmdb": _gunzip(body, kind) for kind, body in zip(urls, bodies)}
     try:
-        for kind, body in zip(urls, bodies):
-            data = _gunzip(body, kind)
-            fd, tmp = tempfile.mkstemp(prefix=f".{kind}.", suffix=".part", dir=target)
-            temps[kind] = tmp
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            _validate_mmdb(tmp, kind)
-        for kind, tmp in temps.items():
-            os.replace(tmp, target / f"{kind}.mmdb")
+        install_atomically(target, files, check=lambda name, tmp: _validate_mmdb(tmp, name.removesuffix(".mmdb")))
     except OSError as exc:
         raise GeoError(f"cannot write the geolocation databases in {target}: {exc.strerror or exc}") from None
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return {kind: target / f"{kind}.mmdb" for kind in GEO_FILES}
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import aiohttp
 
-from probes.downloads import DownloadFailed, describe, fetch_capped
+from probes.downloads import DownloadFailed, describe, fetch_capped, install_atomically
 
 from .loader import ListError, cache_dir, parse_csv
 
@@ -112,23 +111,10 @@ async def download_lists(
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DownloadError(f"cannot create the list cache {target}: {exc.strerror}") from None
-    temps: dict[str, str] = {}
     try:
-        for name, body in bodies.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=target)
-            temps[name] = tmp
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(body)
-                fh.flush()
-                os.fsync(fh.fileno())
-        for name, tmp in temps.items():
-            os.replace(tmp, target / f"{name}.csv")
+        install_atomically(target, {f"{name}.csv": body for name, body in bodies.items()})
     except OSError as exc:
         raise DownloadError(f"cannot write the list cache {target}: {exc.strerror or exc}") from None
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return [Downloaded(name, target / f"{name}.csv", parsed[name]) for name in names]
 
 
