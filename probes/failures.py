@@ -1,34 +1,8 @@
-"""The closed vocabulary of measurement failures (OONI's strings, df-007).
+"""Classify exceptions into the closed failure vocabulary of core/failures.py.
 
-Every probe primitive reports what went wrong with one of these strings, never
-with an exception. ``None`` means the operation succeeded.
-
-| failure                      | what happened                                              |
-|------------------------------|------------------------------------------------------------|
-| ``connection_refused``       | the peer (or a middlebox) answered the SYN with a RST      |
-| ``connection_reset``         | an established connection was reset (RST mid-stream)       |
-| ``generic_timeout_error``    | the operation did not finish before its deadline           |
-| ``eof_error``                | the peer closed the connection cleanly, unexpectedly early |
-| ``host_unreachable``         | ICMP host unreachable / no route to host                   |
-| ``network_unreachable``      | no route to the network (e.g. an offline probe)            |
-| ``dns_nxdomain_error``       | the resolver answered NXDOMAIN                             |
-| ``dns_refused_error``        | the resolver answered REFUSED                              |
-| ``dns_servfail_error``       | the resolver answered SERVFAIL                             |
-| ``dns_no_answer``            | NOERROR but no record of the asked type                    |
-| ``dns_temporary_failure``    | getaddrinfo EAI_AGAIN (no resolver reachable, usually)     |
-| ``ssl_invalid_hostname``     | the certificate is not valid for the requested name        |
-| ``ssl_unknown_authority``    | the chain does not lead to a trusted root                  |
-| ``ssl_invalid_certificate``  | expired, not yet valid, or otherwise malformed certificate |
-| ``ssl_failed_handshake``     | the TLS handshake failed for another reason (alert, ...)   |
-| ``http_request_failed``      | an HTTP exchange failed at the protocol level              |
-| ``http_too_many_redirects``  | more redirects than allowed (loops included)               |
-| ``http_body_too_large``      | not an error: recorded when a body was truncated at its cap |
-| ``http_invalid_redirect``    | a redirect with a Location that cannot be followed         |
-| ``address_refused``          | a target refused by policy (the helper's SSRF defence)     |
-| ``unknown_failure: <text>``  | anything else, with addresses scrubbed from the text       |
-
-Classification looks at errno before messages, and is idempotent: classifying
-an already-classified string returns it unchanged.
+Every probe primitive reports what went wrong with one of those strings, never
+with an exception. Classification looks at errno before messages, and is
+idempotent: classifying an already-classified string returns it unchanged.
 """
 
 from __future__ import annotations
@@ -39,39 +13,12 @@ import re
 import socket
 import ssl
 
-CONNECTION_REFUSED = "connection_refused"
-CONNECTION_RESET = "connection_reset"
-GENERIC_TIMEOUT = "generic_timeout_error"
-EOF_ERROR = "eof_error"
-HOST_UNREACHABLE = "host_unreachable"
-NETWORK_UNREACHABLE = "network_unreachable"
-DNS_NXDOMAIN = "dns_nxdomain_error"
-DNS_REFUSED = "dns_refused_error"
-DNS_SERVFAIL = "dns_servfail_error"
-DNS_NO_ANSWER = "dns_no_answer"
-DNS_TEMPORARY = "dns_temporary_failure"
-SSL_INVALID_HOSTNAME = "ssl_invalid_hostname"
-SSL_UNKNOWN_AUTHORITY = "ssl_unknown_authority"
-SSL_INVALID_CERTIFICATE = "ssl_invalid_certificate"
-SSL_FAILED_HANDSHAKE = "ssl_failed_handshake"
-HTTP_REQUEST_FAILED = "http_request_failed"
-HTTP_TOO_MANY_REDIRECTS = "http_too_many_redirects"
-HTTP_INVALID_REDIRECT = "http_invalid_redirect"
-ADDRESS_REFUSED = "address_refused"
-UNKNOWN_PREFIX = "unknown_failure: "
-
-KNOWN = frozenset(
-    v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and k != "UNKNOWN_PREFIX"
+from core.failures import *  # noqa: F401,F403 -- the vocabulary, as failures.NAME for the primitives
+from core.failures import (
+    CONNECTION_REFUSED, CONNECTION_RESET, DNS_NO_ANSWER, DNS_NXDOMAIN, DNS_SERVFAIL, DNS_TEMPORARY, EOF_ERROR,
+    GENERIC_TIMEOUT, HOST_UNREACHABLE, HTTP_REQUEST_FAILED, KNOWN, NETWORK_UNREACHABLE, SSL_FAILED_HANDSHAKE,
+    SSL_INVALID_CERTIFICATE, SSL_INVALID_HOSTNAME, SSL_UNKNOWN_AUTHORITY, UNKNOWN_PREFIX,
 )
-
-# Operations a failure can belong to (OONI's "failed_operation").
-RESOLVE = "resolve"
-CONNECT = "connect"
-DNS_ROUND_TRIP = "dns_round_trip"
-TLS_HANDSHAKE = "tls_handshake"
-HTTP_ROUND_TRIP = "http_round_trip"
-READ = "read"
-WRITE = "write"
 
 _ERRNO = {
     errno.ECONNREFUSED: CONNECTION_REFUSED,
@@ -183,8 +130,3 @@ def _classify_aiohttp(exc: BaseException) -> str | None:
     if isinstance(exc, aiohttp.ClientResponseError):
         return HTTP_REQUEST_FAILED
     return None
-
-
-def is_network_down(failure: str | None) -> bool:
-    """Failures that say the probe itself has no working network."""
-    return failure in (NETWORK_UNREACHABLE, DNS_TEMPORARY)

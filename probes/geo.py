@@ -26,7 +26,7 @@ import aiohttp
 import click
 import maxminddb
 
-from .downloads import DownloadFailed, describe, fetch_capped, install_atomically
+from core.download import DownloadFailed, describe, fetch_capped, install_atomically
 
 DEFAULT_GEO_URL = "https://github.com/ooni/probe-assets/releases/latest/download/"
 GEO_URL_ENV = "VANTAGE_GEO_URL"

@@ -41,7 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import dns, failures, tls
-from .addresses import endpoint, is_ip
+from core.net import endpoint, is_ip
 from .context import ProbeContext
 from .records import Clock, Transactions, tcp_connect, tls_handshake
 

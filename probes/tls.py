@@ -15,7 +15,7 @@ import ssl
 from typing import Any
 
 from . import failures
-from .addresses import endpoint
+from core.net import endpoint
 from .records import CertInfo, Clock, tls_handshake
 
 # Validation failures after which the certificate is still worth capturing.

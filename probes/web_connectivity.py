@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import dns, failures, http, tcp, tls
-from .addresses import endpoint, is_ip
+from core.net import endpoint, is_ip
 from .context import ProbeContext
 from .records import Clock, Transactions
 

@@ -37,7 +37,7 @@ from probes.flatten import extract_title, split_endpoint
 from probes.records import SOFTWARE_VERSION, Clock, Transactions, body_bytes
 from probes.timeouts import Timeouts
 
-from .ssrf import Policy, parse_ip
+from core.net import Policy, parse_ip
 
 log = logging.getLogger("vantage.helper")
 # aiohttp's server logger names the client address on malformed requests;

@@ -16,7 +16,7 @@ from typing import Iterable
 
 import aiohttp
 
-from probes.downloads import DownloadFailed, describe, fetch_capped, install_atomically
+from core.download import DownloadFailed, describe, fetch_capped, install_atomically
 
 from .loader import ListError, cache_dir, parse_csv
 

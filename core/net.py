@@ -1,17 +1,19 @@
-"""Target policy of the helper: which addresses it may connect to.
+"""Network facts shared by the probe, the helper and the analysis, each written once.
 
-The helper fetches any URL a stranger sends it, so without a policy it is a
-proxy into its own network (cloud metadata at 169.254.169.254, admin ports on
-loopback, the operator's LAN). Every address is checked right before use: after
-DNS resolution, on every redirect hop, and for the probe-supplied
-``tcp_connect`` endpoints. Hostnames are never handed to a connect call; the
-helper connects to the address it checked, so a second (rebinding) DNS answer
-cannot slip past.
+- Endpoints: ``ip:port`` text, ``[v6]:port`` for IPv6 (as OONI writes them).
+- The request a probe and a helper send: one User-Agent and header set, so the
+  probe's fetch and the control's are the same request.
+- Redirect status codes.
+- Special-purpose address ranges (RFC 6890 and successors), with why each is
+  not public: the helper refuses them as targets (SSRF), the probe does not
+  follow redirects into them, the analysis calls DNS answers in them bogons.
 
-Odd IPv4 spellings are parsed the way ``inet_aton`` (and so glibc's resolver and
-most URL parsers) would read them — ``2130706433``, ``0177.0.0.1``, ``0x7f.1``,
-``127.1`` all mean 127.0.0.1 — because a policy that does not read them that way
-is bypassed by them.
+Addresses are classified from our own table rather than ``ipaddress``'s
+is_global/is_private, whose answers changed between Python versions. Odd IPv4
+spellings are parsed the way ``inet_aton`` (and so glibc's resolver and most
+URL parsers) would read them — ``2130706433``, ``0177.0.0.1``, ``0x7f.1``,
+``127.1`` all mean 127.0.0.1 — because a policy that does not read them that
+way is bypassed by them.
 """
 
 from __future__ import annotations
@@ -24,9 +26,60 @@ from typing import Iterable
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# (network, why it is refused). Our own table rather than ``ipaddress``'s
-# is_global/is_private, whose answers changed between Python versions.
-_REFUSED_V4 = [
+# --------------------------------------------------------------------------
+# Endpoints
+
+
+def is_ip(host: str) -> bool:
+    """A plain IP literal (no brackets, no odd IPv4 spellings)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def endpoint(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def host_for_url(host: str) -> str:
+    """The host as a URL or Host header writes it (IPv6 in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def split_endpoint(text: str) -> tuple[str, int | None]:
+    """'1.2.3.4:443' or '[::1]:443' -> (ip, port); port None when absent or invalid."""
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+        if host.endswith("]"):
+            host = host[:-1]
+        return host, int(port) if port.isdigit() and int(port) < 65536 else None
+    host, sep, port = text.rpartition(":")
+    if not sep or ":" in host:
+        return text, None
+    return host, int(port) if port.isdigit() and int(port) < 65536 else None
+
+
+# --------------------------------------------------------------------------
+# The request: what a current desktop browser sends (some censors and sites
+# treat unusual clients differently). No "br": bodies are decoded by the
+# probe and brotli is not a dependency.
+
+USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+              "Chrome/124.0.0.0 Safari/537.36")
+REQUEST_HEADERS = {
+    "User-Agent": USER_AGENT,
+    "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8",
+    "Accept-Language": "en-US,en;q=0.9",
+    "Accept-Encoding": "gzip, deflate",
+}
+
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+
+# --------------------------------------------------------------------------
+# Special-purpose ranges: (network, why it is not a public address).
+SPECIAL_V4 = [
     ("0.0.0.0/8", "unspecified/this-network"),
     ("10.0.0.0/8", "private"),
     ("100.64.0.0/10", "cgnat"),
@@ -43,7 +96,7 @@ _REFUSED_V4 = [
     ("224.0.0.0/4", "multicast"),
     ("240.0.0.0/4", "reserved"),  # includes 255.255.255.255 broadcast
 ]
-_REFUSED_V6 = [
+SPECIAL_V6 = [
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("::/96", "ipv4-compatible"),  # deprecated form; embedded IPv4 is checked too
@@ -63,7 +116,7 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
 
 _REFUSED: list[tuple[IPNetwork, str]] = [
-    (ipaddress.ip_network(net), why) for net, why in _REFUSED_V4 + _REFUSED_V6
+    (ipaddress.ip_network(net), why) for net, why in SPECIAL_V4 + SPECIAL_V6
 ]
 
 _PART = re.compile(r"^(0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*)$")

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from services.ssrf import Policy, canonical, parse_ip, parse_ipv4_lenient, refusal_reason
+from core.net import Policy, canonical, parse_ip, parse_ipv4_lenient, refusal_reason
 
 
 @pytest.mark.parametrize(

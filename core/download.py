@@ -12,8 +12,10 @@ from typing import Callable
 
 import aiohttp
 
+from .errors import VantageError
 
-class DownloadFailed(Exception):
+
+class DownloadFailed(VantageError):
     """``status`` is the HTTP status when the server answered, else None."""
 
     def __init__(self, reason: str, status: int | None = None):
