@@ -61,6 +61,32 @@ def split_endpoint(text: str) -> tuple[str, int | None]:
     return host, int(port) if port.isdigit() and int(port) < 65536 else None
 
 
+def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """User input: "host", "host:port", "v6" or "[v6]:port" -> (host, port).
+    Raises ValueError with a short reason (bad brackets, a port outside 1-65535,
+    no port and no default)."""
+    value = text.strip()
+    port_text = None
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"'{text}' is not host[:port]")
+        port_text = rest[1:] if rest else None
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+    else:
+        host = value  # a name, IPv4, or a bare IPv6 literal
+    if not host:
+        raise ValueError(f"'{text}' has no host")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"'{text}' has no port (host:port)")
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"'{text}' has an invalid port (1-65535)")
+    return host, int(port_text)
+
+
 # --------------------------------------------------------------------------
 # The request: what a current desktop browser sends (some censors and sites
 # treat unusual clients differently). No "br": bodies are decoded by the

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import click
 
+from core.net import parse_host_port
+
 APP = "vantage"
 RESOLV_CONF = "/etc/resolv.conf"
 
@@ -71,30 +73,12 @@ def config_path() -> Path:
 
 def parse_resolver(value: str) -> tuple[str, int]:
     """Split "ip", "ip:port", "v6" or "[v6]:port" into (ip, port)."""
-    text = value.strip()
-    port = 53
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"'{value}' is not ip[:port]")
-        if rest:
-            port = _port(rest[1:], value)
-    elif text.count(":") == 1:
-        host, _, p = text.partition(":")
-        port = _port(p, value)
-    else:
-        host = text  # bare IPv4 or bare IPv6
+    host, port = parse_host_port(value, 53)
     try:
         ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"'{value}' is not an IP address (ip[:port]; a name would need DNS to find DNS)") from None
     return host, port
-
-
-def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"'{whole}' has an invalid port")
-    return int(text)
 
 
 def _check_resolver(value: str) -> str:

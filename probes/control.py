@@ -25,6 +25,8 @@ from typing import Any
 
 import aiohttp
 
+from core.net import REQUEST_HEADERS
+
 from .failures import classify
 
 # A helper's answer is a few KiB; a bigger one is a broken or hostile helper.
@@ -33,11 +35,8 @@ MAX_RESPONSE = 4 * 1024 * 1024
 # Headers the helper should use for its fetch, in the TH protocol's
 # name -> [values] form; the probe's own fetch uses the same ones so that the
 # two responses are comparable.
-DEFAULT_HEADERS = {
-    "Accept": ["text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"],
-    "Accept-Language": ["en-US,en;q=0.9"],
-    "User-Agent": ["Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36"],
-}
+# (Accept-Encoding is the fetcher's own business: each side decodes its body.)
+DEFAULT_HEADERS = {name: [REQUEST_HEADERS[name]] for name in ("Accept", "Accept-Language", "User-Agent")}
 
 # Sections every ts-017 response carries; an answer without them is not a TH.
 _REQUIRED = ("dns", "tcp_connect", "http_request")

@@ -23,6 +23,8 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
+from core.net import endpoint, parse_host_port
+
 from . import failures
 from .records import Clock, dns_answer, dns_query
 
@@ -31,18 +33,7 @@ DOH_MEDIA_TYPE = "application/dns-message"
 
 def parse_server(server: str, default_port: int = 53) -> tuple[str, int]:
     """``"ip"``, ``"ip:port"``, ``"v6"`` or ``"[v6]:port"`` -> (ip, port)."""
-    server = server.strip()
-    if server.startswith("["):
-        host, _, rest = server[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    if server.count(":") == 1:
-        host, port = server.split(":")
-        return host, int(port)
-    return server, default_port
-
-
-def _format_server(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    return parse_host_port(server, default_port)
 
 
 # --- system ---------------------------------------------------------------------
@@ -169,7 +160,7 @@ async def udp_lookup(
     connected, so they can only come from the server's address anyway.
     """
     ip, port = parse_server(server)
-    resolver = _format_server(ip, port)
+    resolver = endpoint(ip, port)
     query = dns.message.make_query(hostname, qtype)
     loop = asyncio.get_running_loop()
     t0 = clock.now()

@@ -30,24 +30,14 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from core.net import REDIRECT_CODES, REQUEST_HEADERS, endpoint
+
 from . import failures
 from .records import Clock, Transactions, body_field, network_event, title_bytes
 from .timeouts import Timeouts
 from .tls import make_context
 
 MAX_BODY = 512 * 1024
-REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
-
-# A current desktop browser's request headers: some censors and sites treat
-# unusual clients differently. No "br": we decode the body ourselves and
-# brotli is not a dependency.
-BROWSER_HEADERS = {
-    "User-Agent": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
-    "Chrome/124.0.0.0 Safari/537.36",
-    "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8",
-    "Accept-Language": "en-US,en;q=0.9",
-    "Accept-Encoding": "gzip, deflate",
-}
 
 _CHARSET = re.compile(r"charset=[\"']?([\w.:-]+)", re.IGNORECASE)
 
@@ -120,7 +110,7 @@ class _RecordingConnector(aiohttp.TCPConnector):
         transport = connection.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         if peer:
-            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+            self.peer = endpoint(peer[0], peer[1])
         return connection
 
 
@@ -223,7 +213,7 @@ async def fetch(
     to ``events``. Never raises for network outcomes.
     """
     events = [] if events is None else events
-    sent = {**BROWSER_HEADERS, **(headers or {})}
+    sent = {**REQUEST_HEADERS, **(headers or {})}
     connector = _RecordingConnector(
         resolver=_PinnedResolver(pinned or {}), ssl=context or make_context(),
         force_close=True, use_dns_cache=False,
