@@ -61,6 +61,25 @@ def split_endpoint(text: str) -> tuple[str, int | None]:
     return host, int(port) if port.isdigit() and int(port) < 65536 else None
 
 
+def url_host(url: str) -> tuple[str, IPAddress | None]:
+    """The host of ``url`` exactly as the HTTP client (aiohttp, through yarl)
+    will connect to it, and the address it denotes when it is an IP literal in
+    any spelling. Checks must run on this, never on the text as written: yarl
+    applies IDNA/NFKC, so ``http://１２７.０.０.１/`` (full-width digits) is
+    127.0.0.1 to the client although it parses as a name. Raises ValueError for
+    a URL without a usable host."""
+    from yarl import URL  # aiohttp's URL type: the normalisation the fetch will apply
+
+    try:
+        host = URL(url.strip()).raw_host
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise ValueError(f"invalid URL host: {exc}") from None
+    if not host:
+        raise ValueError("the URL has no host")
+    host = host.rstrip(".") or host
+    return host, parse_ip(host)
+
+
 def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
     """User input: "host", "host:port", "v6" or "[v6]:port" -> (host, port).
     Raises ValueError with a short reason (bad brackets, a port outside 1-65535,

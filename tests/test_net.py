@@ -90,3 +90,25 @@ def test_reasons_name_the_range():
 def test_invalid_allow_cidr():
     with pytest.raises(ValueError):
         Policy.from_cidrs(["not-a-cidr"])
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("http://１２７.０.０.１/secret", "127.0.0.1"),  # full-width digits: NFKC makes them ASCII
+    ("https://127。0。0。1/", "127.0.0.1"),  # ideographic full stops are label separators
+    ("http://0x7f.1/", "127.0.0.1"),
+    ("http://[::ffff:127.0.0.1]:8080/", "127.0.0.1"),
+])
+def test_url_host_is_the_host_the_client_connects_to(url, expected):
+    from core.net import url_host
+
+    host, ip = url_host(url)
+    assert ip is not None and str(canonical(ip)) == expected
+    assert refusal_reason(ip) == "loopback"
+
+
+def test_url_host_of_names_is_idna():
+    from core.net import url_host
+
+    assert url_host("http://Bücher.DE./") == ("xn--bcher-kva.de", None)
+    with pytest.raises(ValueError):
+        url_host("http:///nohost")
