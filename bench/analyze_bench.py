@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The read-only shared folder, as tests/shared.py finds it: VANTAGE_SHARED, else ../shared beside the repository.
+SHARED = Path(os.environ.get("VANTAGE_SHARED") or ROOT.parent / "shared")
 
 GENERATE = """
 CREATE OR REPLACE TEMP TABLE g AS
@@ -156,7 +158,7 @@ def measure(db: Path, threads: int, memory_limit: str) -> dict:
     rss_scan = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     count = analyze(con, public_networks=["198.18.0.0/15"],
-                    fingerprints_dir=os.environ.get("VANTAGE_FINGERPRINTS_DIR", "/work/shared/data/fingerprints"))
+                    fingerprints_dir=os.environ.get("VANTAGE_FINGERPRINTS_DIR", str(SHARED / "data" / "fingerprints")))
     seconds = time.perf_counter() - started
     statuses = dict(con.execute("SELECT coalesce(method, status), count(*) FROM verdicts GROUP BY ALL ORDER BY 1").fetchall())
     return {"analysed": count, "analyze_seconds": round(seconds, 2), "scan_seconds": round(scan, 2),

@@ -181,6 +181,13 @@ def markdown(summary: dict, args) -> str:
     return "\n".join(lines)
 
 
+def _shown(path: Path) -> str:
+    """A path as the results file records it: relative to the repository when
+    inside it, so the file names no machine's directories."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-kbit", type=int, default=4000, help="unthrottled rate of every paced site")
@@ -210,7 +217,7 @@ def main(argv=None) -> int:
     summary = summarise(plan, runs, args.base_kbit)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "parameters": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "summary": summary, "runs": runs,
     }, indent=1))
     print(markdown(summary, args))
