@@ -48,46 +48,26 @@ async def https_server(pki: servers.PKI):
         yield server
 
 
-@pytest.fixture
-async def rst_server():
-    """Resets (RST) each connection after reading its first bytes."""
-    async with servers.RawServer("rst") as server:
-        yield server
+def _raw_server(mode: str, doc: str, leaf: str | None = None):
+    """A fixture serving one ``servers.RawServer(mode)``; a TLS one presents
+    the certificate ``pki.<leaf>``."""
+
+    async def fixture(request: pytest.FixtureRequest):
+        context = None
+        if leaf is not None:
+            pki = request.getfixturevalue("pki")
+            context = pki.server_context(getattr(pki, leaf))
+        async with servers.RawServer(mode, context) as server:
+            yield server
+
+    fixture.__doc__ = doc
+    return pytest.fixture(fixture)
 
 
-@pytest.fixture
-async def eof_server():
-    """Closes each connection cleanly (FIN) after reading its first bytes."""
-    async with servers.RawServer("eof") as server:
-        yield server
-
-
-@pytest.fixture
-async def silent_server():
-    """Accepts connections and never sends a byte."""
-    async with servers.RawServer("silent") as server:
-        yield server
-
-
-@pytest.fixture
-async def expired_server(pki: servers.PKI):
-    async with servers.RawServer("tls", pki.server_context(pki.expired)) as server:
-        yield server
-
-
-@pytest.fixture
-async def unknown_ca_server(pki: servers.PKI):
-    async with servers.RawServer("tls", pki.server_context(pki.unknown_authority)) as server:
-        yield server
-
-
-@pytest.fixture
-async def wrong_host_server(pki: servers.PKI):
-    async with servers.RawServer("tls", pki.server_context(pki.wrong_host)) as server:
-        yield server
-
-
-@pytest.fixture
-async def good_tls_server(pki: servers.PKI):
-    async with servers.RawServer("tls", pki.server_context(pki.good)) as server:
-        yield server
+rst_server = _raw_server("rst", "Resets (RST) each connection after reading its first bytes.")
+eof_server = _raw_server("eof", "Closes each connection cleanly (FIN) after reading its first bytes.")
+silent_server = _raw_server("silent", "Accepts connections and never sends a byte.")
+expired_server = _raw_server("tls", "TLS with an expired certificate from the test CA.", "expired")
+unknown_ca_server = _raw_server("tls", "TLS with a certificate from the rogue (untrusted) CA.", "unknown_authority")
+wrong_host_server = _raw_server("tls", "TLS with a test-CA certificate for another name.", "wrong_host")
+good_tls_server = _raw_server("tls", "TLS with a valid test-CA certificate for localhost / 127.0.0.1.", "good")

@@ -12,10 +12,19 @@ import duckdb
 import pytest
 
 from rootonly import require_root
+from shared import SHARED, shared_path
 
 pytestmark = pytest.mark.lab
 
-SCENARIOS = Path(__file__).resolve().parents[2] / "shared" / "lab" / "scenarios"
+SCENARIOS = ("lab", "scenarios")
+
+
+def _failure_mark(table: str, failure: str) -> str:
+    """The probe's rows of ``table`` show ``failure``; the control's succeeded."""
+    return f"""
+        SELECT bool_or(side = 'probe' AND failure = '{failure}'), bool_or(side = 'control' AND success)
+        FROM {table} JOIN measurements USING (measurement_id) WHERE domain = $d"""
+
 
 # For each censor action: SQL over the probe database returning one row
 # (probe_mark, control_clean) for the rule's domain ($d).
@@ -40,18 +49,10 @@ MARKS = {
         SELECT bool_and(side <> 'probe' OR failure IN ('generic_timeout_error', 'dns_temporary_failure', 'dns_servfail_error')),
                bool_or(side = 'control' AND answer IS NOT NULL)
         FROM dns_answers JOIN measurements USING (measurement_id) WHERE domain = $d""",
-    "ip-blackhole": """
-        SELECT bool_or(side = 'probe' AND failure = 'generic_timeout_error'), bool_or(side = 'control' AND success)
-        FROM tcp_connects JOIN measurements USING (measurement_id) WHERE domain = $d""",
-    "ip-reject": """
-        SELECT bool_or(side = 'probe' AND failure = 'connection_refused'), bool_or(side = 'control' AND success)
-        FROM tcp_connects JOIN measurements USING (measurement_id) WHERE domain = $d""",
-    "tls-reset": """
-        SELECT bool_or(side = 'probe' AND failure = 'connection_reset'), bool_or(side = 'control' AND success)
-        FROM tls_handshakes JOIN measurements USING (measurement_id) WHERE domain = $d""",
-    "tls-drop": """
-        SELECT bool_or(side = 'probe' AND failure = 'generic_timeout_error'), bool_or(side = 'control' AND success)
-        FROM tls_handshakes JOIN measurements USING (measurement_id) WHERE domain = $d""",
+    "ip-blackhole": _failure_mark("tcp_connects", "generic_timeout_error"),
+    "ip-reject": _failure_mark("tcp_connects", "connection_refused"),
+    "tls-reset": _failure_mark("tls_handshakes", "connection_reset"),
+    "tls-drop": _failure_mark("tls_handshakes", "generic_timeout_error"),
     "tls-mitm": """
         SELECT bool_or(side = 'probe' AND cert_valid = false AND cert_issuer NOT LIKE '%lab root%'),
                bool_or(side = 'control' AND cert_valid)
@@ -69,18 +70,17 @@ MARKS = {
 }
 
 
-def _scenarios():
-    if not SCENARIOS.is_dir():
-        if os.environ.get("CI") == "true":
-            return ["missing"]
-        return []
-    return sorted(SCENARIOS.glob("*.toml"))
+def _scenarios() -> list[Path | None]:
+    # None stands for "no scenario found": the test then skips, or fails
+    # under CI=true, through shared_path (which cannot run at collection).
+    return sorted(SHARED.joinpath(*SCENARIOS).glob("*.toml")) or [None]
 
 
-@pytest.mark.parametrize("path", _scenarios(), ids=lambda p: getattr(p, "stem", str(p)))
+@pytest.mark.parametrize("path", _scenarios(), ids=lambda p: p.stem if p else "missing")
 def test_shared_scenario_scores_fully_correct(path):
-    if path == "missing":
-        pytest.fail(f"{SCENARIOS} is missing: under CI=true the shared scenarios must be present")
+    if path is None:
+        folder = shared_path(*SCENARIOS)
+        pytest.fail(f"{folder} holds no scenario (*.toml)")
     require_root("ip", "iptables", "tc")
     from lab.runner import run_scenario
     from lab.scenario import load
@@ -107,3 +107,11 @@ def test_shared_scenario_scores_fully_correct(path):
     finally:
         os.environ.pop("VANTAGE_LAB_KEEP", None)
         shutil.rmtree(db.parent, ignore_errors=True)
+
+
+def test_every_censor_action_has_a_mark():
+    # A new censor action needs its probe-side mark here, or no scenario
+    # proves the action reaches the probe's observations.
+    from lab.scenario import ACTIONS
+
+    assert sorted(MARKS) == sorted(ACTIONS)

@@ -3,7 +3,6 @@ go away completely (also when a run crashed and left them behind)."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 from pathlib import Path
@@ -13,15 +12,14 @@ import pytest
 from lab import plan
 from lab.topology import NETNS_ETC, RUN_DIR, Lab, in_netns, live_prefixes, teardown_prefix
 
+from rootonly import require_root
+
 pytestmark = pytest.mark.lab
 
 
 @pytest.fixture(autouse=True)
 def need_root():
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("lab tests need root, and CI must run them")
-        pytest.skip("lab tests need root (network namespaces)")
+    require_root("ip")
 
 
 def netns_names() -> set[str]:
