@@ -9,14 +9,13 @@ the lab (ISP resolver, authoritative DNS, sites). Namespace names carry a
 random prefix so that concurrent runs, and the full lab, never collide.
 
 Test code talks from a namespace without spawning processes: a socket belongs
-to the network namespace its creating thread was in, so ``in_netns`` switches
-the calling thread in, the socket is made, and the thread switches back.
+to the network namespace its creating thread was in, so ``socket_in`` makes it
+in a thread that joined the namespace (``lab.topology.in_netns``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
 import signal
@@ -25,9 +24,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from lab import plan
-
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+from lab.topology import in_netns
 
 CLIENT_ADDRESS = "198.18.2.1"        # where the ISP resolver's queries would come from
 CENSOR_CLIENT_SIDE = plan.CENSOR_PROBE_SIDE
@@ -42,26 +39,9 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(args, check=check, capture_output=True, text=True)
 
 
-@contextlib.contextmanager
-def in_netns(name: str):
-    """Run the body with the calling thread inside namespace ``name``."""
-    with open("/proc/self/ns/net") as own, open(f"/run/netns/{name}") as target:
-        if _libc.setns(target.fileno(), CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
-        try:
-            yield
-        finally:
-            # Always switch back: a thread stuck in a test namespace would
-            # send the rest of the test session's traffic into it.
-            if _libc.setns(own.fileno(), CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns back: {os.strerror(err)}")
-
-
 def socket_in(ns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    with in_netns(ns):
-        return socket.socket(family, kind)
+    """A socket of namespace ``ns`` (made by a thread that joined it)."""
+    return in_netns(ns, socket.socket, family, kind)
 
 
 @dataclass
