@@ -30,6 +30,8 @@ from pathlib import Path
 
 import duckdb
 
+from core.errors import VantageError
+
 OONI_HTTP = "fingerprints_http.csv"
 OONI_DNS = "fingerprints_dns.csv"
 CP_BLOCKPAGES = "blockpage_signatures.json"
@@ -44,7 +46,7 @@ OONI_BASE_DEFAULT = "https://raw.githubusercontent.com/ooni/blocking-fingerprint
 CP_BASE_DEFAULT = "https://raw.githubusercontent.com/censoredplanet/censoredplanet-analysis/master/pipeline/metadata/data/"
 
 
-class FingerprintError(Exception):
+class FingerprintError(VantageError):
     """A problem the user can fix (offline, bad file): one line."""
 
 

@@ -19,6 +19,9 @@ from typing import Any, Iterable
 
 import duckdb
 
+from core import paths
+from core.errors import VantageError
+
 from .flatten import TABLE_COLUMNS, iter_table_rows
 
 MIGRATIONS = [(1, "initial schema", "schema.sql")]
@@ -30,16 +33,12 @@ PROBE_MEMORY_LIMIT = "32MB"
 PROBE_THREADS = 1
 
 
-class StoreError(Exception):
+class StoreError(VantageError):
     """A database problem the user can fix (bad path, locked file...): one line."""
 
 
 def default_db_path() -> Path:
-    env = os.environ.get("VANTAGE_DB")
-    if env:
-        return Path(env)
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "vantage" / "vantage.duckdb"
+    return paths.default_db_path()
 
 
 def connect(path: str | os.PathLike | None = None, read_only: bool = False, memory_limit: str | None = None,
