@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
-from cli.common import UsageFailure, db_option, json_option
+from analysis import fingerprints as fp
+from analysis.engine import analyze as run_analysis, summary
+from probes.store import connect
 
-from . import fingerprints as fp
-from .engine import AnalysisError, analyze as run_analysis, summary
+from .common import db_option, json_option, resolve_db
 
 
 @click.command("analyze")
@@ -22,25 +24,16 @@ from .engine import AnalysisError, analyze as run_analysis, summary
 @json_option
 def analyze(db_path, public_networks, fingerprints_dir, only_missing, as_json):
     """Compute verdicts (ok, blocked, throttled, down, server_side, inconclusive) for stored measurements."""
-    import os
-
-    from probes.store import StoreError, connect
-
-    try:
-        # The probe's store caps DuckDB at 64 MB for small devices; the analysis
-        # joins whole tables and needs room (1.6 GB analyses 1M measurements
-        # in ~25 s; less works, spilling to disk).
-        from cli.results import resolve_db
-
-        con = connect(resolve_db(db_path), memory_limit=os.environ.get("VANTAGE_ANALYZE_MEMORY", "1GB"))
-    except StoreError as exc:
-        raise UsageFailure(str(exc)) from None
+    # DuckDB's own default is 80% of RAM; the analysis joins whole tables and
+    # gets 1 GB unless VANTAGE_ANALYZE_MEMORY says otherwise. Measured
+    # (bench/results/analyze.json, docs/benchmarks.md): 1M measurements on
+    # 2 threads take 24.3 s at a 1.6 GB limit (peak RSS 1,740 MB); below
+    # ~1.2 GB DuckDB spills its stage tables to disk and takes ~40 s.
+    con = connect(resolve_db(db_path), memory_limit=os.environ.get("VANTAGE_ANALYZE_MEMORY", "1GB"))
     try:
         count = run_analysis(con, public_networks=public_networks, fingerprints_dir=fingerprints_dir, only_missing=only_missing)
         rows = summary(con)
         version = fp.load(fingerprints_dir).version
-    except AnalysisError as exc:
-        raise UsageFailure(str(exc)) from None
     finally:
         con.close()
     if as_json:
@@ -70,8 +63,5 @@ def fingerprints():
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds allowed for the whole download.")
 def update(directory, timeout):
     """Download the current fingerprint sets (URLs: VANTAGE_OONI_FINGERPRINTS_URL, VANTAGE_CP_FINGERPRINTS_URL)."""
-    try:
-        fps = fp.update(directory, timeout=timeout)
-    except fp.FingerprintError as exc:
-        raise UsageFailure(str(exc)) from None
+    fps = fp.update(directory, timeout=timeout)
     click.echo(f"fingerprints {fps.version}: {len(fps.http)} HTTP and {len(fps.dns)} DNS patterns in {directory or fp.default_dir()}")

@@ -1,12 +1,8 @@
-"""Shared CLI plumbing: the one-line error type and common options."""
+"""Shared CLI plumbing: common options and the database the commands read."""
 
 from __future__ import annotations
 
 import click
-
-
-class UsageFailure(Exception):
-    """Bad input the user can fix: printed as one line, exit code 2."""
 
 
 def db_option(fn):
@@ -18,3 +14,12 @@ def db_option(fn):
 
 def json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
+
+
+def resolve_db(db_path: str | None) -> str:
+    """--db / VANTAGE_DB, else the config file's `db`: the same file `vantage run` wrote."""
+    if db_path:
+        return db_path
+    from probes.config import load_config
+
+    return load_config().db

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from .config import load_config
-from .geo import DEFAULT_TIMEOUT, GeoDB, discover_probe_location, update_geo
+from probes.config import load_config
+from probes.geo import DEFAULT_TIMEOUT, GeoDB, discover_probe_location, update_geo
 
 
 def _geo_dir(explicit: str | None) -> Path:

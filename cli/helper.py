@@ -1,4 +1,4 @@
-"""`vantage helper ...`: run the control helper (mounted by cli/main.py)."""
+"""`vantage helper serve`: run the control helper."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from typing import Any
 
 import click
 
-from cli.common import UsageFailure
-
-from .helper import HelperConfig, serve_forever
+from core.errors import VantageError
+from services.helper import HelperConfig, serve_forever
 
 
 def _load_config(path: str | None) -> dict[str, Any]:
@@ -21,7 +20,7 @@ def _load_config(path: str | None) -> dict[str, Any]:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageFailure(f"cannot read helper config {path}: {exc}") from None
+        raise VantageError(f"cannot read helper config {path}: {exc}") from None
     # Accept either top-level keys or a [helper] table, so the helper's settings
     # can live in a file shared with other services.
     return data.get("helper", data) if isinstance(data.get("helper"), dict) else data
@@ -62,7 +61,7 @@ def serve(listen, allow, max_inflight, rate_per_minute, resolver, doh_url, ca_fi
         if isinstance(config.allow, str):
             config.allow = [config.allow]
     except (TypeError, ValueError) as exc:
-        raise UsageFailure(str(exc)) from None
+        raise VantageError(str(exc)) from None
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("vantage.helper").setLevel(logging.INFO)
@@ -71,4 +70,4 @@ def serve(listen, allow, max_inflight, rate_per_minute, resolver, doh_url, ca_fi
     except KeyboardInterrupt:
         pass
     except (OSError, ValueError) as exc:
-        raise UsageFailure(f"helper: {exc}") from None
+        raise VantageError(f"helper: {exc}") from None

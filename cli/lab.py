@@ -5,19 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import click
 
-from . import plan
+import lab as lab_package
+from lab import plan
+from lab.topology import LabError
 
-
-def _fail(message: str) -> None:
-    """One line on stderr, non-zero exit: the scenario could not run."""
-    click.echo(f"vantage lab: {message}", err=True)
-    sys.exit(2)
+LAB_DIR = Path(lab_package.__file__).parent
 
 
 def _resolve_scenario(name: str) -> Path:
@@ -25,7 +22,7 @@ def _resolve_scenario(name: str) -> Path:
     p = Path(name)
     if p.exists():
         return p
-    for base in (Path(__file__).parent / "scenarios", Path(__file__).parent, Path.cwd() / "lab" / "scenarios"):
+    for base in (LAB_DIR / "scenarios", LAB_DIR, Path.cwd() / "lab" / "scenarios"):
         for cand in (base / name, base / f"{name}.toml"):
             if cand.exists():
                 return cand
@@ -43,17 +40,13 @@ def lab() -> None:
 @click.option("--keep", is_flag=True, help="Keep the work directory (logs, database) after teardown.")
 def run_cmd(scenario: str, as_json: bool, keep: bool) -> None:
     """Build the lab for SCENARIO, run the probe, analyze and score the verdicts."""
-    from .runner import run_scenario
-    from .scenario import ScenarioError
-    from .topology import LabError
+    from lab.runner import run_scenario
 
     progress = None if as_json else (lambda m: click.echo(f"· {m}", err=True))
     try:
         result = run_scenario(_resolve_scenario(scenario), progress, keep=keep)
-    except (ScenarioError, LabError) as exc:
-        _fail(str(exc))
     except KeyboardInterrupt:
-        _fail("interrupted (the lab was torn down)")
+        raise LabError("interrupted (the lab was torn down)") from None
     if as_json:
         click.echo(json.dumps(result, indent=1))
     else:
@@ -83,9 +76,8 @@ def _print_table(result: dict) -> None:
 @click.option("--no-censor", is_flag=True, help="Build the lab without the on-path censor.")
 def up_cmd(scenario: str, no_censor: bool) -> None:
     """Build the lab for SCENARIO and keep it up until Ctrl-C (use `vantage lab shell` meanwhile)."""
-    from .runner import ScenarioLab
-    from .scenario import ScenarioError, load
-    from .topology import LabError
+    from lab.runner import ScenarioLab
+    from lab.scenario import load
 
     try:
         sc = load(_resolve_scenario(scenario))
@@ -101,8 +93,6 @@ def up_cmd(scenario: str, no_censor: bool) -> None:
             click.echo("`vantage lab shell` opens a shell in the probe namespace; Ctrl-C here tears the lab down.")
             while True:
                 time.sleep(3600)
-    except (ScenarioError, LabError) as exc:
-        _fail(str(exc))
     except KeyboardInterrupt:
         click.echo("lab torn down", err=True)
 
@@ -110,12 +100,9 @@ def up_cmd(scenario: str, no_censor: bool) -> None:
 @lab.command("down")
 def down_cmd() -> None:
     """Remove every lab, live or left over by a crashed run."""
-    from .topology import LabError, down_all
+    from lab.topology import down_all
 
-    try:
-        removed = down_all()
-    except LabError as exc:
-        _fail(str(exc))
+    removed = down_all()
     click.echo(f"removed {len(removed)} lab(s){': ' + ', '.join(removed) if removed else ''}")
 
 
@@ -124,17 +111,14 @@ def down_cmd() -> None:
 @click.option("--role", type=click.Choice(list(plan.ROLES)), default="probe", show_default=True, help="Namespace to enter.")
 def shell_cmd(prefix: str | None, role: str) -> None:
     """A shell in the lab's probe namespace, with VANTAGE_* set so `vantage run` uses the lab."""
-    from .topology import check_prerequisites, LabError, live_prefixes, read_state
+    from lab.topology import check_prerequisites, live_prefixes, read_state
 
-    try:
-        check_prerequisites(("ip",))
-    except LabError as exc:
-        _fail(str(exc))
+    check_prerequisites(("ip",))
     states = [s for s in (read_state(p) for p in live_prefixes()) if s and s.get("env")]
     if prefix:
         states = [s for s in states if s["prefix"] == prefix]
     if not states:
-        _fail("no lab is up: start one with `vantage lab up SCENARIO` in another terminal")
+        raise LabError("no lab is up: start one with `vantage lab up SCENARIO` in another terminal")
     state = max(states, key=lambda s: s.get("created", 0))
     env = dict(os.environ)
     env.update(state["env"])

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from .download import DEFAULT_TIMEOUT, update_lists
-from .loader import load_input_file, load_list, resolve_list, filter_categories
+from test_lists.download import DEFAULT_TIMEOUT, update_lists
+from test_lists.loader import load_input_file, load_list, resolve_list, filter_categories
 
 
 @click.group("lists")

@@ -1,7 +1,9 @@
 """The `vantage` command line: thin wiring of probes/, analysis/, services/ and lab/.
 
-Each package contributes its commands from its own ``cli.py``, imported only
-when one of its commands runs.
+Every command lives in cli/, one module per command group, imported only when
+one of its commands runs. Errors are mapped here, in one place: a
+``VantageError`` (a problem the user can fix) or a click usage error prints
+``vantage: <message>`` and exits 2; anything else is a bug.
 """
 
 from __future__ import annotations
@@ -12,23 +14,23 @@ import sys
 
 import click
 
-from .common import UsageFailure
+from core.errors import VantageError
 
 # command name -> (module, attribute): each attribute is a click command or group.
 _COMMANDS = {
     "run": ("cli.run", "run"),
     "results": ("cli.results", "results"),
-    "lists": ("test_lists.cli", "lists"),
-    "geo": ("probes.geo_cli", "geo"),
-    "analyze": ("analysis.cli", "analyze"),
-    "fingerprints": ("analysis.cli", "fingerprints"),
-    "helper": ("services.cli", "helper"),
-    "lab": ("lab.cli", "lab"),
+    "lists": ("cli.lists", "lists"),
+    "geo": ("cli.geo", "geo"),
+    "analyze": ("cli.analyze", "analyze"),
+    "fingerprints": ("cli.analyze", "fingerprints"),
+    "helper": ("cli.helper", "helper"),
+    "lab": ("cli.lab", "lab"),
 }
 
 
 class LazyGroup(click.Group):
-    """Imports a command's package only when that command runs: `vantage run`
+    """Imports a command's module only when that command runs: `vantage run`
     on a Raspberry Pi does not pay for the lab, the helper or the analysis."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -53,12 +55,11 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        # Usage errors and our own failures: one line, exit 2.
-        click.echo(f"vantage: {exc.format_message()}", err=True)
-        sys.exit(2)
-    except UsageFailure as exc:
+    except VantageError as exc:
         click.echo(f"vantage: {exc}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:  # usage errors: bad option, missing argument
+        click.echo(f"vantage: {exc.format_message()}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -6,30 +6,15 @@ import json
 
 import click
 
-from .common import UsageFailure, db_option, json_option
+from core.errors import VantageError
 
-
-def resolve_db(db_path):
-    """--db / VANTAGE_DB, else the config file's `db`: the same file `vantage run` wrote."""
-    if db_path:
-        return db_path
-    try:
-        from probes.config import load_config
-
-        return load_config().db
-    except ModuleNotFoundError:
-        from probes import store
-
-        return str(store.default_db_path())
+from .common import db_option, json_option, resolve_db
 
 
 def _open(db_path):
     from probes import store
 
-    try:
-        return store.connect(resolve_db(db_path), read_only=True)
-    except store.StoreError as exc:
-        raise UsageFailure(str(exc)) from None
+    return store.connect(resolve_db(db_path), read_only=True)
 
 
 def _rows(con, sql, params=()):
@@ -102,7 +87,7 @@ def show(ident, db_path, as_json):
         return
     found = _rows(con, f"SELECT m.* EXCLUDE (record), {verdict_cols} FROM measurements m {join} WHERE m.measurement_id = ?", [ident])
     if not found:
-        raise UsageFailure(f"no run or measurement with id {ident}")
+        raise VantageError(f"no run or measurement with id {ident}")
     m = found[0]
     obs = {
         table: _rows(con, f"SELECT * EXCLUDE (measurement_id) FROM {table} WHERE measurement_id = ?", [ident])
@@ -112,12 +97,9 @@ def show(ident, db_path, as_json):
         row.pop("body", None)
     explanation = None
     if m.get("status"):
-        try:
-            from analysis.explain import describe
+        from analysis.explain import describe
 
-            explanation = describe(m)
-        except ModuleNotFoundError:
-            explanation = None
+        explanation = describe(m)
     if as_json:
         click.echo(json.dumps({"measurement": m, "explanation": explanation, "observations": obs}, indent=2, default=str))
         return

@@ -1,54 +1,20 @@
-"""`vantage run`: measure a list of URLs and store every observation in DuckDB."""
+"""`vantage run`: measure a list of URLs and store every observation in DuckDB.
+
+This module parses options and prints; probes/runner.py runs (run_tests).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-from pathlib import Path
 import json
 import sys
-from typing import Any
 
 import click
 
-from .common import UsageFailure, db_option, json_option
+from core.errors import VantageError
+from probes.runner import TESTS
 
-TESTS = ("web", "throttling", "all")
-
-
-def _test_specs(name: str):
-    from probes import web_connectivity as wc
-    from probes.runner import Experiment
-
-    web = Experiment(wc.TEST_NAME, wc.TEST_VERSION, wc.measure, wc.new_test_keys, wc.outcome_label)
-    specs = {"web": [web]}
-    try:
-        th = importlib.import_module("probes.throttling")
-        specs["throttling"] = [Experiment(th.TEST_NAME, th.TEST_VERSION, th.measure, th.new_test_keys, th.outcome_label)]
-    except ModuleNotFoundError:
-        specs["throttling"] = []
-    specs["all"] = specs["web"] + specs["throttling"]
-    if not specs[name]:
-        raise UsageFailure(f"the {name} test is not available in this build")
-    return specs[name]
-
-
-def _load_config(path: str | None):
-    try:
-        from probes.config import load_config
-    except ModuleNotFoundError:
-        return None
-    try:
-        return load_config(path) if path else load_config()
-    except Exception as exc:  # ConfigError and friends: one line
-        raise UsageFailure(str(exc)) from None
-
-
-def _setting(config: Any, name: str, default: Any = None) -> Any:
-    if config is None:
-        return default
-    value = config.get(name) if hasattr(config, "get") else getattr(config, name, None)
-    return default if value in (None, "", []) else value
+from .common import db_option, json_option
 
 
 def _inputs(urls, input_file, list_name, categories) -> list[tuple[str, str | None]]:
@@ -64,39 +30,11 @@ def _inputs(urls, input_file, list_name, categories) -> list[tuple[str, str | No
         else:
             path = loader.resolve_list(list_name or "default")
             entries = [(e.url, e.category_code) for e in loader.load_list(path, categories=categories or None)]
-    except (loader.ListError, OSError) as exc:
-        raise UsageFailure(str(exc)) from None
+    except OSError as exc:
+        raise VantageError(str(exc)) from None
     if not entries:
-        raise UsageFailure("no URLs to measure (check --category and the list)")
+        raise VantageError("no URLs to measure (check --category and the list)")
     return entries
-
-
-async def _locate(config, probe_cc: str | None, probe_asn: str | None, quiet: bool):
-    from probes.runner import Location, local_addresses
-
-    location = Location(scrub_ips=local_addresses())
-    try:
-        from probes import geo
-    except ModuleNotFoundError:
-        geo = None
-    if probe_cc and probe_asn:
-        location.probe_cc, location.probe_asn = probe_cc.upper(), probe_asn.upper()
-        if not location.probe_asn.startswith("AS"):
-            location.probe_asn = "AS" + location.probe_asn
-        return location
-    if geo is not None:
-        found = await geo.discover_probe_location(config)
-        location.probe_cc, location.probe_asn = found.cc, found.asn
-        location.network_name = getattr(found, "network_name", None)
-        if getattr(found, "ip_for_scrubbing", None):
-            location.scrub_ips.append(found.ip_for_scrubbing)
-        if getattr(found, "warning", None) and not quiet:
-            click.echo(f"warning: {found.warning}", err=True)
-    if probe_cc:
-        location.probe_cc = probe_cc.upper()
-    if probe_asn:
-        location.probe_asn = probe_asn.upper() if probe_asn.upper().startswith("AS") else "AS" + probe_asn
-    return location
 
 
 @click.command()
@@ -124,21 +62,20 @@ async def _locate(config, probe_cc: str | None, probe_asn: str | None, quiet: bo
 def run(test, list_name, input_file, urls, categories, helpers, db_path, concurrency, max_runtime, resume_id,
         ca_file, resolver, doh_url, no_doh, public_networks, probe_cc, probe_asn, config_path, assume_yes, quiet, as_json):
     """Measure URLs (DNS, TCP, TLS, HTTP) against a control; store results in DuckDB."""
-    from probes import store
+    from probes import runner, store
+    from probes.config import load_config
+    from probes.consent import NO_CONSENT_MESSAGE
 
-    config = _load_config(config_path)
-    try:
-        from probes.consent import NO_CONSENT_MESSAGE, ensure_consent, is_interactive
-    except ModuleNotFoundError:
-        ensure_consent = None
-    if ensure_consent is not None and config is not None and not ensure_consent(config, assume_yes=assume_yes, interactive=is_interactive()):
-        raise UsageFailure(NO_CONSENT_MESSAGE)
+    from .consent import ensure_consent
 
-    if config is not None:
-        # The same checks as the config file (one-line errors, exit 2).
-        overrides = {"resolver": resolver, "doh_url": doh_url, "probe_cc": probe_cc, "probe_asn": probe_asn,
-                     "helpers": list(helpers) or None}
-        config = config.replace(**{k: v for k, v in overrides.items() if v})
+    config = load_config(config_path)
+    if not ensure_consent(config, assume_yes=assume_yes):
+        raise VantageError(NO_CONSENT_MESSAGE)
+
+    # The same checks as the config file (one-line errors, exit 2).
+    overrides = {"resolver": resolver, "doh_url": doh_url, "probe_cc": probe_cc, "probe_asn": probe_asn,
+                 "helpers": list(helpers) or None}
+    config = config.replace(**{k: v for k, v in overrides.items() if v})
     if ca_file:
         import ssl
 
@@ -147,124 +84,38 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
         try:
             make_context(ca_file)
         except (ssl.SSLError, OSError, ValueError) as exc:
-            raise UsageFailure(f"--ca-file {ca_file}: not a usable PEM CA certificate ({exc})") from None
+            raise VantageError(f"--ca-file {ca_file}: not a usable PEM CA certificate ({exc})") from None
     if categories and (urls or input_file):
-        raise UsageFailure("--category filters a test list (--list); it cannot apply to --url or --input-file")
+        raise VantageError("--category filters a test list (--list); it cannot apply to --url or --input-file")
 
-    try:
-        db_file = str(db_path or _setting(config, "db"))
-        con = store.connect(db_file, memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
-    except store.StoreError as exc:
-        raise UsageFailure(str(exc)) from None
-
-    from probes import runner as runner_mod
+    db_file = str(db_path or config.db)
+    con = store.connect(db_file, memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
 
     if resume_id:
-        row = con.execute("SELECT test_name, options, status FROM runs WHERE run_id = ?", [resume_id]).fetchone()
-        if row is None:
-            raise UsageFailure(f"no run {resume_id} in {db_path or 'the database'}")
-        options = json.loads(row[1] or "{}")
-        entries = runner_mod.remaining_inputs(con, resume_id)
-        # A run is one test (`all` starts one run per test): resume that test.
-        test = {"web_connectivity": "web", "throttling": "throttling"}.get(row[0], "web")
-        run_id = resume_id
+        resumed = runner.resume(con, resume_id)
+        if resumed is None:
+            raise VantageError(f"no run {resume_id} in {db_path or 'the database'}")
+        test, recorded, entries = resumed.test, resumed.options, resumed.inputs
     else:
-        entries = _inputs(urls, input_file, list_name, categories)
-        run_id = None
-        options = {}
-    options.update({k: v for k, v in {
-        "test": test, "helpers": list(helpers) or options.get("helpers"), "ca_file": ca_file or options.get("ca_file"),
-        "resolver": resolver or options.get("resolver"), "doh_url": doh_url or options.get("doh_url"),
-        "no_doh": no_doh or options.get("no_doh", False),
-        "public_networks": list(public_networks) or options.get("public_networks") or [],
-        "probe_cc": probe_cc or options.get("probe_cc"), "probe_asn": probe_asn or options.get("probe_asn"),
-    }.items()})
+        recorded, entries = {}, _inputs(urls, input_file, list_name, categories)
+    options = runner.run_options({
+        "test": test, "helpers": list(helpers), "ca_file": ca_file, "resolver": resolver, "doh_url": doh_url,
+        "no_doh": no_doh, "public_networks": list(public_networks), "probe_cc": probe_cc, "probe_asn": probe_asn,
+    }, recorded)
 
-    specs = _test_specs(options["test"])
+    quiet = quiet or as_json
+    work = runner.run_tests(
+        con, db_file, runner.experiments(options["test"]), entries, options, config, resume_id=resume_id,
+        concurrency=concurrency, max_runtime=max_runtime, progress=lambda name, total: _Progress(total, name, quiet),
+        warn=None if quiet else (lambda message: click.echo(f"warning: {message}", err=True)),
+    )
     try:
-        summaries = asyncio_run(_run(con, db_file, entries, specs, options, config, run_id, concurrency, max_runtime, quiet or as_json))
-    except store.StoreError as exc:
-        raise UsageFailure(str(exc)) from None
-    _print_summary(summaries, as_json, db_path)
-
-
-def asyncio_run(coro):
-    try:
-        return asyncio.run(coro)
+        summaries = asyncio.run(work)
     except KeyboardInterrupt:
-        # _run stored every finished measurement and marked the run interrupted.
+        # run_tests stored every finished measurement and marked the run interrupted.
         click.echo("interrupted: finished measurements are stored; resume with `vantage run --resume RUN_ID`", err=True)
         sys.exit(130)
-
-
-async def _run(con, db_file, entries, specs, options, config, run_id, concurrency, max_runtime, quiet):
-    import aiohttp
-
-    from probes import store
-    from probes.context import ProbeContext
-    from probes.records import new_id
-    from probes.runner import finish_run, remaining_inputs, run_inputs, start_run
-    from probes.timeouts import Timeouts
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    _limit_malloc_arenas()
-    # getaddrinfo runs in the default executor; its default size (cores + 4)
-    # would cap system lookups far below the run's concurrency.
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=max(8, concurrency or 50)))
-    location = await _locate(config, options.get("probe_cc"), options.get("probe_asn"), quiet)
-    helpers = options.get("helpers") or list(_setting(config, "helpers", []) or [])
-    ctx = ProbeContext(
-        timeouts=Timeouts(),
-        resolver=options.get("resolver") or _setting(config, "resolver") or None,  # config default: /etc/resolv.conf
-        doh_url=None if options.get("no_doh") else (options.get("doh_url") or _setting(config, "doh_url")),
-        helpers=helpers,
-        extra_ca_file=options.get("ca_file") or _setting(config, "extra_ca_file"),
-    )
-    concurrency = concurrency or int(_setting(config, "concurrency", 50))
-    summaries = []
-    connector = aiohttp.TCPConnector(limit=concurrency, ssl=ctx.tls())
-    async with aiohttp.ClientSession(connector=connector) as session:
-        ctx.session = session
-        for spec in specs:
-            this_run = run_id or new_id()
-            if run_id is None:
-                start_run(con, this_run, spec, entries, options, location)
-            todo = entries if run_id is None else remaining_inputs(con, this_run)
-            rescue = Path(db_file).with_name(f"{Path(db_file).stem}.rescue-{this_run}.jsonl")
-            sink = store.Sink(con, rescue_path=rescue)
-            status = "interrupted"
-            progress = _Progress(len(todo), spec.name, quiet)
-            try:
-                with progress:
-                    summary = await run_inputs(
-                        todo, test=spec, ctx=ctx, sink=sink, run_id=this_run, location=location,
-                        concurrency=concurrency, max_runtime=max_runtime, on_result=progress.advance,
-                    )
-                status = summary.status
-                summaries.append(summary)
-            finally:
-                try:
-                    sink.close()
-                finally:
-                    try:
-                        finish_run(con, this_run, status)
-                        con.execute("CHECKPOINT")
-                    except Exception:  # the database already failed; sink.close said so
-                        pass
-    return summaries
-
-
-def _limit_malloc_arenas() -> None:
-    """glibc gives each resolver thread its own malloc arena, which it keeps;
-    two arenas are plenty for a probe that spends its time waiting (-10 MB
-    of RSS on a 10,000-URL run). No-op off glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
+    _print_summary(summaries, as_json)
 
 
 class _Progress:
@@ -287,7 +138,7 @@ class _Progress:
     def __enter__(self):
         if not self.quiet:
             self.progress.__enter__()
-        return self
+        return self.advance
 
     def __exit__(self, *exc):
         if not self.quiet:
@@ -300,7 +151,7 @@ class _Progress:
             self.progress.update(self.task, advance=1, counts=text)
 
 
-def _print_summary(summaries, as_json: bool, db_path) -> None:
+def _print_summary(summaries, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([{
             "run_id": s.run_id, "status": s.status, "measured": s.measured, "total": s.total,

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from core.errors import VantageError
+
 BEHAVIOURS = ("normal", "down", "dynamic", "slow", "server-block", "redirect")
 ACTIONS = (
     "dns-nxdomain",
@@ -49,7 +51,7 @@ DEFAULT_SIZE = 20000
 MAX_ADDRESSES = 8
 
 
-class ScenarioError(ValueError):
+class ScenarioError(VantageError):
     """A malformed scenario; the message is one line: ``file:line: what``."""
 
 

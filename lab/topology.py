@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import VantageError
+
 from . import plan
 
 RUN_DIR = Path("/run/vantage-lab")
@@ -51,7 +53,7 @@ RESOLV = {
 }
 
 
-class LabError(RuntimeError):
+class LabError(VantageError):
     """The lab cannot be built or run; the message is one line for the user."""
 
 

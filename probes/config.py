@@ -1,4 +1,4 @@
-"""User configuration: where Vantage keeps its files and the settings table.
+"""User configuration: the settings table and the config file (directories: core.paths).
 
 Every setting is declared once in ``SETTINGS`` (name, type, default, help);
 the TOML file, the ``VANTAGE_<NAME>`` environment overrides, validation and
@@ -11,7 +11,6 @@ Command-line options are applied by the caller on top of the returned Config.
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import re
 import tempfile
@@ -21,49 +20,17 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import click
+import tomli_w
 
+from core import paths
+from core.errors import VantageError
 from core.net import parse_host_port
 
-APP = "vantage"
 RESOLV_CONF = "/etc/resolv.conf"
 
 
-class ConfigError(click.ClickException):
-    """A configuration problem the user can fix.
-
-    A ClickException so that ``vantage`` prints it as one line with exit 2
-    even when the calling command does not catch it.
-    """
-
-
-# --------------------------------------------------------------------------
-# Directories (XDG base directory spec; relative values are ignored as the
-# spec requires, so a stray XDG_*="" never scatters files into the cwd).
-
-
-def _xdg(var: str, fallback: Path) -> Path:
-    value = os.environ.get(var, "")
-    base = Path(value) if value and os.path.isabs(value) else fallback
-    return base / APP
-
-
-def config_dir() -> Path:
-    return _xdg("XDG_CONFIG_HOME", Path.home() / ".config")
-
-
-def data_dir() -> Path:
-    return _xdg("XDG_DATA_HOME", Path.home() / ".local" / "share")
-
-
-def cache_dir() -> Path:
-    return _xdg("XDG_CACHE_HOME", Path.home() / ".cache")
-
-
-def config_path() -> Path:
-    # VANTAGE_CONFIG lets a lab or a test point at a throw-away file.
-    env = os.environ.get("VANTAGE_CONFIG")
-    return Path(env) if env else config_dir() / "config.toml"
+class ConfigError(VantageError):
+    """A configuration problem the user can fix (one line, exit 2 via the CLI)."""
 
 
 # --------------------------------------------------------------------------
@@ -171,7 +138,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("db", str, lambda: str(data_dir() / "vantage.duckdb"),
+    Setting("db", str, lambda: str(paths.data_dir() / "vantage.duckdb"),
             "DuckDB file that stores measurements.", _check_path),
     Setting("helpers", list, [],
             "Control helper URLs (OONI test-helper protocol), tried in order.", _check_helpers),
@@ -190,7 +157,7 @@ SETTINGS: tuple[Setting, ...] = (
             "The volunteer has read and accepted the risks of measuring."),
     Setting("extra_ca_file", str, "",
             "PEM file of extra trusted CAs (added to the system roots).", _check_path),
-    Setting("geo_db", str, lambda: str(cache_dir() / "geo"),
+    Setting("geo_db", str, lambda: str(paths.cache_dir() / "geo"),
             "Directory holding asn.mmdb and country.mmdb.", _check_path),
 )
 
@@ -198,7 +165,7 @@ SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
 
 def env_var(name: str) -> str:
-    return f"{APP.upper()}_{name.upper()}"
+    return f"{paths.APP.upper()}_{name.upper()}"
 
 
 # --------------------------------------------------------------------------
@@ -248,8 +215,7 @@ class Config:
     """Resolved settings; read them as attributes (``config.concurrency``).
 
     ``sources[name]`` says where each value came from ("default", the config
-    file path, or the environment variable), for `vantage config`-style output
-    and for error messages.
+    file path, the environment variable or "command line").
     """
 
     def __init__(self, values: dict[str, Any], sources: dict[str, str], path: Path):
@@ -308,7 +274,7 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> Config:
     """Defaults, then the TOML file (missing file = defaults), then VANTAGE_<NAME>."""
-    target = Path(path) if path else config_path()
+    target = Path(path) if path else paths.config_path()
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -331,56 +297,17 @@ def load_config(path: str | os.PathLike | None = None, environ: dict[str, str] |
 
 
 # --------------------------------------------------------------------------
-# Writing: a tiny TOML emitter for flat str/int/bool/list-of-str tables.
+# Writing (tomli-w); the file stays flat, as _read_file requires.
 
-
-def _toml_string(text: str) -> str:
-    out = ['"']
-    for ch in text:
-        code = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\u{code:04X}")  # TOML forbids raw control characters
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):  # before int: bool is an int subclass
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise TypeError("cannot write a non-finite float")
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
+HEADER = "# Vantage configuration (see `vantage --help`); written by vantage.\n"
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    lines = ["# Vantage configuration (see `vantage --help`); written by vantage.\n"]
-    for key in sorted(data):
-        lines.append(f"{_toml_key(key)} = {toml_value(data[key])}\n")
-    return "".join(lines)
+    """The config file's text: flat ``name = value`` lines, sorted by name."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise TypeError(f"cannot write the table '{key}': the config file is flat")
+    return HEADER + tomli_w.dumps({key: data[key] for key in sorted(data)})
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -406,7 +333,7 @@ def save_setting(name: str, value: Any, path: str | os.PathLike | None = None) -
     Strings are accepted for every type (as typed on a command line). Other
     keys already in the file are kept. Returns the stored (normalised) value.
     """
-    target = Path(path) if path else config_path()
+    target = Path(path) if path else paths.config_path()
     setting = _lookup(name, "save")
     stored = coerce(setting, value, "save")
     data = _read_file(target)

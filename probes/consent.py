@@ -4,13 +4,15 @@ Measuring censorship can put a volunteer at risk, so Vantage does not send a
 single probe until the person running it has said they understand what is
 visible to others. The answer is recorded in the config file
 (``consent_given = true``) so it is asked once per user, not once per run.
+
+This module holds the notice and the decision; asking the question is the
+command line's job (cli/consent.py passes ``ask`` and ``warn``).
 """
 
 from __future__ import annotations
 
 import sys
-
-import click
+from typing import Callable
 
 from .config import Config, ConfigError, save_setting
 
@@ -52,33 +54,38 @@ def is_interactive() -> bool:
         return False
 
 
-def _record(config: Config) -> None:
+def _record(config: Config, warn: Callable[[str], None] | None) -> None:
     # Best effort: a read-only home (container, live USB) must not stop a
     # volunteer who has just consented; they will simply be asked again.
     try:
         save_setting("consent_given", True, path=config.path)
     except ConfigError as exc:
-        click.echo(f"vantage: warning: consent not remembered ({exc.format_message()})", err=True)
+        if warn is not None:
+            warn(f"consent not remembered ({exc})")
 
 
-def ensure_consent(config: Config, assume_yes: bool, interactive: bool) -> bool:
+def ensure_consent(config: Config, assume_yes: bool, interactive: bool,
+                   ask: Callable[[str, str], bool] | None = None,
+                   warn: Callable[[str], None] | None = None) -> bool:
     """Return True when measuring may proceed.
 
     - already given in the config → True, nothing asked;
     - ``assume_yes`` (``--yes``) → recorded, True;
-    - ``interactive`` → the text is shown on stderr (stdout may be --json)
-      and the person is asked; an accepted answer is recorded;
-    - otherwise False: the caller prints ``NO_CONSENT_MESSAGE`` and exits 2.
+    - ``interactive`` and an ``ask(text, question)`` → the person is shown
+      ``CONSENT_TEXT`` and asked ``CONSENT_QUESTION``; an accepted answer is
+      recorded;
+    - otherwise False: the caller reports ``NO_CONSENT_MESSAGE`` (exit 2).
+
+    ``warn(message)`` hears that the answer could not be remembered.
     """
     if config.consent_given:
         return True
     if assume_yes:
-        _record(config)
+        _record(config, warn)
         return True
-    if not interactive:
+    if not interactive or ask is None:
         return False
-    click.echo(CONSENT_TEXT, err=True)
-    if click.confirm(CONSENT_QUESTION, default=False, err=True):
-        _record(config)
+    if ask(CONSENT_TEXT, CONSENT_QUESTION):
+        _record(config, warn)
         return True
     return False

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import aiohttp
-import click
 import maxminddb
 
 from core.download import DownloadFailed, describe, fetch_capped, install_atomically
+from core.errors import VantageError
 
 DEFAULT_GEO_URL = "https://github.com/ooni/probe-assets/releases/latest/download/"
 GEO_URL_ENV = "VANTAGE_GEO_URL"
@@ -40,7 +40,7 @@ UNKNOWN_CC = "ZZ"
 UNKNOWN_ASN = "AS0"
 
 
-class GeoError(click.ClickException):
+class GeoError(VantageError):
     """A geolocation problem the user can fix (missing or broken database, offline)."""
 
 
@@ -268,7 +268,7 @@ async def discover_probe_location(
             with GeoDB(directory) as db:
                 cc, asn, name = db.lookup(ip)
         except GeoError as exc:
-            problem = exc.format_message()
+            problem = str(exc)
         else:
             if cc == UNKNOWN_CC or asn == UNKNOWN_ASN:
                 problem = "the public IP address is not in the geolocation database (try `vantage geo update`)"

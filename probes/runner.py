@@ -1,5 +1,8 @@
 """The async runner: concurrency, per-domain politeness, deadlines, resume.
 
+``run_tests`` is a whole `vantage run` (tests, options, location, the event
+loop, the rescue file); ``run_inputs`` is the worker pool it drives:
+
 - A fixed pool of workers (``concurrency``) pulls inputs from a queue, so a
   10,000-URL list costs a queue of strings, not 10,000 pending tasks.
 - One measurement at a time per domain: the probe never hammers a site, and
@@ -15,14 +18,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import ipaddress
+import os
 import re
 import socket
 import datetime as dt
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any, Awaitable, Callable, ContextManager, Iterable
 
 from .context import ProbeContext
 from .records import SOFTWARE_VERSION, Clock, Measurement, new_id
@@ -137,15 +143,25 @@ def start_run(con, run_id: str, test: Experiment, inputs: list[tuple[str, str | 
          location.probe_cc, location.probe_asn, SOFTWARE_VERSION],
     )
     # Store the planned inputs so an interrupted run can be resumed.
-    insert_rows(con, "run_inputs", [(run_id, i, url, category) for i, (url, category) in enumerate(inputs)])
+    insert_rows(con, "run_inputs", [{"run_id": run_id, "position": i, "input": url, "category_code": category}
+                                    for i, (url, category) in enumerate(inputs)])
     con.execute("COMMIT")
 
 
-def finish_run(con, run_id: str, status: str) -> None:
+def finish_run(con, run_id: str, status: str, sink: Sink | None = None) -> str:
+    """Mark the run ended; with the run's (closed) ``sink``, the status says
+    what happened to its data too (``Sink.run_status``: ``partial`` when some
+    records went to the rescue file, ``store_failed`` when the database
+    refused writes) and ``runs.rescued`` counts the rescued records.
+    Returns the status written."""
+    rescued = 0
+    if sink is not None:
+        status, rescued = sink.run_status(status), sink.rescued
     con.execute(
-        "UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?",
-        [status, dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), run_id],
+        "UPDATE runs SET status = ?, finished_at = ?, rescued = coalesce(rescued, 0) + ? WHERE run_id = ?",
+        [status, dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), rescued, run_id],
     )
+    return status
 
 
 def remaining_inputs(con, run_id: str) -> list[tuple[str, str | None]]:
@@ -270,3 +286,197 @@ async def run_inputs(
     finally:
         summary.seconds = time.monotonic() - started
     return summary
+
+
+# --------------------------------------------------------------------------
+# A whole `vantage run`: which tests, the run's options, resume, the location,
+# the event loop, the rescue file. The command line parses options and prints;
+# everything it runs is here.
+
+TESTS = ("web", "throttling", "all")
+
+
+def experiments(test: str) -> list[Experiment]:
+    """The tests `vantage run TEST` runs: web, throttling, or all (one run each)."""
+    from . import throttling as th
+    from . import web_connectivity as wc
+
+    web = Experiment(wc.TEST_NAME, wc.TEST_VERSION, wc.measure, wc.new_test_keys, wc.outcome_label)
+    thr = Experiment(th.TEST_NAME, th.TEST_VERSION, th.measure, th.new_test_keys, th.outcome_label)
+    return {"web": [web], "throttling": [thr], "all": [web, thr]}[test]
+
+
+# Run options that have a value even when neither the command line nor the
+# resumed run gave one.
+_OPTION_DEFAULTS: dict[str, Any] = {"no_doh": False, "public_networks": []}
+
+
+def run_options(given: dict[str, Any], recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options a run records (``runs.options``): each given value, else the
+    one the resumed run recorded, else its default."""
+    options = dict(recorded or {})
+    for key, value in given.items():
+        if key in _OPTION_DEFAULTS:
+            options[key] = value or options.get(key) or _OPTION_DEFAULTS[key]
+        else:
+            options[key] = value or options.get(key)
+    return options
+
+
+@dataclass
+class Resumed:
+    """What an interrupted run still has to do."""
+
+    run_id: str
+    test: str  # the `vantage run` test name: a run is one test (`all` starts one per test)
+    options: dict[str, Any]
+    inputs: list[tuple[str, str | None]]  # the inputs without a stored measurement
+
+
+def resume(con, run_id: str) -> Resumed | None:
+    """The run ``run_id`` as recorded, or None when the database has no such run."""
+    row = con.execute("SELECT test_name, options FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    if row is None:
+        return None
+    by_name = {spec.name: test for test in ("web", "throttling") for spec in experiments(test)}
+    return Resumed(run_id, by_name.get(row[0], "web"), json.loads(row[1] or "{}"), remaining_inputs(con, run_id))
+
+
+def rescue_path(db_file: str | os.PathLike, run_id: str) -> Path:
+    """Where a run's records go when the database refuses writes: beside the
+    database, ``<db stem>.rescue-<run id>.jsonl``."""
+    db = Path(db_file)
+    return db.with_name(f"{db.stem}.rescue-{run_id}.jsonl")
+
+
+def limit_malloc_arenas() -> None:
+    """glibc gives each resolver thread its own malloc arena, which it keeps;
+    two arenas are plenty for a probe that spends its time waiting (-10 MB
+    of RSS on a 10,000-URL run). No-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+def prepare_event_loop(concurrency: int) -> None:
+    """Call inside the running loop before measuring: getaddrinfo runs in the
+    default executor, whose default size (cores + 4) would cap system lookups
+    far below the run's concurrency."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    limit_malloc_arenas()
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=max(8, concurrency)))
+
+
+def _setting(config, name: str, default: Any = None) -> Any:
+    value = getattr(config, name)
+    return default if value in (None, "", []) else value
+
+
+async def locate(config, probe_cc: str | None = None, probe_asn: str | None = None) -> tuple[Location, str | None]:
+    """Where the measurements are taken, and a warning when that is unknown.
+
+    ``probe_cc``/``probe_asn`` override the geolocated values; with both, no
+    lookup is made."""
+    from . import geo
+
+    location = Location(scrub_ips=local_addresses())
+    warning = None
+    if probe_cc and probe_asn:
+        location.probe_cc, location.probe_asn = probe_cc.upper(), probe_asn.upper()
+        if not location.probe_asn.startswith("AS"):
+            location.probe_asn = "AS" + location.probe_asn
+        return location, None
+    found = await geo.discover_probe_location(config)
+    location.probe_cc, location.probe_asn = found.cc, found.asn
+    location.network_name = found.network_name
+    if found.ip_for_scrubbing:
+        location.scrub_ips.append(found.ip_for_scrubbing)
+    warning = found.warning
+    if probe_cc:
+        location.probe_cc = probe_cc.upper()
+    if probe_asn:
+        location.probe_asn = probe_asn.upper() if probe_asn.upper().startswith("AS") else "AS" + probe_asn
+    return location, warning
+
+
+# progress(test name, inputs to measure) -> a context manager whose value is
+# called with (url, outcome label) after each measurement.
+Progress = Callable[[str, int], ContextManager[Callable[[str, str], None]]]
+
+
+async def run_tests(
+    con,
+    db_file: str,
+    tests: list[Experiment],
+    inputs: list[tuple[str, str | None]],
+    options: dict[str, Any],
+    config,
+    *,
+    resume_id: str | None = None,
+    concurrency: int | None = None,
+    max_runtime: float | None = None,
+    progress: Progress | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> list[RunSummary]:
+    """Run each test over ``inputs`` (a new run per test), or finish the run
+    ``resume_id`` (one test; ``inputs`` are its remaining inputs).
+
+    Settings come from ``options`` (the run's, see ``run_options``), else from
+    ``config``. Every finished measurement is stored; the run is marked
+    finished, timed_out, store_failed or interrupted (Ctrl-C) at the end."""
+    import aiohttp
+
+    from . import store
+    from .timeouts import Timeouts
+
+    concurrency = concurrency or int(_setting(config, "concurrency", 50))
+    prepare_event_loop(concurrency)
+    location, warning = await locate(config, options.get("probe_cc"), options.get("probe_asn"))
+    if warning and warn:
+        warn(warning)
+    ctx = ProbeContext(
+        timeouts=Timeouts(),
+        resolver=options.get("resolver") or _setting(config, "resolver") or None,  # config default: /etc/resolv.conf
+        doh_url=None if options.get("no_doh") else (options.get("doh_url") or _setting(config, "doh_url")),
+        helpers=options.get("helpers") or list(_setting(config, "helpers", [])),
+        extra_ca_file=options.get("ca_file") or _setting(config, "extra_ca_file"),
+    )
+    summaries = []
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=ctx.tls())
+    async with aiohttp.ClientSession(connector=connector) as session:
+        ctx.session = session
+        for test in tests:
+            this_run = resume_id or new_id()
+            if resume_id is None:
+                start_run(con, this_run, test, inputs, options, location)
+            sink = store.Sink(con, rescue_path=rescue_path(db_file, this_run))
+            status = "interrupted"
+            try:
+                with (progress or _no_progress)(test.name, len(inputs)) as on_result:
+                    summary = await run_inputs(
+                        inputs, test=test, ctx=ctx, sink=sink, run_id=this_run, location=location,
+                        concurrency=concurrency, max_runtime=max_runtime, on_result=on_result,
+                    )
+                status = summary.status
+                summaries.append(summary)
+            finally:
+                try:
+                    sink.close()
+                finally:
+                    try:
+                        final = finish_run(con, this_run, status, sink=sink)
+                        if summaries and summaries[-1].run_id == this_run:
+                            summaries[-1].status = final
+                        con.execute("CHECKPOINT")
+                    except Exception:  # the database already failed; sink.close said so
+                        pass
+    return summaries
+
+
+@contextlib.contextmanager
+def _no_progress(name: str, total: int):
+    yield None

@@ -105,7 +105,7 @@ async def download_lists(
         try:
             parsed[name] = len(parse_csv(text, f"{name}.csv (downloaded)"))
         except ListError as exc:
-            raise DownloadError(f"{exc.format_message()}; cache left unchanged") from None
+            raise DownloadError(f"{exc}; cache left unchanged") from None
 
     try:
         target.mkdir(parents=True, exist_ok=True)

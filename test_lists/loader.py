@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlsplit
 
-import click
+from core import paths
+from core.errors import VantageError
 
 COLUMNS = ("url", "category_code", "category_description", "date_added", "source", "notes")
 
@@ -41,7 +42,7 @@ REGIONAL_LISTS = {"global", "cis"}
 DEFAULT_LIST = Path(__file__).with_name("default.csv")
 
 
-class ListError(click.ClickException):
+class ListError(VantageError):
     """A test list problem the user can fix; one line, exit 2 via the CLI."""
 
 
@@ -197,9 +198,7 @@ def entries_from_urls(urls: Iterable[str]) -> list[Entry]:
 
 
 def cache_dir() -> Path:
-    from probes.config import cache_dir as base  # lazy: keeps `import test_lists` light
-
-    return base() / "test-lists"
+    return paths.cache_dir() / "test-lists"
 
 
 def is_downloadable_name(name: str) -> bool:

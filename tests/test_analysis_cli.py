@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from analysis.cli import analyze, fingerprints
+from cli.analyze import analyze, fingerprints
 from analysis.explain import describe
 from analysis_fixtures import FINGERPRINTS, control, http, page, q, tcp, tls, web
 from probes.store import connect, write_all

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from probes import geo
 from probes.geo import GeoDB, GeoError, discover_probe_location
-from probes.geo_cli import geo as geo_group
+from cli.geo import geo as geo_group
 
 IPDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ipdb"
 
@@ -84,7 +84,7 @@ def test_missing_or_broken_database(tmp_path):
     (tmp_path / "country.mmdb").write_bytes(b"not a database")
     with pytest.raises(GeoError, match="not a usable MaxMind database") as info:
         GeoDB(tmp_path)
-    assert "\n" not in info.value.format_message()
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------- download (loopback)
@@ -175,7 +175,7 @@ async def test_download_offline_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("VANTAGE_GEO_URL", f"http://127.0.0.1:{closed_port()}/")
     with pytest.raises(GeoError) as info:
         await geo.download_geo(dest=tmp_path / "geo", timeout=5)
-    message = info.value.format_message()
+    message = str(info.value)
     assert message.startswith("cannot download the geolocation databases: network unreachable (")
     assert "\n" not in message
     assert not (tmp_path / "geo").exists() or not list((tmp_path / "geo").iterdir())
@@ -291,12 +291,9 @@ async def test_cli_update_against_loopback(geo_server, tmp_path):
 
 
 def run_geo(args, env):
-    """The error path of `vantage`: ClickException → `vantage: <one line>`, exit 2."""
-    script = ("import sys, click\nfrom probes.geo_cli import geo\n"
-              "try:\n    geo.main(sys.argv[1:], standalone_mode=False)\n"
-              "except click.ClickException as e:\n    print('vantage:', e.format_message(), file=sys.stderr); sys.exit(2)\n")
-    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                          env=dict(os.environ, **env), timeout=60)
+    """The error path of `vantage` (cli.main): VantageError → `vantage: <one line>`, exit 2."""
+    return subprocess.run([sys.executable, "-m", "cli.main", "geo", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ, **env), timeout=60)
 
 
 def test_cli_errors_are_one_line(tmp_path):

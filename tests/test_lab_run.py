@@ -8,7 +8,9 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import dns.exception
 import dns.message
@@ -220,16 +222,14 @@ def test_scoring_rules():
 
 
 def test_cli_malformed_scenario_is_one_line(tmp_path):
-    from click.testing import CliRunner
-
-    from lab.cli import lab
-
     bad = tmp_path / "bad.toml"
     bad.write_text(SCENARIO.replace('title = "Open Site"', 'titel = "Open Site"'))
-    result = CliRunner().invoke(lab, ["run", str(bad), "--json"])
-    assert result.exit_code == 2
-    assert "bad.toml:6: unknown key 'titel' in [[sites]]" in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    result = subprocess.run([sys.executable, "-m", "cli.main", "lab", "run", str(bad), "--json"], capture_output=True,
+                            text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 2
+    assert "bad.toml:6: unknown key 'titel' in [[sites]]" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("vantage: ")
+    assert result.stdout == ""
 
 
 def test_run_scenario_prints_score_and_cleans_up(tmp_path):

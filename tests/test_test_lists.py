@@ -12,7 +12,7 @@ from aiohttp import web
 from click.testing import CliRunner
 
 from test_lists import download, loader
-from test_lists.cli import lists
+from cli.lists import lists
 from test_lists.loader import Entry, ListError, load_input_file, load_list, resolve_list
 
 SHARED_LISTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "test-lists"
@@ -78,7 +78,7 @@ def test_malformed_rows_name_file_and_line(tmp_path, body, message):
     path = write(tmp_path, "bad.csv", body)
     with pytest.raises(ListError) as info:
         load_list(path)
-    text = info.value.format_message()
+    text = str(info.value)
     assert message in text
     assert "\n" not in text
 
@@ -233,7 +233,7 @@ async def test_download_offline_is_one_clear_line(monkeypatch, isolated_cache):
     monkeypatch.setenv("VANTAGE_TEST_LISTS_URL", f"http://127.0.0.1:{closed_port()}/")
     with pytest.raises(download.DownloadError) as info:
         await download.download_lists([], timeout=5)
-    message = info.value.format_message()
+    message = str(info.value)
     assert message.startswith("cannot download the test lists: network unreachable (")
     assert "\n" not in message
     assert not isolated_cache.exists() or not list(isolated_cache.iterdir())
@@ -272,19 +272,15 @@ def test_cli_show_input_file(tmp_path):
 
 
 def run_main(args, env=None):
-    """The error path of `vantage` (cli.main): ClickException → `vantage: <one line>`, exit 2.
+    """The error path of `vantage` (cli.main): VantageError → `vantage: <one line>`, exit 2.
 
-    Mounted alone so this test does not depend on every other package importing.
+    cli.main imports only the `lists` command's module for `vantage lists ...`.
     """
     import subprocess
     import sys
 
-    script = ("import sys, click\nfrom test_lists.cli import lists\n"
-              "try:\n    lists.main(sys.argv[1:], standalone_mode=False)\n"
-              "except click.ClickException as e:\n"
-              "    print('vantage:', e.format_message(), file=sys.stderr); sys.exit(2)\n")
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-c", script, *args[1:]],
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=Path(__file__).resolve().parent.parent,
                           capture_output=True, text=True, env=full_env, timeout=60)
 
 
