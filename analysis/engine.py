@@ -3,11 +3,14 @@
 The rules are SQL files applied in name order; each builds temp tables (stages
 that later stages read several times, so they are materialised once rather
 than re-evaluated as inlined views). Python only does what SQL cannot do well:
-parameters (which networks are public, the fingerprint set), IDNA encoding of
-the few non-ASCII hosts, and IPv6 network membership for those parameters.
+parameters (which networks are public, the fingerprint set, the failure
+vocabulary), IDNA encoding of the few non-ASCII hosts, and classifying the
+(few) addresses that are not plain dotted IPv4.
 
 ``analyze`` replaces the verdict rows of the measurements it analyses with one
 INSERT OR REPLACE statement, so a failed run leaves the previous verdicts in place.
+Open the database with ``analysis.db.connect``; ``analyze`` also accepts any
+DuckDB connection to a Vantage database (the lab's, the tests').
 """
 
 from __future__ import annotations
@@ -20,26 +23,26 @@ from typing import Iterable
 
 import duckdb
 
+from core import failures
+from core.net import SPECIAL_V4, Policy
+
 from . import fingerprints as fp
+from .db import AnalysisError, ensure_schema  # AnalysisError: raised here, re-exported for callers
 
 RULE_FILES = ("10_scope.sql", "20_dns.sql", "21_dns_signals.sql", "30_transport.sql", "40_http.sql",
               "50_throttle.sql", "60_verdicts.sql")
 AGGREGATE_FILES = ("90_aggregates.sql",)
 
-# Special-purpose IPv4 blocks (RFC 6890 and successors) that a resolver has no
-# business answering for a public name.
-BOGONS_V4 = (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-    "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
-    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
-)
+# Failures of a socket the probe could not route (no network at all, or no
+# route for that address family: an IPv4-only probe given an AAAA answer).
+# They are the probe's own state, never something done to an address. This is
+# core.failures.OFFLINE without getaddrinfo's EAI_AGAIN: a resolver whose
+# queries a censor drops gives EAI_AGAIN too, so on its own it is a DNS
+# timeout unless the run was offline (rule 1 of 60_verdicts).
+UNROUTABLE = failures.OFFLINE - {failures.DNS_TEMPORARY}
 
 _NEVER = "'[^\\s\\S]'"  # a regex that matches nothing, for an empty pattern set
 _MATCH = re.compile(r"\{\{MATCH (\w+) IN (\w+)\}\}")
-
-
-class AnalysisError(Exception):
-    """A problem the user can fix (bad CIDR, missing tables): one line."""
 
 
 def _sql_text(name: str) -> str:
@@ -50,26 +53,34 @@ def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _sql_set(values: Iterable[str]) -> str:
+    return "(" + ", ".join(_quote(v) for v in sorted(values)) + ")"
+
+
 def _ranges(networks: Iterable[ipaddress.IPv4Network]) -> list[tuple[int, int]]:
     return [(int(n.network_address), int(n.broadcast_address)) for n in networks]
 
 
-def _parse_networks(public_networks: Iterable[str]) -> tuple[list[ipaddress.IPv4Network], list[ipaddress.IPv6Network]]:
-    v4, v6 = [], []
+def public_policy(public_networks: Iterable[str] = ()) -> Policy:
+    """Special-purpose ranges (core.net) minus the networks the caller declares
+    public (the lab's 198.18.0.0/15): ``is_bogon`` says whether a DNS answer is
+    one no resolver should give for a public name."""
+    nets = []
     for text in public_networks or ():
         try:
-            net = ipaddress.ip_network(text.strip(), strict=False)
+            nets.append(ipaddress.ip_network(text.strip(), strict=False))
         except ValueError:
             raise AnalysisError(f"not a network in CIDR form: {text!r}") from None
-        (v4 if net.version == 4 else v6).append(net)
-    return v4, v6
+    return Policy(allow=nets)
 
 
 def _render(sql: str, con: duckdb.DuckDBPyConnection, version: str, full_scope: bool) -> str:
-    """Fill the placeholders: the scope filter, fingerprint matchers and the set's version."""
+    """Fill the placeholders: the scope filter, fingerprint matchers, the
+    failure sets and the fingerprint set's version."""
     # Analysing everything needs no filter; skipping the semi-join on every
     # observation scan saves a fifth of the run on a million measurements.
     sql = sql.replace("{{AND_IN_SCOPE}}", "" if full_scope else "AND measurement_id IN (SELECT measurement_id FROM _a_scope)")
+    sql = sql.replace("{{UNROUTABLE}}", _sql_set(UNROUTABLE))
 
     def matcher(column: str, location: str, false_positive: bool) -> str:
         chunks = fp.combined_regexes(con, location, false_positive)
@@ -82,10 +93,6 @@ def _render(sql: str, con: duckdb.DuckDBPyConnection, version: str, full_scope: 
         sql = sql.replace("{{FALSE_POSITIVE}}", "(" + " OR ".join((
             matcher("body", "body", True), matcher("htext", "header", True), matcher("rtext", "response", True))) + ")")
     return sql.replace("{{FINGERPRINT_SET}}", version.replace("'", ""))
-
-
-def _tables(con: duckdb.DuckDBPyConnection) -> set[str]:
-    return {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE NOT temporary").fetchall()}
 
 
 def install_views(con: duckdb.DuckDBPyConnection) -> None:
@@ -109,19 +116,19 @@ def analyze(
     evidence then says ``"fingerprint_set": "none"``. ``only_missing``: analyse
     only measurements that have no verdict yet.
     """
-    missing = {"measurements", "dns_answers", "tcp_connects", "tls_handshakes", "http_transactions",
-               "throughput_samples", "verdicts"} - _tables(con)
-    if missing:
-        raise AnalysisError(f"the database lacks the table(s) {', '.join(sorted(missing))} (not a Vantage database?)")
-    v4, v6 = _parse_networks(public_networks)
+    ensure_schema(con)
+    policy = public_policy(public_networks)
     fps = fp.load(fingerprints_dir)
     fp.install(con, fps)
 
+    # Plain dotted IPv4 (nearly every answer) is classified in SQL against
+    # these ranges; every other spelling in Python (_classify_others).
     con.execute("CREATE OR REPLACE TEMP TABLE _a_bogon4 (lo BIGINT, hi BIGINT)")
-    con.executemany("INSERT INTO _a_bogon4 VALUES (?, ?)", _ranges(ipaddress.ip_network(n) for n in BOGONS_V4))
+    con.executemany("INSERT INTO _a_bogon4 VALUES (?, ?)", _ranges(ipaddress.ip_network(n) for n, _why in SPECIAL_V4))
     con.execute("CREATE OR REPLACE TEMP TABLE _a_public4 (lo BIGINT, hi BIGINT)")
-    if v4:
-        con.executemany("INSERT INTO _a_public4 VALUES (?, ?)", _ranges(v4))
+    public4 = [n for n in policy.allow if n.version == 4]
+    if public4:
+        con.executemany("INSERT INTO _a_public4 VALUES (?, ?)", _ranges(public4))
 
     if only_missing:
         con.execute("CREATE OR REPLACE TEMP TABLE _a_scope AS SELECT measurement_id FROM measurements"
@@ -146,8 +153,8 @@ def analyze(
     try:
         for name in RULE_FILES:
             con.execute(_render(_sql_text(name), con, fps.version, not only_missing))
-            if name == "20_dns.sql" and v6:
-                _unflag_public_v6(con, v6)
+            if name == "20_dns.sql":
+                _classify_others(con, policy)
         # INSERT OR REPLACE, not DELETE + INSERT: one statement is atomic on its
         # own, and DuckDB commits a delete-then-reinsert of the same primary
         # keys ~15x slower (5 s vs 0.3 s per 100k verdicts, measured).
@@ -166,18 +173,13 @@ def analyze(
     return count
 
 
-def _unflag_public_v6(con: duckdb.DuckDBPyConnection, v6: list[ipaddress.IPv6Network]) -> None:
-    rows = con.execute("SELECT ip FROM _a_ipclass WHERE bogon AND ip LIKE '%:%'").fetchall()
-    public = []
-    for (ip,) in rows:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            continue
-        if addr.version == 6 and any(addr in net for net in v6):
-            public.append((ip,))
-    if public:
-        con.executemany("UPDATE _a_ipclass SET bogon = false WHERE ip = ?", public)
+def _classify_others(con: duckdb.DuckDBPyConnection, policy: Policy) -> None:
+    """Classify the addresses 20_dns left unclassified (IPv6, IPv4-mapped and
+    any other spelling) with core.net's table, the declared public networks
+    applied. Only the bogons, which are rare, travel back to DuckDB."""
+    rows = con.execute("SELECT ip FROM _a_ipclass WHERE bogon IS NULL").fetchall()
+    bogons = [ip for (ip,) in rows if policy.is_bogon(ip)]
+    con.execute("UPDATE _a_ipclass SET bogon = list_contains(?::VARCHAR[], ip) WHERE bogon IS NULL", [bogons])
 
 
 def _drop_temp(con: duckdb.DuckDBPyConnection) -> None:
@@ -186,6 +188,8 @@ def _drop_temp(con: duckdb.DuckDBPyConnection) -> None:
         "SELECT table_name FROM duckdb_tables() WHERE temporary AND (table_name LIKE '\\_a\\_%' ESCAPE '\\' OR table_name LIKE 'fp\\_%' ESCAPE '\\')").fetchall()]
     for name in names:
         con.execute(f"DROP TABLE IF EXISTS {name}")
+    con.execute("DROP MACRO IF EXISTS _a_endpoint_ip")
+    con.execute("DROP MACRO IF EXISTS _a_endpoint")
 
 
 def summary(con: duckdb.DuckDBPyConnection) -> list[dict]:

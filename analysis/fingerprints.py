@@ -24,13 +24,15 @@ import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 
+from core.download import DownloadFailed, describe, fetch_capped, install_atomically
 from core.errors import VantageError
+from core.paths import cache_dir
 
 OONI_HTTP = "fingerprints_http.csv"
 OONI_DNS = "fingerprints_dns.csv"
@@ -44,6 +46,8 @@ OONI_BASE_ENV = "VANTAGE_OONI_FINGERPRINTS_URL"
 CP_BASE_ENV = "VANTAGE_CP_FINGERPRINTS_URL"
 OONI_BASE_DEFAULT = "https://raw.githubusercontent.com/ooni/blocking-fingerprints/main/"
 CP_BASE_DEFAULT = "https://raw.githubusercontent.com/censoredplanet/censoredplanet-analysis/master/pipeline/metadata/data/"
+# Each file is well under 1 MB today; a larger answer is not a fingerprint set.
+MAX_FILE_BYTES = 16 * 1024 * 1024
 
 
 class FingerprintError(VantageError):
@@ -51,21 +55,35 @@ class FingerprintError(VantageError):
 
 
 def default_dir() -> Path:
+    """$VANTAGE_FINGERPRINTS_DIR, else ``fingerprints`` in Vantage's cache dir."""
     env = os.environ.get("VANTAGE_FINGERPRINTS_DIR")
-    if env:
-        return Path(env)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "vantage" / "fingerprints"
+    return Path(env) if env else cache_dir() / "fingerprints"
+
+
+class HttpPattern(NamedTuple):
+    source: str          # "ooni" | "censoredplanet"
+    name: str
+    scope: str           # OONI's scope ("fp" = not a blockpage, "vbw" = vague words)
+    location: str        # "body" | "header" | "response" (CP: the whole response)
+    header: str | None   # the header name for location "header"
+    regex: str           # RE2
+    false_positive: bool
+
+
+class DnsPattern(NamedTuple):
+    source: str
+    name: str
+    scope: str
+    ip: str              # a full-match answer
 
 
 @dataclass
 class FingerprintSet:
-    """Patterns ready for SQL. ``http`` rows: (source, name, scope, location,
-    header, regex, false_positive); ``dns`` rows: (source, name, scope, ip)."""
+    """Patterns ready for SQL (the temp tables fp_http and fp_dns)."""
 
     version: str = "none"
-    http: list[tuple] = field(default_factory=list)
-    dns: list[tuple] = field(default_factory=list)
+    http: list[HttpPattern] = field(default_factory=list)
+    dns: list[DnsPattern] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
 
     @property
@@ -107,7 +125,7 @@ def _header_regex(header: str, pattern_type: str, pattern: str) -> str:
     return line + (pattern[1:] if pattern.startswith("^") else "[^\\n]*" + pattern)
 
 
-def parse_ooni_http(text: str) -> list[tuple]:
+def parse_ooni_http(text: str) -> list[HttpPattern]:
     rows = []
     for row in csv.DictReader(io.StringIO(text)):
         location = (row.get("location_found") or "").strip().lower()
@@ -120,21 +138,21 @@ def parse_ooni_http(text: str) -> list[tuple]:
         if header:
             regex = _header_regex(header, (row.get("pattern_type") or "").strip(), row["pattern"])
         scope = (row.get("scope") or "").strip()
-        rows.append(("ooni", row["name"], scope, "header" if header else "body", header, regex, scope == "fp"))
+        rows.append(HttpPattern("ooni", row["name"], scope, "header" if header else "body", header, regex, scope == "fp"))
     return rows
 
 
-def parse_ooni_dns(text: str) -> list[tuple]:
+def parse_ooni_dns(text: str) -> list[DnsPattern]:
     rows = []
     for row in csv.DictReader(io.StringIO(text)):
         # Every DNS fingerprint of the set is a full match on an answer.
         if (row.get("pattern_type") or "").strip() != "full" or not row.get("pattern"):
             continue
-        rows.append(("ooni", row["name"], (row.get("scope") or "").strip(), row["pattern"].strip()))
+        rows.append(DnsPattern("ooni", row["name"], (row.get("scope") or "").strip(), row["pattern"].strip()))
     return rows
 
 
-def parse_cp(text: str, false_positive: bool) -> list[tuple]:
+def parse_cp(text: str, false_positive: bool) -> list[HttpPattern]:
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -144,8 +162,8 @@ def parse_cp(text: str, false_positive: bool) -> list[tuple]:
         except json.JSONDecodeError:
             raise FingerprintError(f"Censored Planet signatures: line {number} is not JSON") from None
         if item.get("pattern"):
-            rows.append(("censoredplanet", item.get("fingerprint") or f"line{number}", "fp" if false_positive else "",
-                         "response", None, item["pattern"], false_positive))
+            rows.append(HttpPattern("censoredplanet", item.get("fingerprint") or f"line{number}",
+                                    "fp" if false_positive else "", "response", None, item["pattern"], false_positive))
     return rows
 
 
@@ -190,8 +208,7 @@ def install(con: duckdb.DuckDBPyConnection, fps: FingerprintSet) -> dict[str, in
                 " header VARCHAR, regex VARCHAR, false_positive BOOLEAN)")
     con.execute("CREATE OR REPLACE TEMP TABLE fp_dns (source VARCHAR, name VARCHAR, scope VARCHAR, ip VARCHAR)")
     # Through Arrow: executemany costs ~1 ms a row, and there are ~3,000.
-    for table, rows, names in (("fp_http", fps.http, ("source", "name", "scope", "location", "header", "regex", "false_positive")),
-                               ("fp_dns", fps.dns, ("source", "name", "scope", "ip"))):
+    for table, rows, names in (("fp_http", fps.http, HttpPattern._fields), ("fp_dns", fps.dns, DnsPattern._fields)):
         if rows:
             import pyarrow as pa  # lazy: the probe's `vantage run` never pays for it
 
@@ -232,52 +249,43 @@ def _sources() -> dict[str, str]:
             CP_BLOCKPAGES: cp + CP_BLOCKPAGES, CP_FALSE_POSITIVES: cp + CP_FALSE_POSITIVES}
 
 
-async def _download(urls: dict[str, str], timeout: float) -> dict[str, str]:
+async def _download(urls: dict[str, str], timeout: float) -> dict[str, bytes]:
     import aiohttp
 
-    texts: dict[str, str] = {}
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
-    async with aiohttp.ClientSession(timeout=client_timeout) as session:
+    bodies: dict[str, bytes] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         for name, url in urls.items():
             try:
-                async with session.get(url) as response:
-                    if response.status != 200:
-                        raise FingerprintError(f"cannot download {url}: HTTP {response.status}")
-                    texts[name] = (await response.read()).decode("utf-8")
-            except FingerprintError:
-                raise
-            except asyncio.TimeoutError:
-                raise FingerprintError(f"cannot download {url}: timed out (offline?)") from None
-            except (aiohttp.ClientError, OSError, UnicodeDecodeError) as exc:
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise FingerprintError(f"cannot download {url}: {reason}") from None
-    return texts
+                bodies[name] = await fetch_capped(session, url, MAX_FILE_BYTES)
+            except DownloadFailed as exc:
+                raise FingerprintError(f"cannot download the fingerprints: {exc}") from None
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                raise FingerprintError(f"cannot download {url}: {describe(exc)} (offline?)") from None
+    return bodies
 
 
 def update(directory: str | os.PathLike | None = None, timeout: float = 60.0) -> FingerprintSet:
     """Download all four files, check they parse, then replace the cached copies.
 
-    Nothing is written until every file arrived and parsed, and each file is
-    moved into place with an atomic rename, so an interrupted or offline update
+    Nothing is written until every file arrived and parsed; then
+    core.download.install_atomically writes each to a temporary name, fsyncs
+    it and renames the set into place, so an interrupted or offline update
     leaves the previous set intact.
     """
     target = Path(directory) if directory else default_dir()
-    texts = asyncio.run(_download(_sources(), timeout))
+    bodies = asyncio.run(_download(_sources(), timeout))
+    texts = {}
+    for name, body in bodies.items():
+        try:
+            texts[name] = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FingerprintError(f"the downloaded {name} is not UTF-8 text; keeping the old set") from None
     fps = _parse_all(texts)
-    if not any(r[0] == "ooni" for r in fps.http) or not fps.dns:
+    if not any(r.source == "ooni" for r in fps.http) or not fps.dns:
         raise FingerprintError("the downloaded OONI fingerprint files hold no patterns; keeping the old set")
     try:
         target.mkdir(parents=True, exist_ok=True)
-        staged = []
-        for name, text in texts.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(text.encode("utf-8"))
-            staged.append((tmp, target / name))
-        for tmp, final in staged:
-            os.replace(tmp, final)
+        install_atomically(target, bodies)
     except OSError as exc:
-        for tmp, _ in locals().get("staged", []):
-            Path(tmp).unlink(missing_ok=True)
-        raise FingerprintError(f"cannot write fingerprints to {target}: {exc.strerror}") from None
+        raise FingerprintError(f"cannot write fingerprints to {target}: {exc.strerror or exc}") from None
     return fps

@@ -27,11 +27,14 @@ slowdown it could not confirm: then ``inconclusive``, with the reason.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+
+from core.net import Policy
+
+from .db import ensure_schema
 
 # Decision thresholds (documented in docs/throttling.md).
 P_THRESHOLD = 0.01          # KS significance
@@ -312,14 +315,9 @@ def judge(
 # --- Database --------------------------------------------------------------------
 
 
-def _is_public(ip: str | None, networks: list) -> bool:
-    if not ip:
-        return True
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return True
-    return address.is_global or any(address in net for net in networks)
+def _is_public(ip: str | None, policy: Policy) -> bool:
+    """Not a special-purpose address (core.net's table), unless declared public."""
+    return not ip or not policy.is_bogon(ip)
 
 
 def _details(record_json: str | None) -> tuple[dict[tuple, dict], dict]:
@@ -349,7 +347,10 @@ def _download(row: tuple, detail: dict) -> Download:
 
 def apply_throttling(con, public_networks: Iterable[str] = ()) -> int:
     """Write (replace) the verdict of every `throttling` measurement; returns how many."""
-    networks = [ipaddress.ip_network(n, strict=False) for n in public_networks]
+    from .engine import public_policy
+
+    ensure_schema(con)
+    policy = public_policy(public_networks)
     measurements = con.execute(
         "SELECT measurement_id, run_id, input, scheme, control_failure, record FROM measurements "
         "WHERE test_name = 'throttling' ORDER BY measurement_id"
@@ -393,7 +394,7 @@ def apply_throttling(con, public_networks: Iterable[str] = ()) -> int:
         ip = next((d.ip for d in probe if d.ip), None)
         verdict = judge(
             probe, helper, scheme=scheme or "https", baseline_kbit=baseline,
-            address_public=_is_public(ip, networks), control_failure=control_failure, bin_seconds=bin_seconds,
+            address_public=_is_public(ip, policy), control_failure=control_failure, bin_seconds=bin_seconds,
         )
         out.append((mid, url, verdict.status, verdict.layer, verdict.method, round(verdict.confidence, 3), False,
                     json.dumps(verdict.evidence, sort_keys=True), now))

@@ -146,14 +146,4 @@ CREATE TABLE IF NOT EXISTS throughput_samples (
     kbit_per_s DOUBLE
 );
 
-CREATE TABLE IF NOT EXISTS verdicts (
-    measurement_id VARCHAR PRIMARY KEY,
-    input VARCHAR,
-    status VARCHAR,              -- ok | blocked | throttled | down | server_side | inconclusive
-    layer VARCHAR,
-    method VARCHAR,
-    confidence DOUBLE,
-    confirmed BOOLEAN,
-    evidence JSON,
-    analysed_at TIMESTAMP
-);
+-- verdicts: owned and created by the analysis (analysis/sql/00_verdicts.sql).

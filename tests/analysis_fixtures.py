@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from pathlib import Path
 from typing import Any
 
 from probes import records as R
 from probes.store import connect, write_all
+from shared import SHARED
 
-SHARED = Path("/work/shared/data")
-FINGERPRINTS = SHARED / "fingerprints"
+# The shared fingerprint sets; the tests that need no fingerprint still run
+# without them (an absent directory is an empty set).
+FINGERPRINTS = SHARED / "data" / "fingerprints"
 _tx = itertools.count(1)
 
 
@@ -110,9 +111,16 @@ def database(records: list[dict], **analyze_kwargs) -> Any:
     return con
 
 
+def row(con, sql: str, params: list | None = None) -> dict | None:
+    """One result row as {column: value}."""
+    cursor = con.execute(sql, params or [])
+    values = cursor.fetchone()
+    return None if values is None else dict(zip((d[0] for d in cursor.description), values))
+
+
 def verdict(con, record: dict) -> dict:
-    row = con.execute("SELECT status, layer, method, confidence, confirmed, evidence FROM verdicts WHERE measurement_id = ?",
-                      [record["measurement_id"]]).fetchone()
-    assert row is not None, "no verdict written"
-    return {"status": row[0], "layer": row[1], "method": row[2], "confidence": row[3], "confirmed": row[4],
-            "evidence": json.loads(row[5])}
+    v = row(con, "SELECT status, layer, method, confidence, confirmed, evidence FROM verdicts WHERE measurement_id = ?",
+            [record["measurement_id"]])
+    assert v is not None, "no verdict written"
+    v["evidence"] = json.loads(v["evidence"])
+    return v

@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 from aiohttp import web
 
 from analysis import fingerprints as F
+from shared import shared_path
 
-SHARED = Path("/work/shared/data/fingerprints")
 
-
-def shared_or_skip() -> Path:
-    if not SHARED.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail("shared fingerprints missing in CI")
-        pytest.skip("shared fingerprints absent")
-    return SHARED
+def shared_or_skip():
+    return shared_path("data", "fingerprints")
 
 
 def test_load_shared_sets():
     fps = F.load(shared_or_skip())
     assert fps.version.startswith("fp-") and len(fps.version) == 15
     assert len(fps.dns) == 226
-    sources = {r[0] for r in fps.http}
+    sources = {r.source for r in fps.http}
     assert sources == {"ooni", "censoredplanet"}
-    assert any(r[6] for r in fps.http if r[0] == "censoredplanet")  # false positives loaded
+    assert any(r.false_positive for r in fps.http if r.source == "censoredplanet")  # false positives loaded
 
 
 def test_missing_dir_is_empty_set(tmp_path):
@@ -94,7 +86,8 @@ async def test_update_downloads_all_files(mirror, tmp_path, monkeypatch):
     target = tmp_path / "cache"
     fps = await asyncio.to_thread(F.update, target)
     assert sorted(p.name for p in target.iterdir()) == sorted(F.FILES)
-    assert F.load(target).version == fps.version == F.load(SHARED).version
+    assert F.load(target).version == fps.version == F.load(shared_or_skip()).version
+    assert not [p for p in target.iterdir() if p.name.endswith(".part")]  # no temporary left behind
 
 
 async def test_update_failure_writes_nothing(mirror, tmp_path, monkeypatch):
@@ -116,3 +109,26 @@ def test_update_offline_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(F.FingerprintError) as info:
         F.update(tmp_path / "c", timeout=5)
     assert "\n" not in str(info.value) and "cannot download" in str(info.value)
+
+
+async def test_update_refuses_an_oversized_file(mirror, tmp_path, monkeypatch):
+    import asyncio
+
+    base, _ = mirror
+    monkeypatch.setattr(F, "MAX_FILE_BYTES", 1024)  # every shared file is larger
+    monkeypatch.setenv(F.OONI_BASE_ENV, base + "/ooni")
+    monkeypatch.setenv(F.CP_BASE_ENV, base + "/cp")
+    target = tmp_path / "cache"
+    with pytest.raises(F.FingerprintError, match="larger than"):
+        await asyncio.to_thread(F.update, target)
+    assert not target.exists() or not any(target.iterdir())
+
+
+def test_default_dir_is_in_the_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("VANTAGE_FINGERPRINTS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert F.default_dir() == tmp_path / "vantage" / "fingerprints"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the XDG rule of core.paths
+    assert F.default_dir().is_absolute()
+    monkeypatch.setenv("VANTAGE_FINGERPRINTS_DIR", str(tmp_path / "fp"))
+    assert F.default_dir() == tmp_path / "fp"

@@ -2,63 +2,64 @@
 
 Each file name is the emulated scenario (ground truth); the expected verdicts
 are in wc05_qa_expected.csv (status may list alternatives with '|'; layer is
-checked only for blocked verdicts that name one).
+checked only for blocked verdicts that name one). Every case must hold: a
+rule change that gets one of OONI's QA cases wrong is a regression.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from analysis.engine import analyze
-from analysis.ooni_import import record_from_ooni
+from probes.ooni_import import record_from_ooni
 from probes.store import connect, write_all
-
-QA = Path("/work/shared/data/ooni/ooni-data-wc05_qa")
-EXPECTED = Path("/work/shared/data/ooni/wc05_qa_expected.csv")
-FINGERPRINTS = Path("/work/shared/data/fingerprints")
+from shared import shared_path
 
 pytestmark = pytest.mark.shared
 
 
 @pytest.fixture(scope="module")
 def qa():
-    if not QA.is_dir() and os.environ.get("CI") != "true":
-        pytest.skip("shared OONI QA data absent")
+    folder = shared_path("data", "ooni", "ooni-data-wc05_qa")
+    expected_csv = shared_path("data", "ooni", "wc05_qa_expected.csv")
     con = connect(":memory:")
     names, records = {}, []
-    for path in sorted(QA.glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         record = record_from_ooni(json.loads(path.read_text()))
         names[record["measurement_id"]] = path.stem
         records.append((record, None))
     write_all(con, records)
-    analyze(con, fingerprints_dir=FINGERPRINTS)
-    expected = {row["scenario"]: row for row in csv.DictReader(EXPECTED.open())}
-    got = {names[r[0]]: r[1:] for r in con.execute("SELECT measurement_id, status, layer, method FROM verdicts").fetchall()}
+    analyze(con, fingerprints_dir=shared_path("data", "fingerprints"))
+    expected = {row["scenario"]: row for row in csv.DictReader(expected_csv.open())}
+    cursor = con.execute("SELECT measurement_id, status, layer, method FROM verdicts")
+    columns = [d[0] for d in cursor.description]
+    got = {}
+    for values in cursor.fetchall():
+        row = dict(zip(columns, values))
+        got[names[row.pop("measurement_id")]] = row
     return expected, got
 
 
-def _correct(expected: dict, got: tuple) -> bool:
-    status, layer, _ = got
-    if status not in expected["status"].split("|"):
+def _correct(expected: dict, got: dict) -> bool:
+    if got["status"] not in expected["status"].split("|"):
         return False
-    return not (status == "blocked" and expected["layer"]) or layer == expected["layer"]
+    return not (got["status"] == "blocked" and expected["layer"]) or got["layer"] == expected["layer"]
 
 
 def test_every_measurement_gets_one_verdict(qa):
     expected, got = qa
+    assert len(expected) == 50
     assert set(got) == set(expected)
 
 
 def test_score(qa):
     expected, got = qa
-    wrong = {name: (expected[name]["status"], expected[name]["layer"], got[name]) for name in expected if not _correct(expected[name], got[name])}
-    # 50/50 when written; allow a little room for rule changes that help the lab
-    assert len(wrong) <= 2, wrong
+    wrong = {name: (expected[name]["status"], expected[name]["layer"], got[name]) for name in expected
+             if not _correct(expected[name], got[name])}
+    assert not wrong, wrong
 
 
 @pytest.mark.parametrize("name", ["websiteDownNXDOMAIN", "websiteDownTCPConnect", "badSSLWithExpiredCertificate",
@@ -66,13 +67,11 @@ def test_score(qa):
                                   "dnsHijackingToProxyWithHTTPSURL", "cloudflareCAPTCHAWithHTTPS"])
 def test_never_called_censorship(qa, name):
     _, got = qa
-    assert got[name][0] != "blocked"
+    assert got[name]["status"] != "blocked"
 
 
 def test_record_from_ooni_shape():
-    if not QA.is_dir():
-        pytest.skip("shared OONI QA data absent")
-    raw = json.loads((QA / "dnsBlockingBOGON.json").read_text())
+    raw = json.loads((shared_path("data", "ooni", "ooni-data-wc05_qa") / "dnsBlockingBOGON.json").read_text())
     record = record_from_ooni(raw)
     assert record["measurement_id"].startswith("ooni-")
     assert {q["engine"] for q in record["test_keys"]["queries"]} >= {"system", "udp", "doh"}

@@ -183,9 +183,11 @@ def _entry(variant, attempt, kbit, ip="198.18.100.5"):
 
 
 def test_apply_throttling_writes_verdicts():
+    from analysis.db import ensure_schema
     from probes import store
 
     con = store.connect(":memory:")
+    ensure_schema(con)  # the verdicts table is the analysis's
     throttled = [_entry(v, i, 128 if v == "target" else 2000) for i in range(4) for v in ("target", "scrambled")]
     normal = [_entry(v, i, 2000) for i in range(4) for v in ("target", "scrambled")]
     helper = [{"variant": "helper", "attempt": 0, "ip": "198.18.100.5", "failure": None, "bytes": 1, "seconds": 3.0,

@@ -13,6 +13,16 @@
 -- Caveats: OONI test helpers name failures differently (dns_name_error,
 --   connection_refused_error, unknown_error); only "failed or not" is used here,
 --   except the NXDOMAIN spelling, which both vocabularies are matched for.
+-- Macros for every later stage (core.net's endpoint text, written once here):
+--   _a_endpoint(ip, port) -> '1.2.3.4:443' or '[2001:db8::1]:443';
+--   _a_endpoint_ip(address) -> the lower-case address of such a text (empty
+--   when it is not one).
+CREATE OR REPLACE TEMP MACRO _a_endpoint(ip, port) AS
+    CASE WHEN contains(ip, ':') THEN '[' || ip || ']' ELSE ip END || ':' || port;
+CREATE OR REPLACE TEMP MACRO _a_endpoint_ip(address) AS
+    lower(CASE WHEN address LIKE '[%' THEN regexp_extract(address, '^\[([^\]]*)\]', 1)
+               ELSE regexp_extract(address, '^(.*):[0-9]+$', 1) END);
+
 CREATE OR REPLACE TEMP TABLE _a_m AS
 SELECT m.measurement_id, m.input,
        coalesce(i.ascii, lower(rtrim(m.domain, '.'))) AS host,

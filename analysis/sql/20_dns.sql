@@ -12,9 +12,12 @@
 --               in a first response, with its classes and downstream fate.
 --   _a_dns_m    one row per measurement with DNS signals.
 -- Caveats:
---   * Bogon = special-purpose ranges (RFC 6890) minus the networks the caller
---     declares public (the lab's 198.18.0.0/15). IPv6 bogons are recognised by
---     prefix (loopback, link-local, ULA, documentation, v4-mapped bogons).
+--   * Bogon = the special-purpose ranges of core.net (SPECIAL_V4/SPECIAL_V6,
+--     RFC 6890 and successors) minus the networks the caller declares public
+--     (the lab's 198.18.0.0/15). Dotted IPv4 is classified here against
+--     _a_bogon4/_a_public4 (filled from core.net); other spellings by the
+--     engine with core.net.Policy, which reads IPv4-mapped and NAT64/6to4
+--     addresses as the IPv4 they carry.
 --   * A different answer from the control is not an anomaly by itself (CDNs,
 --     geo-DNS): it needs no voucher AND a failure downstream (or the control
 --     saying the name does not exist) to count.
@@ -35,23 +38,18 @@ JOIN _a_m m USING (measurement_id);
 CREATE OR REPLACE TEMP TABLE _a_ipclass AS
 WITH ips AS (
     SELECT DISTINCT ip FROM _a_dns WHERE ip IS NOT NULL
-), v4 AS (
-    SELECT ip, CASE WHEN ip LIKE '::ffff:%' THEN substr(ip, 8) ELSE ip END AS v4
-    FROM ips
-    WHERE regexp_full_match(ip, '(::ffff:)?[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}')
 ), v4n AS (
-    SELECT ip, list_reduce(list_transform(string_split(v4, '.'), lambda x: x::BIGINT), lambda a, b: a * 256 + b) AS n
-    FROM v4
-), v4c AS (
-    SELECT v4n.ip,
-           EXISTS (SELECT 1 FROM _a_bogon4 b WHERE v4n.n BETWEEN b.lo AND b.hi)
-           AND NOT EXISTS (SELECT 1 FROM _a_public4 p WHERE v4n.n BETWEEN p.lo AND p.hi) AS bogon
-    FROM v4n
+    SELECT ip, list_reduce(list_transform(string_split(ip, '.'), lambda x: x::BIGINT), lambda a, b: a * 256 + b) AS n
+    FROM ips
+    WHERE regexp_full_match(ip, '[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}')
 )
-SELECT ip, bogon FROM v4c
+SELECT v4n.ip,
+       EXISTS (SELECT 1 FROM _a_bogon4 b WHERE v4n.n BETWEEN b.lo AND b.hi)
+       AND NOT EXISTS (SELECT 1 FROM _a_public4 p WHERE v4n.n BETWEEN p.lo AND p.hi) AS bogon
+FROM v4n
 UNION ALL
-SELECT ip,
-       ip IN ('::', '::1')
-       OR regexp_matches(ip, '^(fe[89ab][0-9a-f]:|f[cd][0-9a-f]{2}:|2001:db8:|2001:0db8:|100::|ff[0-9a-f]{2}:)') AS bogon
+-- IPv6, IPv4-mapped and any other spelling: left NULL here, classified by the
+-- engine with core.net (embedded IPv4 included) right after this file.
+SELECT ip, NULL::BOOLEAN AS bogon
 FROM ips
-WHERE ip NOT IN (SELECT ip FROM v4);
+WHERE ip NOT IN (SELECT ip FROM v4n);

@@ -1,6 +1,6 @@
 -- 21_dns_signals: per-answer and per-measurement DNS signals (see 20_dns for
--- the terms). Runs after the engine has applied IPv6 public networks to
--- _a_ipclass.
+-- the terms). Runs after the engine has classified the addresses 20_dns left
+-- open in _a_ipclass (IPv6 and other non-dotted spellings).
 -- Grain: _a_valid (measurement, vouched address), _a_ctl_ip (measurement,
 --   control-resolved address), _a_ipobs (measurement, address the probe used),
 --   _a_ans (one per probe system/UDP first-response address), _a_inject (one
@@ -24,17 +24,16 @@ SELECT DISTINCT measurement_id, ip FROM _a_dns WHERE side = 'control' AND ip IS 
 CREATE OR REPLACE TEMP TABLE _a_ipobs AS
 SELECT measurement_id, ip, bool_or(failed) AS failed
 FROM (
-    -- network_unreachable is the probe's own routing (an IPv4-only probe
-    -- given an AAAA answer), not something done to that address.
-    SELECT measurement_id, lower(ip) AS ip, NOT success AND coalesce(failure, '') <> 'network_unreachable' AS failed FROM tcp_connects
+    -- An unroutable address (an IPv4-only probe given an AAAA answer) is the
+    -- probe's own routing, not something done to that address.
+    SELECT measurement_id, lower(ip) AS ip, NOT success AND coalesce(failure, '') NOT IN {{UNROUTABLE}} AS failed FROM tcp_connects
     WHERE side = 'probe' {{AND_IN_SCOPE}}
     UNION ALL
     SELECT measurement_id, lower(ip), NOT success FROM tls_handshakes
     WHERE side = 'probe' {{AND_IN_SCOPE}}
     UNION ALL
     SELECT measurement_id,
-           lower(CASE WHEN address LIKE '[%' THEN regexp_extract(address, '^\[([^\]]*)\]', 1)
-                      ELSE regexp_extract(address, '^(.*):[0-9]+$', 1) END),
+           _a_endpoint_ip(address),
            failure IS NOT NULL FROM http_transactions
     WHERE side = 'probe' AND address IS NOT NULL {{AND_IN_SCOPE}}
 )
@@ -94,7 +93,7 @@ WITH q AS (
 ), any_probe AS (
     SELECT measurement_id,
            bool_or(ip IS NOT NULL) AS p_any_answer,
-           bool_or(failure IN ('network_unreachable', 'host_unreachable')) AS p_dns_unreach
+           bool_or(failure IN {{UNROUTABLE}}) AS p_dns_unreach
     FROM _a_dns WHERE side = 'probe'
     GROUP BY measurement_id
 ), a AS (

@@ -7,16 +7,17 @@
 --   * "The control reached it" is endpoint-exact when the helper tried that
 --     endpoint; when it did not (addresses of redirect targets, which the helper
 --     never sees), a successful control fetch of the page stands in for it.
---   * network_unreachable / host_unreachable are ignored: they are what a probe
---     without IPv6 (or offline) reports, not what a censor sends.
+--   * Unroutable failures (network_unreachable, host_unreachable: the
+--     engine's UNROUTABLE, from core.failures) are ignored: they are what a probe without IPv6 (or
+--     offline) reports, not what a censor sends.
 --   * ssl_failed_handshake (an alert instead of a ServerHello) counts as a
 --     reset-style failure, with a lower confidence set in 60_verdicts.
 CREATE OR REPLACE TEMP TABLE _a_tcp_m AS
 SELECT p.measurement_id,
        bool_or(p.success) AS p_tcp_ok,
-       bool_or(p.failure IN ('network_unreachable', 'host_unreachable')) AS p_tcp_unreach,
-       min(p.ip || ':' || p.port) FILTER (WHERE p.failure = 'connection_refused' AND reached) AS tcp_reset_ep,
-       min(p.ip || ':' || p.port) FILTER (WHERE p.failure = 'generic_timeout_error' AND reached) AS tcp_timeout_ep
+       bool_or(p.failure IN {{UNROUTABLE}}) AS p_tcp_unreach,
+       min(_a_endpoint(p.ip, p.port)) FILTER (WHERE p.failure = 'connection_refused' AND reached) AS tcp_reset_ep,
+       min(_a_endpoint(p.ip, p.port)) FILTER (WHERE p.failure = 'generic_timeout_error' AND reached) AS tcp_timeout_ep
 FROM (
     SELECT p.*, coalesce(c.success, (c.measurement_id IS NULL AND coalesce(k.c_http_ok, false))) AS reached
     FROM tcp_connects p
@@ -32,11 +33,11 @@ GROUP BY p.measurement_id;
 CREATE OR REPLACE TEMP TABLE _a_tls_m AS
 SELECT p.measurement_id,
        bool_or(p.failure LIKE 'ssl\_%' ESCAPE '\' OR p.cert_valid = false) AS p_tls_certfail,
-       min(p.ip || ':' || p.port) FILTER (WHERE p.failure IN ('connection_reset', 'eof_error') AND reached) AS tls_reset_ep,
+       min(_a_endpoint(p.ip, p.port)) FILTER (WHERE p.failure IN ('connection_reset', 'eof_error') AND reached) AS tls_reset_ep,
        any_value(p.failure) FILTER (WHERE p.failure IN ('connection_reset', 'eof_error') AND reached) AS tls_reset_failure,
-       min(p.ip || ':' || p.port) FILTER (WHERE p.failure = 'ssl_failed_handshake' AND reached) AS tls_alert_ep,
-       min(p.ip || ':' || p.port) FILTER (WHERE p.failure = 'generic_timeout_error' AND reached) AS tls_timeout_ep,
-       min(p.ip || ':' || p.port) FILTER (WHERE (p.cert_valid = false OR p.failure IN ('ssl_unknown_authority', 'ssl_invalid_hostname', 'ssl_invalid_certificate')) AND reached) AS tls_mitm_ep,
+       min(_a_endpoint(p.ip, p.port)) FILTER (WHERE p.failure = 'ssl_failed_handshake' AND reached) AS tls_alert_ep,
+       min(_a_endpoint(p.ip, p.port)) FILTER (WHERE p.failure = 'generic_timeout_error' AND reached) AS tls_timeout_ep,
+       min(_a_endpoint(p.ip, p.port)) FILTER (WHERE (p.cert_valid = false OR p.failure IN ('ssl_unknown_authority', 'ssl_invalid_hostname', 'ssl_invalid_certificate')) AND reached) AS tls_mitm_ep,
        any_value(p.cert_issuer) FILTER (WHERE (p.cert_valid = false OR p.failure IN ('ssl_unknown_authority', 'ssl_invalid_hostname', 'ssl_invalid_certificate')) AND reached) AS tls_mitm_issuer,
        any_value(coalesce(p.cert_error, p.failure)) FILTER (WHERE (p.cert_valid = false OR p.failure IN ('ssl_unknown_authority', 'ssl_invalid_hostname', 'ssl_invalid_certificate')) AND reached) AS tls_mitm_error
 FROM (

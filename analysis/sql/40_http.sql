@@ -25,8 +25,7 @@
 CREATE OR REPLACE TEMP VIEW _a_hops AS
 SELECT h.measurement_id, h.redirect_index, h.transaction_id, h.url,
        lower(regexp_extract(h.url, '^([A-Za-z][A-Za-z0-9+.-]*)://', 1)) AS hop_scheme,
-       lower(CASE WHEN h.address LIKE '[%' THEN regexp_extract(h.address, '^\[([^\]]*)\]', 1)
-                  ELSE regexp_extract(h.address, '^(.*):[0-9]+$', 1) END) AS ip,
+       _a_endpoint_ip(h.address) AS ip,
        h.failure, nullif(h.status_code, 0) AS status_code, h.title, h.body_length, h.body_truncated, h.body_sha256, h.body, h.headers
 FROM http_transactions h
 WHERE h.side = 'probe' {{AND_IN_SCOPE}};
@@ -44,8 +43,7 @@ WITH last AS (
     SELECT measurement_id, h.url, h.failure, nullif(h.status_code, 0) AS status_code, h.title, h.body_length,
            h.body_truncated, h.body_sha256,
            lower(regexp_extract(h.url, '^([A-Za-z][A-Za-z0-9+.-]*)://', 1)) AS hop_scheme,
-           lower(CASE WHEN h.address LIKE '[%' THEN regexp_extract(h.address, '^\[([^\]]*)\]', 1)
-                      ELSE regexp_extract(h.address, '^(.*):[0-9]+$', 1) END) AS ip,
+           _a_endpoint_ip(h.address) AS ip,
            coalesce(json_extract_string(h.headers, '$.Server'), json_extract_string(h.headers, '$.server')) AS f_server,
            h.transaction_id AS f_txid, h.t AS f_t
     FROM last

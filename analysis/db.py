@@ -1,0 +1,85 @@
+"""The analysis's own door to a Vantage database.
+
+The analysis reads what the probe stored and writes the tables it owns
+(``verdicts``, the ``agg_*`` views); it never imports the probe's store.
+``connect(path)`` opens an existing database only: a mistyped path is an
+error naming the path, never a new empty database (or directory) that
+``vantage analyze`` would then report as analysed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+
+from core.errors import VantageError
+from core.paths import default_db_path
+
+# DuckDB's own default is 80% of RAM; the analysis joins whole tables and gets
+# 1 GB unless VANTAGE_ANALYZE_MEMORY says otherwise. Measured
+# (bench/results/analyze.json, docs/benchmarks.md): 1M measurements on 2
+# threads take 24.3 s at a 1.6 GB limit (peak RSS 1,740 MB); at 1.2 GB and
+# below (this default included) DuckDB spills its stage tables to disk and
+# takes ~40 s. Smaller databases fit either way.
+MEMORY_ENV = "VANTAGE_ANALYZE_MEMORY"
+DEFAULT_MEMORY = "1GB"
+_MEMORY = re.compile(r"\s*\d+(\.\d+)?\s*([KMGT]i?)?B\s*", re.IGNORECASE)
+
+# What the probe writes and the rules read (probes/schema.sql).
+OBSERVATION_TABLES = frozenset({"measurements", "dns_answers", "tcp_connects", "tls_handshakes",
+                                "http_transactions", "network_events", "throughput_samples"})
+
+
+class AnalysisError(VantageError):
+    """A problem the user can fix (no such database, bad CIDR, not a Vantage database): one line."""
+
+
+def connect(path: str | os.PathLike | None = None, *, memory_limit: str | None = None,
+            threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """Open the Vantage database at ``path`` (default: core.paths.default_db_path())
+    for analysis, with the ``verdicts`` table in place.
+
+    ``memory_limit``: DuckDB's buffer pool (default: $VANTAGE_ANALYZE_MEMORY or
+    1GB); ``threads``: DuckDB's worker threads (default: all cores). Raises
+    AnalysisError when the file does not exist, cannot be opened (locked by a
+    running probe, not a DuckDB file) or holds no Vantage tables."""
+    target = Path(path) if path else default_db_path()
+    if not target.exists():
+        raise AnalysisError(f"no database at {target} (run `vantage run` first, or pass --db)")
+    if not target.is_file():
+        raise AnalysisError(f"{target} is not a database file")
+    limit = memory_limit or os.environ.get(MEMORY_ENV) or DEFAULT_MEMORY
+    if not _MEMORY.fullmatch(limit):
+        raise AnalysisError(f"{MEMORY_ENV}={limit!r} is not a memory size (e.g. 1GB, 512MB)")
+    try:
+        con = duckdb.connect(str(target))
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AnalysisError(f"cannot open the database {target}: {first}") from None
+    try:
+        con.execute(f"SET memory_limit = '{limit.strip()}'")
+        if threads:
+            con.execute(f"SET threads = {int(threads)}")
+        ensure_schema(con)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def tables(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE NOT temporary").fetchall()}
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Check that ``con`` holds a Vantage database and create the analysis's
+    own table (``verdicts``) if it is missing; idempotent. A database without
+    the probe's tables is refused rather than given a verdicts table."""
+    missing = OBSERVATION_TABLES - tables(con)
+    if missing:
+        raise AnalysisError(f"the database lacks the table(s) {', '.join(sorted(missing))} (not a Vantage database?)")
+    con.execute(resources.files("analysis").joinpath("sql", "00_verdicts.sql").read_text(encoding="utf-8"))
