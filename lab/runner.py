@@ -45,15 +45,6 @@ def _port_open(ip: str, port: int) -> bool:
         return False
 
 
-def _vantage_has(*args: str) -> bool:
-    """Whether `vantage ARGS --help` works (the helper and some tests are other
-    packages that may not be installed in every checkout)."""
-    import subprocess
-
-    proc = subprocess.run([*VANTAGE, *args, "--help"], capture_output=True, text=True)
-    return proc.returncode == 0
-
-
 @dataclass
 class ScenarioLab:
     """A running lab for one scenario. Use as a context manager."""
@@ -151,9 +142,6 @@ class ScenarioLab:
             raise LabError(f"the censor did not start: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
 
     def _start_helper(self) -> None:
-        if not _vantage_has("helper", "serve"):
-            self.notes.append("`vantage helper serve` is not available: the probe runs without a control")
-            return
         argv = [*VANTAGE, "helper", "serve", "--listen", f"{plan.CONTROL_ADDRESS}:{plan.HELPER_PORT}",
                 "--allow", plan.LAB_NETWORK, "--ca-file", str(self.ca.cert_path), "--resolver", plan.CONTROL_RESOLVER]
         proc = self.lab.spawn("control", argv, "helper", ready=False, env=self._child_env())
@@ -307,14 +295,11 @@ def run_scenario(path: Path | str, progress=None, *, keep: bool = False) -> dict
             errors.append(f"vantage run web exited {rc}: {msg.splitlines()[-1] if msg else ''}")
         throttled = list(dict.fromkeys(e.url for e in scenario.expect if scenario.needs_throttling_test(e)))
         if throttled:
-            if _supports_throttling():
-                t = time.monotonic()
-                rc, msg = slab.run_probe("throttling", throttled, db)
-                slab.timings["probe_throttling"] = round(time.monotonic() - t, 1)
-                if rc != 0:
-                    errors.append(f"vantage run throttling exited {rc}: {msg.splitlines()[-1] if msg else ''}")
-            else:
-                errors.append("`vantage run throttling` is not available: throttling expectations rely on web connectivity alone")
+            t = time.monotonic()
+            rc, msg = slab.run_probe("throttling", throttled, db)
+            slab.timings["probe_throttling"] = round(time.monotonic() - t, 1)
+            if rc != 0:
+                errors.append(f"vantage run throttling exited {rc}: {msg.splitlines()[-1] if msg else ''}")
         _say(progress, "analyzing")
         t = time.monotonic()
         if db.exists():
@@ -336,13 +321,6 @@ def run_scenario(path: Path | str, progress=None, *, keep: bool = False) -> dict
     if errors:
         result["errors"] = errors
     return result
-
-
-def _supports_throttling() -> bool:
-    import subprocess
-
-    proc = subprocess.run([*VANTAGE, "run", "--help"], capture_output=True, text=True)
-    return "throttling" in proc.stdout
 
 
 def analyze_db(db: Path) -> dict[str, dict[str, dict]]:
