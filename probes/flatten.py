@@ -3,6 +3,19 @@
 One flattener serves our measurements, the control (helper) response embedded
 in them, and OONI measurements imported from elsewhere, so analysis sees one
 shape whatever the source.
+
+Rows are dicts keyed by column name (the columns are schema.sql's; the writer
+takes their order and types from there, probes/schema.py). A column a row does
+not name is NULL.
+
+A malformed field degrades that field, never the measurement: entries that
+are not objects are skipped, values of the wrong type become NULL when
+written (probes/store.py), a body whose base64 is broken is decoded as far as
+it goes.
+
+Per-record bounds (docs/schema.md, "Bounds"): the store must be able to write
+any record in the probe's 32 MB of DuckDB memory, whatever a hostile server
+made the probe record.
 """
 
 from __future__ import annotations
@@ -14,38 +27,28 @@ import json
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
+from core.net import split_endpoint  # noqa: F401  (re-exported for older imports)
+
 from .records import body_bytes, title_bytes
 
-BODY_TEXT_CAP = 64 * 1024
+Row = dict[str, Any]
 
-TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "run_inputs": ("run_id", "position", "input", "category_code"),
-    "measurements": (
-        "measurement_id", "run_id", "test_name", "test_version", "input", "domain", "scheme", "port",
-        "category_code", "start_time", "runtime", "probe_cc", "probe_asn", "resolver_asn",
-        "software_name", "software_version", "control_failure", "control_helper", "probe_network_ok", "record",
-    ),
-    "dns_answers": (
-        "measurement_id", "side", "transaction_id", "engine", "resolver", "hostname", "query_type",
-        "response_index", "failure", "rcode", "answer_type", "answer", "ttl", "t0", "t",
-    ),
-    "tcp_connects": ("measurement_id", "side", "transaction_id", "ip", "port", "success", "failure", "t0", "t"),
-    "tls_handshakes": (
-        "measurement_id", "side", "transaction_id", "ip", "port", "server_name", "success", "failure",
-        "tls_version", "cipher_suite", "cert_valid", "cert_error", "cert_subject", "cert_issuer",
-        "cert_sha256", "cert_not_after", "t0", "t",
-    ),
-    "http_transactions": (
-        "measurement_id", "side", "transaction_id", "redirect_index", "url", "method", "address", "failure",
-        "status_code", "headers", "title", "body_length", "body_truncated", "body_sha256", "body", "t0", "t",
-    ),
-    "network_events": ("measurement_id", "side", "transaction_id", "operation", "address", "num_bytes", "t"),
-    "throughput_samples": (
-        "measurement_id", "side", "variant", "attempt", "ip", "server_name", "failure", "bytes", "seconds", "kbit_per_s",
-    ),
-}
+# The tables a record fills.
+FLATTENED_TABLES = (
+    "measurements", "dns_answers", "tcp_connects", "tls_handshakes", "http_transactions", "network_events",
+    "throughput_samples",
+)
 
-OBSERVATION_TABLES = tuple(name for name in TABLE_COLUMNS if name != "run_inputs")
+# --- Bounds on what one record writes -----------------------------------------
+BODY_TEXT_CAP = 64 * 1024           # http_transactions.body: the first 64 KiB as text
+EVENTS_PER_TRANSACTION = 64         # network events kept as they are (OONI keeps 64) ...
+                                    # ... the rest merged into one event per operation
+ROWS_PER_TABLE = 1024               # rows of one table from one record
+LIST_CAP = 1024                     # entries of any list in the stored record JSON
+STRING_CAP = 64 * 1024              # characters of any string in the stored record JSON / any text column
+HEADERS_JSON_CAP = 64 * 1024        # http_transactions.headers
+RECORD_JSON_CAP = 1024 * 1024       # measurements.record: largest test_keys entries dropped beyond this
+
 
 def extract_title(body: bytes) -> str | None:
     raw = title_bytes(body[:BODY_TEXT_CAP * 2])
@@ -54,25 +57,35 @@ def extract_title(body: bytes) -> str | None:
     return " ".join(raw.decode("utf-8", "replace").split())[:256] or None
 
 
-def split_endpoint(endpoint: str) -> tuple[str, int | None]:
-    """'1.2.3.4:443' or '[::1]:443' -> (ip, port)."""
-    if endpoint.startswith("["):
-        host, _, port = endpoint[1:].partition("]:")
-        return host, int(port) if port else None
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or ":" in host:
-        return endpoint, None
-    return host, int(port)
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _dicts(value: Any) -> Iterator[dict[str, Any]]:
+    """The object entries of a list (anything else in the list is skipped)."""
+    if isinstance(value, list):
+        for entry in value:
+            if isinstance(entry, dict):
+                yield entry
+
+
+def _endpoint(value: Any) -> tuple[str | None, int | None]:
+    if not isinstance(value, str) or not value:
+        return None, None
+    return split_endpoint(value)
 
 
 def _headers_json(headers: Any) -> str | None:
     if headers is None:
         return None
-    return json.dumps(headers, ensure_ascii=False, sort_keys=True)
+    text = json.dumps(_clip(headers, {}), ensure_ascii=False, sort_keys=True)
+    if len(text) > HEADERS_JSON_CAP:
+        return json.dumps({"x_dropped_by_store": f"{len(text)} characters of headers"})
+    return text
 
 
-def _start_time(value: str | None) -> dt.datetime | None:
-    if not value:
+def _start_time(value: Any) -> dt.datetime | None:
+    if not isinstance(value, str) or not value:
         return None
     try:
         return dt.datetime.strptime(value, "%Y-%m-%d %H:%M:%S")
@@ -80,161 +93,316 @@ def _start_time(value: str | None) -> dt.datetime | None:
         return None
 
 
+def _url_parts(url: Any) -> tuple[str | None, str | None, int | None]:
+    """(domain, scheme, port) of the input URL; None for what does not parse."""
+    if not isinstance(url, str) or "://" not in url:
+        return None, None, None
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return None, None, None
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return host, parts.scheme, port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+# --- Bounding a record -------------------------------------------------------
+
+
+def _merge_events(events: Any, notes: dict[str, Any]) -> Any:
+    """The first EVENTS_PER_TRANSACTION events of each transaction as they
+    are; the rest merged into one event per (transaction, operation) with the
+    bytes summed and the last time kept, so byte totals and the last-byte time
+    (the slow-transfer rule) are unchanged. An endless stream of empty deflate
+    blocks made 61,000 events and a 7.2 MB record."""
+    if not isinstance(events, list) or len(events) <= EVENTS_PER_TRANSACTION:
+        return events
+    kept: list[Any] = []
+    seen: dict[Any, int] = {}
+    merged: dict[tuple, dict[str, Any]] = {}
+    for event in events:
+        if not isinstance(event, dict):
+            continue
+        txid = event.get("transaction_id")
+        txid = txid if isinstance(txid, (int, str)) or txid is None else str(txid)
+        seen[txid] = seen.get(txid, 0) + 1
+        if seen[txid] <= EVENTS_PER_TRANSACTION:
+            kept.append(event)
+            continue
+        operation = event.get("operation")
+        key = (txid, operation if isinstance(operation, str) else None)
+        into = merged.get(key)
+        if into is None:
+            into = merged[key] = {"operation": key[1], "num_bytes": 0, "t": None, "transaction_id": txid,
+                                  "address": None, "x_merged_events": 0}
+        size, t = event.get("num_bytes"), event.get("t")
+        if isinstance(size, (int, float)) and not isinstance(size, bool):
+            into["num_bytes"] += size
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and (into["t"] is None or t > into["t"]):
+            into["t"] = t
+        into["address"] = event.get("address")
+        into["x_merged_events"] += 1
+    if not merged:
+        return events
+    notes["network_events_merged"] = sum(m["x_merged_events"] for m in merged.values())
+    return kept + list(merged.values())
+
+
+def _clip(value: Any, notes: dict[str, Any]) -> Any:
+    """``value`` with lists cut to LIST_CAP entries and strings to STRING_CAP
+    characters (copies only what changes)."""
+    if isinstance(value, str):
+        if len(value) > STRING_CAP:
+            notes["strings_cut"] = notes.get("strings_cut", 0) + 1
+            return value[:STRING_CAP]
+        return value
+    if isinstance(value, list):
+        cut = len(value) > LIST_CAP
+        if cut:
+            notes["lists_cut"] = notes.get("lists_cut", 0) + 1
+        out = [_clip(v, notes) for v in value[:LIST_CAP]]
+        return out if cut or any(a is not b for a, b in zip(out, value)) else value
+    if isinstance(value, dict):
+        out = {k: _clip(v, notes) for k, v in value.items()}
+        return out if any(out[k] is not value[k] for k in value) else value
+    return value
+
+
 def _without_bodies(record: dict[str, Any]) -> dict[str, Any]:
     """The record as stored in ``measurements.record``: response bodies live
     once, in ``http_transactions.body`` (first 64 KiB; length and SHA-256 of
     the whole body are kept). Storing them twice doubled the file and cost the
     probe ~12 MB of RSS per 10,000 URLs."""
-    requests = (record.get("test_keys") or {}).get("requests")
-    if not requests:
+    keys = _dict(record.get("test_keys"))
+    requests = keys.get("requests")
+    if not requests or not isinstance(requests, list):
         return record
     slim = []
     for r in requests:
-        response = r.get("response")
-        if response and "body" in response:
+        response = r.get("response") if isinstance(r, dict) else None
+        if isinstance(response, dict) and "body" in response:
             response = {k: v for k, v in response.items() if k != "body"} | {"x_body_in": "http_transactions.body"}
             r = r | {"response": response}
         slim.append(r)
-    return record | {"test_keys": record["test_keys"] | {"requests": slim}}
+    return record | {"test_keys": keys | {"requests": slim}}
 
 
-def flatten(record: dict[str, Any], category_code: str | None = None) -> dict[str, list[tuple]]:
+def _stored_json(record: dict[str, Any], notes: dict[str, Any]) -> str:
+    """``measurements.record``: the record without bodies, clipped, with what
+    the store cut noted in ``test_keys.x_store_caps``; at most RECORD_JSON_CAP
+    characters (the largest test_keys entries are dropped beyond it)."""
+    stored = _clip(_without_bodies(record), notes)
+    keys = _dict(stored.get("test_keys"))
+
+    def dumps() -> str:
+        body = stored if not notes else stored | {"test_keys": keys | {"x_store_caps": notes}}
+        return json.dumps(body, ensure_ascii=False)
+
+    text = dumps()
+    if len(text) > RECORD_JSON_CAP:
+        sizes = sorted(((len(json.dumps(v, ensure_ascii=False)), k) for k, v in keys.items()), reverse=True)
+        keys = dict(keys)
+        dropped = notes.setdefault("keys_dropped", {})
+        for size, key in sizes:
+            keys[key] = None
+            dropped[key] = size
+            stored = stored | {"test_keys": keys}
+            text = dumps()
+            if len(text) <= RECORD_JSON_CAP:
+                break
+        if len(text) > RECORD_JSON_CAP:  # the envelope itself is huge: keep what identifies it
+            stored = {k: stored.get(k) for k in ("measurement_id", "run_id", "report_id", "test_name", "input")}
+            stored = _clip(stored, {}) | {"test_keys": {"x_store_caps": notes | {"envelope_dropped": len(text)}}}
+            text = json.dumps(stored, ensure_ascii=False)[:RECORD_JSON_CAP]
+    return text
+
+
+# --- Rows ------------------------------------------------------------------
+
+
+def flatten(record: dict[str, Any], category_code: str | None = None) -> dict[str, list[Row]]:
     """Rows for every table, keyed by table name, for one record."""
-    rows: dict[str, list[tuple]] = {name: [] for name in OBSERVATION_TABLES}
+    rows: dict[str, list[Row]] = {name: [] for name in FLATTENED_TABLES}
+    notes: dict[str, Any] = {}
     mid = record["measurement_id"]
-    keys = record.get("test_keys") or {}
-    url = record.get("input") or ""
-    parts = urlsplit(url) if "://" in url else None
-    control = keys.get("control")
-    rows["measurements"].append((
-        mid, record.get("run_id") or record.get("report_id"), record.get("test_name"), record.get("test_version"),
-        url, parts.hostname if parts else None, parts.scheme if parts else None,
-        (parts.port or {"http": 80, "https": 443}.get(parts.scheme)) if parts else None,
-        category_code or record.get("annotations", {}).get("category_code"),
-        _start_time(record.get("measurement_start_time")), record.get("test_runtime"),
-        record.get("probe_cc"), record.get("probe_asn"), record.get("resolver_asn"),
-        record.get("software_name"), record.get("software_version"),
-        keys.get("control_failure") if (control or keys.get("control_failure")) else "no_control",
-        keys.get("x_control_helper"), keys.get("x_probe_network_ok"),
-        json.dumps(_without_bodies(record), ensure_ascii=False),
-    ))
+    keys = _dict(record.get("test_keys"))
+    events = _merge_events(keys.get("network_events"), notes)
+    if events is not keys.get("network_events"):
+        keys = keys | {"network_events": events}
+        record = record | {"test_keys": keys}
     _probe_side(mid, keys, rows)
+    control = keys.get("control")
     if isinstance(control, dict):
         _control_side(mid, control, rows)
+    for name, table_rows in rows.items():
+        if len(table_rows) > ROWS_PER_TABLE:
+            notes.setdefault("rows_dropped", {})[name] = len(table_rows) - ROWS_PER_TABLE
+            del table_rows[ROWS_PER_TABLE:]
+    url = record.get("input") or ""
+    domain, scheme, port = _url_parts(url)
+    annotations = _dict(record.get("annotations"))
+    rows["measurements"].append({
+        "measurement_id": mid,
+        "run_id": record.get("run_id") or record.get("report_id"),
+        "test_name": record.get("test_name"),
+        "test_version": record.get("test_version"),
+        "input": url,
+        "domain": domain,
+        "scheme": scheme,
+        "port": port,
+        "category_code": category_code or annotations.get("category_code"),
+        "start_time": _start_time(record.get("measurement_start_time")),
+        "runtime": record.get("test_runtime"),
+        "probe_cc": record.get("probe_cc"),
+        "probe_asn": record.get("probe_asn"),
+        "resolver_asn": record.get("resolver_asn"),
+        "software_name": record.get("software_name"),
+        "software_version": record.get("software_version"),
+        "control_failure": keys.get("control_failure") if (control or keys.get("control_failure")) else "no_control",
+        "control_helper": keys.get("x_control_helper"),
+        "probe_network_ok": keys.get("x_probe_network_ok"),
+        "record": _stored_json(record, notes),
+    })
     return rows
 
 
-def _probe_side(mid: str, keys: dict[str, Any], rows: dict[str, list[tuple]]) -> None:
-    for q in keys.get("queries") or []:
-        base = (
-            mid, "probe", q.get("transaction_id"), q.get("engine"), q.get("resolver_address"), q.get("hostname"),
-            q.get("query_type"), q.get("x_response_index", 0), q.get("failure"), q.get("rcode"),
-        )
-        answers = q.get("answers") or []
+def _dns_value(answer: dict[str, Any]) -> Any:
+    return answer.get("ipv4") or answer.get("ipv6") or answer.get("hostname") or answer.get("value")
+
+
+def _probe_side(mid: str, keys: dict[str, Any], rows: dict[str, list[Row]]) -> None:
+    for q in _dicts(keys.get("queries")):
+        base = {
+            "measurement_id": mid, "side": "probe", "transaction_id": q.get("transaction_id"), "engine": q.get("engine"),
+            "resolver": q.get("resolver_address"), "hostname": q.get("hostname"), "query_type": q.get("query_type"),
+            "response_index": q.get("x_response_index", 0), "failure": q.get("failure"), "rcode": q.get("rcode"),
+            "t0": q.get("t0"), "t": q.get("t"),
+        }
+        answers = list(_dicts(q.get("answers")))
         if not answers:
-            rows["dns_answers"].append(base + (None, None, None, q.get("t0"), q.get("t")))
+            rows["dns_answers"].append(base)
         for a in answers:
-            value = a.get("ipv4") or a.get("ipv6") or a.get("hostname") or a.get("value")
-            rows["dns_answers"].append(base + (a.get("answer_type"), value, a.get("ttl"), q.get("t0"), q.get("t")))
-    for c in keys.get("tcp_connect") or []:
-        status = c.get("status") or {}
-        rows["tcp_connects"].append((
-            mid, "probe", c.get("transaction_id"), c.get("ip"), c.get("port"),
-            bool(status.get("success")), status.get("failure"), c.get("t0"), c.get("t"),
-        ))
-    for h in keys.get("tls_handshakes") or []:
-        ip, port = split_endpoint(h.get("address") or "")
-        rows["tls_handshakes"].append((
-            mid, "probe", h.get("transaction_id"), ip, port, h.get("server_name"), h.get("failure") is None,
-            h.get("failure"), h.get("tls_version"), h.get("cipher_suite"), h.get("x_cert_valid"), h.get("x_cert_error"),
-            h.get("x_cert_subject"), h.get("x_cert_issuer"), h.get("x_cert_sha256"), h.get("x_cert_not_after"),
-            h.get("t0"), h.get("t"),
-        ))
-    requests = keys.get("requests") or []
+            rows["dns_answers"].append(base | {"answer_type": a.get("answer_type"), "answer": _dns_value(a), "ttl": a.get("ttl")})
+    for c in _dicts(keys.get("tcp_connect")):
+        status = _dict(c.get("status"))
+        rows["tcp_connects"].append({
+            "measurement_id": mid, "side": "probe", "transaction_id": c.get("transaction_id"), "ip": c.get("ip"),
+            "port": c.get("port"), "success": bool(status.get("success")), "failure": status.get("failure"),
+            "t0": c.get("t0"), "t": c.get("t"),
+        })
+    for h in _dicts(keys.get("tls_handshakes")):
+        ip, port = _endpoint(h.get("address"))
+        rows["tls_handshakes"].append({
+            "measurement_id": mid, "side": "probe", "transaction_id": h.get("transaction_id"), "ip": ip, "port": port,
+            "server_name": h.get("server_name"), "success": h.get("failure") is None, "failure": h.get("failure"),
+            "tls_version": h.get("tls_version"), "cipher_suite": h.get("cipher_suite"),
+            "cert_valid": h.get("x_cert_valid"), "cert_error": h.get("x_cert_error"),
+            "cert_subject": h.get("x_cert_subject"), "cert_issuer": h.get("x_cert_issuer"),
+            "cert_sha256": h.get("x_cert_sha256"), "cert_not_after": h.get("x_cert_not_after"),
+            "t0": h.get("t0"), "t": h.get("t"),
+        })
+    requests = list(_dicts(keys.get("requests")))
     for position, r in enumerate(requests):
-        req = r.get("request") or {}
-        resp = r.get("response") or {}
+        req = _dict(r.get("request"))
+        resp = _dict(r.get("response"))
         index = r.get("x_redirect_index")
         if index is None:  # OONI lists the last request first
             index = len(requests) - 1 - position
         body = body_bytes(resp.get("body"))
         length = r.get("x_body_length")
-        rows["http_transactions"].append((
-            mid, "probe", r.get("transaction_id"), index, req.get("url"), req.get("method"), r.get("x_address"),
-            r.get("failure"), resp.get("code"), _headers_json(resp.get("headers")),
-            r.get("x_title") if "x_title" in r else extract_title(body),
-            length if length is not None else (len(body) if resp else None),
-            resp.get("body_is_truncated"),
-            r.get("x_body_sha256") or (hashlib.sha256(body).hexdigest() if resp else None),
-            body[:BODY_TEXT_CAP].decode("utf-8", "replace") if resp else None,
-            r.get("t0"), r.get("t"),
-        ))
-    for e in keys.get("network_events") or []:
-        rows["network_events"].append((
-            mid, "probe", e.get("transaction_id"), e.get("operation"), e.get("address"), e.get("num_bytes"), e.get("t"),
-        ))
-    for s in keys.get("x_throughput") or []:
-        rows["throughput_samples"].append((
-            mid, s.get("side", "probe"), s.get("variant"), s.get("attempt"), s.get("ip"), s.get("server_name"),
-            s.get("failure"), s.get("bytes"), s.get("seconds"), s.get("kbit_per_s"),
-        ))
+        rows["http_transactions"].append({
+            "measurement_id": mid, "side": "probe", "transaction_id": r.get("transaction_id"), "redirect_index": index,
+            "url": req.get("url"), "method": req.get("method"), "address": r.get("x_address"),
+            "failure": r.get("failure"), "status_code": resp.get("code"), "headers": _headers_json(resp.get("headers")),
+            "title": r.get("x_title") if "x_title" in r else extract_title(body),
+            "body_length": length if length is not None else (len(body) if resp else None),
+            "body_truncated": resp.get("body_is_truncated"),
+            "body_sha256": r.get("x_body_sha256") or (hashlib.sha256(body).hexdigest() if resp else None),
+            "body": body[:BODY_TEXT_CAP].decode("utf-8", "replace") if resp else None,
+            "t0": r.get("t0"), "t": r.get("t"),
+        })
+    for e in _dicts(keys.get("network_events")):
+        rows["network_events"].append({
+            "measurement_id": mid, "side": "probe", "transaction_id": e.get("transaction_id"),
+            "operation": e.get("operation"), "address": e.get("address"), "num_bytes": e.get("num_bytes"), "t": e.get("t"),
+        })
+    for s in _dicts(keys.get("x_throughput")):
+        rows["throughput_samples"].append(_throughput(mid, s, s.get("side", "probe"), s.get("variant")))
 
 
-def _answer_type(value: str) -> str:
+def _throughput(mid: str, s: dict[str, Any], side: Any, variant: Any) -> Row:
+    return {
+        "measurement_id": mid, "side": side, "variant": variant, "attempt": s.get("attempt"), "ip": s.get("ip"),
+        "server_name": s.get("server_name"), "failure": s.get("failure"), "bytes": s.get("bytes"),
+        "seconds": s.get("seconds"), "kbit_per_s": s.get("kbit_per_s"),
+    }
+
+
+def _answer_type(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
     try:
         return "AAAA" if ipaddress.ip_address(value).version == 6 else "A"
     except ValueError:
         return "CNAME"
 
 
-def _control_side(mid: str, control: dict[str, Any], rows: dict[str, list[tuple]]) -> None:
+def _control_side(mid: str, control: dict[str, Any], rows: dict[str, list[Row]]) -> None:
     """The OONI test-helper response (ts-017), plus our x_ extensions."""
-    dns = control.get("dns") or {}
-    addrs = dns.get("addrs") or []
-    base = (mid, "control", None, "th", None, None, "ANY", 0, dns.get("failure"), None)
+    dns = _dict(control.get("dns"))
+    addrs = dns.get("addrs") if isinstance(dns.get("addrs"), list) else []
+    base = {"measurement_id": mid, "side": "control", "engine": "th", "query_type": "ANY", "response_index": 0,
+            "failure": dns.get("failure")}
     if not addrs:
-        rows["dns_answers"].append(base + (None, None, None, None, None))
+        rows["dns_answers"].append(base)
     for a in addrs:
-        rows["dns_answers"].append(base + (_answer_type(a), a, None, None, None))
-    for q in control.get("x_doh") or []:
-        for a in q.get("answers") or [{}]:
-            value = a.get("ipv4") or a.get("ipv6") or a.get("hostname")
-            rows["dns_answers"].append((
-                mid, "control", None, "doh", q.get("resolver_address"), q.get("hostname"), q.get("query_type"),
-                q.get("x_response_index", 0), q.get("failure"), q.get("rcode"), a.get("answer_type"), value,
-                a.get("ttl"), q.get("t0"), q.get("t"),
-            ))
-    for endpoint, c in (control.get("tcp_connect") or {}).items():
-        ip, port = split_endpoint(endpoint)
-        rows["tcp_connects"].append((mid, "control", None, ip, port, bool(c.get("status")), c.get("failure"), None, None))
-    for endpoint, h in (control.get("tls_handshake") or {}).items():
-        ip, port = split_endpoint(endpoint)
-        rows["tls_handshakes"].append((
-            mid, "control", None, ip, port, h.get("server_name"), bool(h.get("status")), h.get("failure"),
-            h.get("x_tls_version"), h.get("x_cipher_suite"), h.get("x_cert_valid"), h.get("x_cert_error"),
-            h.get("x_cert_subject"), h.get("x_cert_issuer"), h.get("x_cert_sha256"), h.get("x_cert_not_after"),
-            None, None,
-        ))
+        rows["dns_answers"].append(base | {"answer_type": _answer_type(a), "answer": a})
+    for q in _dicts(control.get("x_doh")):
+        doh = {
+            "measurement_id": mid, "side": "control", "engine": "doh", "resolver": q.get("resolver_address"),
+            "hostname": q.get("hostname"), "query_type": q.get("query_type"), "response_index": q.get("x_response_index", 0),
+            "failure": q.get("failure"), "rcode": q.get("rcode"), "t0": q.get("t0"), "t": q.get("t"),
+        }
+        answers = list(_dicts(q.get("answers"))) or [{}]
+        for a in answers:
+            rows["dns_answers"].append(doh | {"answer_type": a.get("answer_type"),
+                                              "answer": a.get("ipv4") or a.get("ipv6") or a.get("hostname"), "ttl": a.get("ttl")})
+    for endpoint, c in _dict(control.get("tcp_connect")).items():
+        c = _dict(c)
+        ip, port = _endpoint(endpoint)
+        rows["tcp_connects"].append({"measurement_id": mid, "side": "control", "ip": ip, "port": port,
+                                     "success": bool(c.get("status")), "failure": c.get("failure")})
+    for endpoint, h in _dict(control.get("tls_handshake")).items():
+        h = _dict(h)
+        ip, port = _endpoint(endpoint)
+        rows["tls_handshakes"].append({
+            "measurement_id": mid, "side": "control", "ip": ip, "port": port, "server_name": h.get("server_name"),
+            "success": bool(h.get("status")), "failure": h.get("failure"), "tls_version": h.get("x_tls_version"),
+            "cipher_suite": h.get("x_cipher_suite"), "cert_valid": h.get("x_cert_valid"), "cert_error": h.get("x_cert_error"),
+            "cert_subject": h.get("x_cert_subject"), "cert_issuer": h.get("x_cert_issuer"),
+            "cert_sha256": h.get("x_cert_sha256"), "cert_not_after": h.get("x_cert_not_after"),
+        })
     http = control.get("http_request")
     if isinstance(http, dict):
         code = http.get("status_code")
         length = http.get("body_length")
-        rows["http_transactions"].append((
-            mid, "control", None, 0, http.get("x_final_url"), "GET", None, http.get("failure"),
-            code if code not in (None, -1) else None, _headers_json(http.get("headers")), http.get("title"),
-            length if length not in (None, -1) else None, http.get("x_body_truncated"), http.get("x_body_sha256"),
-            None, None, None,
-        ))
-    for s in control.get("x_throughput") or []:
-        rows["throughput_samples"].append((
-            mid, "control", s.get("variant", "helper"), s.get("attempt"), s.get("ip"), s.get("server_name"),
-            s.get("failure"), s.get("bytes"), s.get("seconds"), s.get("kbit_per_s"),
-        ))
+        rows["http_transactions"].append({
+            "measurement_id": mid, "side": "control", "redirect_index": 0, "url": http.get("x_final_url"), "method": "GET",
+            "failure": http.get("failure"), "status_code": code if code not in (None, -1) else None,
+            "headers": _headers_json(http.get("headers")), "title": http.get("title"),
+            "body_length": length if length not in (None, -1) else None, "body_truncated": http.get("x_body_truncated"),
+            "body_sha256": http.get("x_body_sha256"),
+        })
+    for s in _dicts(control.get("x_throughput")):
+        rows["throughput_samples"].append(_throughput(mid, s, "control", s.get("variant", "helper")))
 
 
-def iter_table_rows(records: list[tuple[dict[str, Any], str | None]]) -> Iterator[tuple[str, list[tuple]]]:
+def iter_table_rows(records: list[tuple[dict[str, Any], str | None]]) -> Iterator[tuple[str, list[Row]]]:
     """Flatten many records, grouping rows per table (for batched inserts)."""
-    merged: dict[str, list[tuple]] = {name: [] for name in OBSERVATION_TABLES}
+    merged: dict[str, list[Row]] = {name: [] for name in FLATTENED_TABLES}
     for record, category in records:
         for name, table_rows in flatten(record, category).items():
             merged[name].extend(table_rows)

@@ -2,7 +2,9 @@
 
 A record is a plain ``dict`` so that one flattener (probes/flatten.py) serves our
 own measurements, control responses and imported OONI measurements alike. The
-observation builders below fix each entry's shape; docs/records.md documents it.
+observation builders below fix each entry's shape (OONI's data formats, with
+our additions prefixed ``x_``); docs/schema.md documents how each entry is
+stored.
 
 Every entry carries ``t0``/``t`` (seconds relative to the measurement start) and
 a ``transaction_id`` tying the DNS, TCP, TLS and HTTP steps of one attempt.
@@ -14,6 +16,7 @@ import base64
 import datetime as dt
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,15 +210,71 @@ def title_bytes(body: bytes) -> bytes | None:
 
 
 def body_bytes(body: str | dict | None) -> bytes:
-    if body is None:
-        return b""
-    if isinstance(body, dict):
-        return base64.b64decode(body.get("data") or "")
-    return body.encode("utf-8", "surrogateescape")
+    """The bytes of a body field (text, or OONI's base64 object). Never raises:
+    a malformed body degrades to what can be read of it, not a lost record."""
+    if isinstance(body, str):
+        return body.encode("utf-8", "surrogateescape")
+    if isinstance(body, dict) and isinstance(body.get("data"), str):
+        return b64decode_lenient(body["data"])
+    return b""
+
+
+_B64_JUNK = re.compile(r"[^A-Za-z0-9+/]")
+
+
+def b64decode_lenient(data: str) -> bytes:
+    """Base64 as real-world data writes it: missing or extra padding,
+    URL-safe letters, whitespace and stray characters (OONI's
+    ``web_connectivity_b64_incorrect`` measurement has a body ``aGk``)."""
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError:  # binascii.Error is a ValueError
+        pass
+    text = _B64_JUNK.sub("", data.replace("-", "+").replace("_", "/"))
+    if len(text) % 4 == 1:  # a lone trailing character holds no whole byte
+        text = text[:-1]
+    return base64.b64decode(text + "=" * (-len(text) % 4))
 
 
 def network_event(*, operation: str, t: float, transaction_id: int, num_bytes: int | None = None, address: str | None = None) -> dict[str, Any]:
     return {"operation": operation, "num_bytes": num_bytes, "t": t, "transaction_id": transaction_id, "address": address}
+
+
+MAX_NETWORK_EVENTS = 64  # per transaction, as OONI keeps
+
+
+class EventSampler:
+    """The ``bytes_received`` events of one transaction, at most ``limit`` of them.
+
+    Past the limit, neighbouring events are merged pairwise (bytes summed, the
+    later time kept) and later chunks fill each event up to the new stride, so
+    the byte total and the last arrival stay exact while the time resolution
+    halves: a server sending a million tiny chunks costs 64 events.
+    """
+
+    def __init__(self, limit: int = MAX_NETWORK_EVENTS) -> None:
+        self.limit = max(2, limit - limit % 2)
+        self.events: list[dict[str, Any]] = []
+        self._stride = 1  # chunks per event
+        self._fill = 0  # chunks in the last event
+
+    def add(self, event: dict[str, Any]) -> None:
+        if self.events and self._fill < self._stride:
+            last = self.events[-1]
+            last["num_bytes"] = (last["num_bytes"] or 0) + (event["num_bytes"] or 0)
+            last["t"] = event["t"]
+            self._fill += 1
+            return
+        if len(self.events) >= self.limit:
+            merged = []
+            for first, second in zip(self.events[::2], self.events[1::2]):
+                first["num_bytes"] = (first["num_bytes"] or 0) + (second["num_bytes"] or 0)
+                first["t"] = second["t"]
+                merged.append(first)
+            self.events = merged
+            self._stride *= 2
+        self.events.append(event)
+        self._fill = 1
 
 
 @dataclass

@@ -1,4 +1,8 @@
--- Vantage storage schema, version 1. Documented for analysts in docs/schema.md.
+-- Vantage storage schema: the one definition of every table and column (the
+-- writer's column lists and types are parsed from this file: probes/schema.py).
+-- This is the current schema (version: probes/schema.py SCHEMA_VERSION); an
+-- older database is brought here by the numbered MIGRATIONS there, so a change
+-- here needs a migration too. Documented for analysts in docs/schema.md.
 -- Every observation row names its measurement and its side: 'probe' rows were
 -- seen from the volunteer's network, 'control' rows from the helper's.
 -- Times t0/t are seconds since the measurement started.
@@ -14,12 +18,13 @@ CREATE TABLE IF NOT EXISTS runs (
     test_name VARCHAR,
     started_at TIMESTAMP,
     finished_at TIMESTAMP,
-    status VARCHAR,              -- running | finished | interrupted | timed_out | store_failed
+    status VARCHAR,              -- running | finished | partial | interrupted | timed_out | store_failed
     inputs_total INTEGER,
     options JSON,                -- the options the run was started with (for --resume)
     probe_cc VARCHAR,
     probe_asn VARCHAR,
-    software_version VARCHAR
+    software_version VARCHAR,
+    rescued INTEGER DEFAULT 0    -- records not stored, saved to the run's rescue file (migration 2)
 );
 
 CREATE TABLE IF NOT EXISTS run_inputs (

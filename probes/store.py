@@ -1,30 +1,43 @@
 """The only code that writes the DuckDB file.
 
 DuckDB allows one writer, so all writes go through one ``Sink``: a bounded
-queue drained by a single thread that inserts records in batches (via Arrow,
-~50x faster than executemany). Memory stays flat however long the run: at most
-``queue_size + batch_size`` records are held at once.
+queue drained by a single thread that inserts records in batches, as
+multi-row ``INSERT ... VALUES`` statements (~20x faster than executemany, and
+no pyarrow to load). Memory stays flat however long the run: at most
+``queue_size + batch_size`` records are held at once, and each record's rows
+are bounded (probes/flatten.py, docs/schema.md "Bounds").
+
+A record that cannot be stored fails alone: when a batch fails, its records
+are retried one by one, and only those that still fail go to the rescue file
+(JSON lines; ``import_rescue`` reads it back). Only a database that refuses
+every write (closed, disk full) stops the run.
+
+Columns and their types come from schema.sql (probes/schema.py); rows are
+dicts keyed by column name.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import math
 import os
 import queue
 import threading
 import time
-from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import duckdb
 
 from core import paths
 from core.errors import VantageError
 
-from .flatten import TABLE_COLUMNS, iter_table_rows
+from . import schema
+from .flatten import STRING_CAP, iter_table_rows
 
-MIGRATIONS = [(1, "initial schema", "schema.sql")]
+MIGRATIONS = schema.MIGRATIONS
+SCHEMA_VERSION = schema.SCHEMA_VERSION
 
 # A probe on a Raspberry Pi only appends: a small buffer pool (DuckDB spills
 # beyond it) and one thread took a 10,000-record write from +84 MB to +55 MB
@@ -46,7 +59,10 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False, memo
     """Open (and migrate) the database, or raise StoreError with a clear reason.
 
     ``memory_limit``/``threads``: DuckDB's defaults (80% of RAM, all cores) suit
-    analysis; the probe passes PROBE_MEMORY_LIMIT/PROBE_THREADS."""
+    analysis; the probe passes PROBE_MEMORY_LIMIT/PROBE_THREADS.
+
+    A database of a newer schema than this build knows is refused (StoreError);
+    an older one is migrated, also when opened read-only (briefly read-write)."""
     target = Path(path) if path else default_db_path()
     if str(target) != ":memory:":
         try:
@@ -59,65 +75,212 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False, memo
             raise StoreError(f"the database {target} is not writable")
         if not read_only and not target.exists() and not os.access(target.parent, os.W_OK):
             raise StoreError(f"cannot write the database in {target.parent}: permission denied")
+    con = _open(target, read_only)
     try:
-        con = duckdb.connect(str(target), read_only=read_only)
-    except duckdb.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StoreError(f"cannot open the database {target}: {first}") from None
-    if memory_limit:
-        con.execute(f"SET memory_limit = '{memory_limit}'")
-    if threads:
-        con.execute(f"SET threads = {int(threads)}")
-    if not read_only:
-        migrate(con)
+        version = schema_version(con)
+        check_version(version, target)
+        if read_only and version is not None and version < SCHEMA_VERSION:
+            con.close()
+            migrating = _open(target, False)
+            try:
+                migrate(migrating)
+            except duckdb.Error as exc:
+                raise StoreError(f"the database {target} needs migrating to schema version {SCHEMA_VERSION} "
+                                 f"and that failed: {_first_line(exc)}") from None
+            finally:
+                migrating.close()
+            con = _open(target, True)
+        if memory_limit:
+            con.execute(f"SET memory_limit = '{memory_limit}'")
+        if threads:
+            con.execute(f"SET threads = {int(threads)}")
+        if not read_only:
+            migrate(con)
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
-def migrate(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMP DEFAULT current_timestamp)")
-    done = {row[0] for row in con.execute("SELECT version FROM schema_migrations").fetchall()}
-    for version, name, filename in MIGRATIONS:
-        if version in done:
-            continue
-        sql = resources.files("probes").joinpath(filename).read_text()
-        con.execute("BEGIN")
-        con.execute(sql)
-        con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
-        con.execute("COMMIT")
+def _open(target: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(target), read_only=read_only)
+    except duckdb.Error as exc:
+        raise StoreError(f"cannot open the database {target}: {_first_line(exc)}") from None
 
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The highest migration applied, or None for a database without one (new)."""
+    found = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations' "
+                        "AND table_schema = 'main'").fetchone()[0]
+    if not found:
+        return None
+    return con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+
+
+def check_version(version: int | None, where: Any = "the database") -> None:
+    """Refuse a database written by a newer Vantage: writing to it would put
+    every record in the rescue file, and reading it would misread changed
+    columns."""
+    if version is not None and version > SCHEMA_VERSION:
+        raise StoreError(f"{where} has schema version {version}, newer than this Vantage knows ({SCHEMA_VERSION}): "
+                         "upgrade Vantage, or use another database (--db)")
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> None:
+    """Bring the database to SCHEMA_VERSION: a new one gets schema.sql and
+    every version at once; an older one the numbered migrations it lacks, each
+    in its own transaction."""
+    version = schema_version(con)
+    check_version(version)
+    if version is None or version < 1:
+        con.execute("BEGIN")
+        con.execute(schema.SCHEMA_SQL)
+        for number, name, _ in MIGRATIONS:
+            con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?) ON CONFLICT DO NOTHING", [number, name])
+        con.execute("COMMIT")
+        return
+    for number, name, sql in MIGRATIONS:
+        if number <= version:
+            continue
+        con.execute("BEGIN")
+        try:
+            if sql:
+                con.execute(sql)
+            con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [number, name])
+            con.execute("COMMIT")
+        except BaseException:
+            _rollback(con)
+            raise
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except Exception:  # no transaction left, or the connection is gone: the first error matters
+        pass
+
+
+# --- Values: a malformed field becomes NULL, never a failed record ----------
+
+_INT_RANGE = {"INTEGER": (-2**31, 2**31 - 1), "BIGINT": (-2**63, 2**63 - 1)}
+
+
+def _text(value: Any) -> Any:
+    """DuckDB refuses strings that are not valid UTF-8, and undecodable bytes
+    from the network (headers, bodies) reach us as lone surrogates: replace
+    them rather than lose the record. Longer than STRING_CAP: cut."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = json.dumps(value, ensure_ascii=False, default=str) if isinstance(value, (dict, list)) else str(value)
+    if len(value) > STRING_CAP:
+        value = value[:STRING_CAP]
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _json(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _integer(low: int, high: int) -> Callable[[Any], Any]:
+    def coerce(value: Any) -> Any:
+        if type(value) is int:
+            return value if low <= value <= high else None
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return coerce(int(value))
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return coerce(int(value))
+        return None
+    return coerce
+
+
+def _double(value: Any) -> Any:
+    if type(value) is float or value is None:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _boolean(value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return None
+
+
+def _timestamp(value: Any) -> Any:
+    return value if isinstance(value, (dt.datetime, dt.date)) else None
+
+
+def _coercer(column_type: str) -> Callable[[Any], Any]:
+    if column_type in _INT_RANGE:
+        return _integer(*_INT_RANGE[column_type])
+    return {"DOUBLE": _double, "BOOLEAN": _boolean, "TIMESTAMP": _timestamp, "JSON": _json}.get(column_type, _text)
+
+
+_COERCE: dict[str, dict[str, Callable[[Any], Any]]] = {
+    table: {c.name: _coercer(c.type) for c in columns} for table, columns in schema.TABLES.items()
+}
 
 _CHUNK_ROWS = 500  # rows per INSERT: one statement, bounded parameter count
 _CHUNK_BYTES = 2 * 1024 * 1024  # ...and bounded size: bodies can be 64 KiB each
 
 
-def _valid_text(value: Any) -> Any:
-    """DuckDB refuses strings that are not valid UTF-8, and undecodable bytes
-    from the network (headers, bodies) reach us as lone surrogates: replace
-    them rather than lose the record."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return value.encode("utf-8", "replace").decode("utf-8")
-    return value
-
-
-def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[tuple]) -> None:
-    """Multi-row VALUES inserts: ~20x faster than executemany in DuckDB, and
-    no pyarrow (≈40 MB of RSS a Raspberry Pi can keep)."""
-    columns = TABLE_COLUMNS[table]
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
+    """Insert rows given by column name (a column a row leaves out is NULL, or
+    its DEFAULT when no row of the statement names it). Column order and
+    types come from schema.sql; a value of the wrong type becomes NULL."""
+    coerce = _COERCE[table]
     # INSERT OR IGNORE: re-importing the same measurement is harmless.
     verb = "INSERT OR IGNORE" if table == "measurements" else "INSERT"
-    row_marks = "(" + ", ".join("?" * len(columns)) + ")"
-    def flush(chunk: list[tuple]) -> None:
-        sql = f"{verb} INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([row_marks] * len(chunk))
-        con.execute(sql, [_valid_text(value) for row in chunk for value in row])
 
-    chunk: list[tuple] = []
+    def flush(chunk: list[dict[str, Any]]) -> None:
+        named = set().union(*chunk)
+        unknown = named - coerce.keys()
+        if unknown:
+            raise KeyError(f"{table} has no column {', '.join(sorted(unknown))} (schema.sql)")
+        columns = [c for c in coerce if c in named]
+        marks = "(" + ", ".join("?" * len(columns)) + ")"
+        sql = f"{verb} INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([marks] * len(chunk))
+        con.execute(sql, [coerce[c](row.get(c)) for row in chunk for c in columns])
+
+    chunk: list[dict[str, Any]] = []
     size = 0
     for row in rows:
         chunk.append(row)
-        size += sum(len(v) for v in row if isinstance(v, str))
+        size += sum(len(v) for v in row.values() if isinstance(v, str))
         if len(chunk) >= _CHUNK_ROWS or size >= _CHUNK_BYTES:
             flush(chunk)
             chunk, size = [], 0
@@ -125,26 +288,58 @@ def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[tuple]) -
         flush(chunk)
 
 
-def write_records(con: duckdb.DuckDBPyConnection, batch: list[tuple[dict[str, Any], str | None]]) -> None:
-    """Insert a batch of records atomically; records already stored are skipped."""
+def write_records(con: duckdb.DuckDBPyConnection, batch: list[tuple[dict[str, Any], str | None]]) -> int:
+    """Insert a batch of records atomically; records already stored are
+    skipped. Returns how many were new."""
     ids = [r["measurement_id"] for r, _ in batch]
     placeholders = ",".join("?" * len(ids))
-    existing = {row[0] for row in con.execute(f"SELECT measurement_id FROM measurements WHERE measurement_id IN ({placeholders})", ids).fetchall()}
+    existing = {row[0] for row in con.execute(f"SELECT measurement_id FROM measurements WHERE measurement_id IN ({placeholders})",
+                                              [_text(i) for i in ids]).fetchall()}
     fresh = []
     for record, category in batch:
         if record["measurement_id"] not in existing:
             existing.add(record["measurement_id"])
             fresh.append((record, category))
     if not fresh:
-        return
+        return 0
     con.execute("BEGIN")
     try:
         for table, rows in iter_table_rows(fresh):
             insert_rows(con, table, rows)
         con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
+    except BaseException:
+        _rollback(con)
         raise
+    return len(fresh)
+
+
+def write_each(con: duckdb.DuckDBPyConnection, batch: list[tuple[dict[str, Any], str | None]],
+               on_failure: Callable[[tuple[dict[str, Any], str | None], BaseException], None]) -> int:
+    """``write_records`` for the batch; when it fails, each record alone, so a
+    record that cannot be stored fails alone (``on_failure`` gets it). Returns
+    how many records were stored."""
+    try:
+        return write_records(con, batch)
+    except Exception as exc:
+        if len(batch) == 1:
+            on_failure(batch[0], exc)
+            return 0
+    stored = 0
+    for item in batch:
+        try:
+            stored += write_records(con, [item])
+        except Exception as exc:
+            on_failure(item, exc)
+    return stored
+
+
+def rescue_line(record: dict[str, Any], category: str | None, error: BaseException | str | None = None) -> str:
+    """One line of a rescue file. ASCII JSON: escapes whatever text the
+    database choked on."""
+    entry: dict[str, Any] = {"category_code": category, "record": record}
+    if error is not None:
+        entry["error"] = error if isinstance(error, str) else _first_line(error)
+    return json.dumps(entry, default=str) + "\n"
 
 
 class Sink:
@@ -153,7 +348,17 @@ class Sink:
     ``put`` blocks when the queue is full (back-pressure on the runner instead of
     unbounded memory). ``close`` flushes everything; records put before a crash
     of the caller are still written because the thread drains the queue.
+
+    Outcome, for the run's status (probes/runner.py ``finish_run``):
+    ``written`` records stored, ``not_stored`` records that were not (of which
+    ``rescued`` are in the rescue file), and ``error`` when the database
+    itself refused writes (then every later record goes to the rescue file and
+    the runner stops measuring).
     """
+
+    # Records failing one by one in a row (with none stored between them)
+    # before the database, not the records, is taken to be the problem.
+    GIVE_UP_AFTER = 8
 
     def __init__(self, con: duckdb.DuckDBPyConnection, batch_size: int = 100, queue_size: int = 200, flush_seconds: float = 1.0,
                  rescue_path: str | os.PathLike | None = None):
@@ -162,10 +367,13 @@ class Sink:
         # memory...): measured data is never dropped.
         self.rescue_path = Path(rescue_path) if rescue_path else None
         self.rescued = 0
+        self.not_stored = 0
+        self.last_failure: BaseException | None = None
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
         self.written = 0
         self.error: BaseException | None = None
+        self._failing = 0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._drain, name="vantage-sink", daemon=True)
         self._thread.start()
@@ -187,11 +395,24 @@ class Sink:
 
     @property
     def failed(self) -> bool:
+        """The database refuses writes (not merely a record it could not store)."""
         return self.error is not None
 
     def call(self, fn, *args) -> None:
         """Run ``fn(con, *args)`` on the writer thread, in order with the records."""
         self._queue.put(("call", fn, args))
+
+    def run_status(self, status: str) -> str:
+        """The run's status given the runner's (finished, interrupted,
+        timed_out...) and what happened to the data: ``store_failed`` when
+        the database refused writes, ``partial`` for a run that measured
+        everything but could not store some records (they are in the rescue
+        file: ``import_rescue``)."""
+        if self.error is not None:
+            return "store_failed"
+        if self.not_stored and status == "finished":
+            return "partial"
+        return status
 
     def _drain(self) -> None:
         batch: list = []
@@ -220,41 +441,66 @@ class Sink:
                 return
 
     def _flush(self, batch: list) -> None:
-        try:
-            if self.error is None:
-                write_records(self.con, batch)
-                self.written += len(batch)
-                return
-        except Exception as exc:
-            self.error = exc
-        self._rescue(batch)
-
-    def _rescue(self, batch: list) -> None:
-        if self.rescue_path is None:
+        if self.error is not None:
+            for item in batch:
+                self._not_stored(item, self.error)
             return
         try:
+            stored = write_each(self.con, batch, self._lone_failure)
+        except Exception as exc:  # a bug in the fallback itself: still lose nothing
+            self.error = exc
+            for item in batch:
+                self._not_stored(item, exc)
+            return
+        self.written += stored
+        if stored:
+            self._failing = 0
+
+    def _lone_failure(self, item: tuple[dict[str, Any], str | None], exc: BaseException) -> None:
+        """A record that failed even alone: rescue it; and if the database
+        itself is gone (closed, or failing record after record), stop."""
+        self._not_stored(item, exc)
+        self.last_failure = exc
+        self._failing += 1
+        if self.error is None and (self._failing >= self.GIVE_UP_AFTER or not self._alive()):
+            self.error = exc
+
+    def _alive(self) -> bool:
+        try:
+            self.con.execute("SELECT 1").fetchall()
+            return True
+        except Exception:
+            return False
+
+    def _not_stored(self, item: tuple[dict[str, Any], str | None], exc: BaseException) -> None:
+        self.not_stored += 1
+        if self.rescue_path is None:
+            return
+        record, category = item
+        try:
             with open(self.rescue_path, "a", encoding="utf-8") as fh:
-                for record, category in batch:
-                    # ASCII JSON: escapes whatever text the database choked on.
-                    fh.write(json.dumps({"category_code": category, "record": record}) + "\n")
-            self.rescued += len(batch)
+                fh.write(rescue_line(record, category, exc))
+            self.rescued += 1
         except Exception:  # the last resort must not kill the writer thread
             pass
 
     def close(self) -> None:
+        """Flush and stop. Raises StoreError when the database refused writes;
+        records that failed alone are only counted (``not_stored``,
+        ``rescued``): the run's status reports them."""
         self._queue.put(_STOP)
         self._thread.join()
         if self.error:
-            first = (str(self.error).strip().splitlines() or [type(self.error).__name__])[0]
             where = f"; {self.rescued} measurements saved to {self.rescue_path}" if self.rescued else ""
-            raise StoreError(f"writing to the database failed: {first}{where}")
+            raise StoreError(f"writing to the database failed: {_first_line(self.error)}{where}")
 
 
 _STOP = object()
 
 
 def write_all(con: duckdb.DuckDBPyConnection, records: Iterable[tuple[dict[str, Any], str | None]], batch_size: int = 500) -> int:
-    """Synchronous bulk write (imports, tests)."""
+    """Synchronous bulk write (imports, tests). Returns how many records were
+    handed over (stored now or before)."""
     batch: list = []
     count = 0
     for item in records:
@@ -267,6 +513,74 @@ def write_all(con: duckdb.DuckDBPyConnection, records: Iterable[tuple[dict[str, 
         write_records(con, batch)
         count += len(batch)
     return count
+
+
+def import_rescue(con: duckdb.DuckDBPyConnection, path: str | os.PathLike, batch_size: int = 100) -> tuple[int, int]:
+    """Re-import a rescue file (JSON lines ``{"category_code", "record"}``
+    written by the Sink). Idempotent: records already stored are skipped, so
+    importing a file twice, or after a partial import, is harmless. Returns
+    ``(imported, skipped)``: skipped counts lines already stored, unreadable,
+    or still refused by the database (those stay in the file, which is never
+    modified). A run whose rescued records are all stored again becomes
+    ``finished`` when it was ``partial``. Raises StoreError when the file
+    cannot be read."""
+    source = Path(path)
+    imported = skipped = 0
+    per_run: dict[str, int] = {}
+
+    def refused(item, exc) -> None:
+        nonlocal skipped
+        skipped += 1
+
+    def flush(batch: list) -> None:
+        nonlocal imported, skipped
+        ids = [r["measurement_id"] for r, _ in batch]
+        marks = ",".join("?" * len(ids))
+        before = {row[0] for row in con.execute(f"SELECT measurement_id FROM measurements WHERE measurement_id IN ({marks})",
+                                                [_text(i) for i in ids]).fetchall()}
+        write_each(con, batch, refused)
+        marks_after = {row[0] for row in con.execute(f"SELECT measurement_id FROM measurements WHERE measurement_id IN ({marks})",
+                                                     [_text(i) for i in ids]).fetchall()}
+        seen: set = set()
+        for record, _ in batch:
+            mid = record["measurement_id"]
+            if mid in seen or mid in before:
+                skipped += 1
+            elif mid in marks_after:
+                imported += 1
+                run = record.get("run_id") or record.get("report_id")
+                if isinstance(run, str):
+                    per_run[run] = per_run.get(run, 0) + 1
+            seen.add(mid)
+
+    try:
+        fh = open(source, encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise StoreError(f"cannot read the rescue file {source}: {exc.strerror}") from None
+    batch: list = []
+    with fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                record = entry["record"]
+                category = entry.get("category_code")
+                if not isinstance(record, dict) or not isinstance(record.get("measurement_id"), str):
+                    raise ValueError("no record")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                skipped += 1
+                continue
+            batch.append((record, category if isinstance(category, str) else None))
+            if len(batch) >= batch_size:
+                flush(batch)
+                batch = []
+    if batch:
+        flush(batch)
+    for run, count in per_run.items():
+        con.execute("UPDATE runs SET rescued = greatest(coalesce(rescued, 0) - ?, 0) WHERE run_id = ?", [count, run])
+        con.execute("UPDATE runs SET status = 'finished' WHERE run_id = ? AND status = 'partial' AND rescued = 0", [run])
+    return imported, skipped
 
 
 def dumps(value: Any) -> str:

@@ -568,11 +568,11 @@ async def test_response_flattens_into_control_rows(dns_server, https_server, pki
     record = {"measurement_id": "M1", "input": f"https://localhost:{https_server.port}/", "test_keys": {"control": response}}
     rows = flatten(record)
     [tls] = rows["tls_handshakes"]
-    assert tls[1] == "control" and tls[6] is True and tls[10] is True and tls[14]  # success, cert_valid, sha256
+    assert tls["side"] == "control" and tls["success"] is True and tls["cert_valid"] is True and tls["cert_sha256"]
     [http] = rows["http_transactions"]
-    assert http[8] == 200 and http[4] == f"https://localhost:{https_server.port}/"
-    assert rows["dns_answers"][0][11] == "127.0.0.1"
-    assert rows["throughput_samples"][0][2] == "helper"
+    assert http["status_code"] == 200 and http["url"] == f"https://localhost:{https_server.port}/"
+    assert rows["dns_answers"][0]["answer"] == "127.0.0.1"
+    assert rows["throughput_samples"][0]["variant"] == "helper"
 
 
 def test_rate_limit_keys_ipv6_clients_by_their_64_and_stays_bounded():

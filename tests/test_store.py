@@ -7,7 +7,9 @@ import pytest
 
 from probes import records as R
 from probes import store
-from probes.flatten import flatten, split_endpoint
+from core.net import split_endpoint
+from probes.flatten import flatten
+from probes.schema import TABLE_COLUMNS
 
 
 def _record(url="https://a.example/", run="RUN1", **keys):
@@ -35,25 +37,30 @@ def _record(url="https://a.example/", run="RUN1", **keys):
     return m.to_dict()
 
 
+def _full(table, row):
+    """A flattened row with every column of the table (schema order)."""
+    return tuple(row.get(c) for c in TABLE_COLUMNS[table])
+
+
 def test_flatten_puts_late_answers_and_control_in_their_tables():
     rows = flatten(_record(), "NEWS")
     dns = rows["dns_answers"]
-    assert [(r[1], r[7], r[11]) for r in dns if r[1] == "probe"] == [("probe", 0, "198.18.100.1"), ("probe", 1, "198.18.100.2")]
-    control = [r for r in dns if r[1] == "control"]
-    assert {(r[10], r[11]) for r in control} == {("A", "198.18.100.1"), ("AAAA", "2001:db8::1")}
-    tcp = {(r[1], r[3], r[5], r[6]) for r in rows["tcp_connects"]}
+    assert [(r["side"], r["response_index"], r["answer"]) for r in dns if r["side"] == "probe"] == [("probe", 0, "198.18.100.1"), ("probe", 1, "198.18.100.2")]
+    control = [r for r in dns if r["side"] == "control"]
+    assert {(r["answer_type"], r["answer"]) for r in control} == {("A", "198.18.100.1"), ("AAAA", "2001:db8::1")}
+    tcp = {(r["side"], r["ip"], r["success"], r["failure"]) for r in rows["tcp_connects"]}
     assert ("probe", "198.18.100.1", False, "connection_refused") in tcp
     assert ("control", "2001:db8::1", False, "generic_timeout_error") in tcp
-    http = rows["http_transactions"]
+    http = [_full("http_transactions", r) for r in rows["http_transactions"]]
     # OONI's -1 sentinels become NULL, the failure is kept.
     assert http == [(http[0][0], "control", None, 0, None, "GET", None, "connection_reset", None, "{}", "", None, None, None, None, None, None)]
     m = rows["measurements"][0]
-    assert m[5] == "a.example" and m[6] == "https" and m[7] == 443 and m[8] == "NEWS" and m[16] is None
+    assert (m["domain"], m["scheme"], m["port"], m["category_code"], m["control_failure"]) == ("a.example", "https", 443, "NEWS", None)
 
 
 def test_missing_control_is_recorded_as_such():
     record = _record(control=None, control_failure=None)
-    assert flatten(record)["measurements"][0][16] == "no_control"
+    assert flatten(record)["measurements"][0]["control_failure"] == "no_control"
 
 
 def test_split_endpoint_handles_ipv6():
@@ -79,7 +86,8 @@ def test_reopening_migrates_once(tmp_path):
     path = tmp_path / "v.duckdb"
     store.connect(path).close()
     con = store.connect(path)
-    assert con.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == 1
+    # One row per migration, each applied once.
+    assert con.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall() == [(v,) for v, _, _ in store.MIGRATIONS]
 
 
 def test_unwritable_location_is_a_clear_error():

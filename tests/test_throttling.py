@@ -467,5 +467,5 @@ async def test_probe_gets_helper_samples_from_a_real_helper_on_a_slow_site(ca, t
     assert len(sample["x_samples_kbit"]) >= 3
     assert elapsed < 1.0 + throttling.HELPER_OVERHEAD  # the control did not stretch the test
     rows = flatten({"measurement_id": "M1", "input": "x", "test_keys": keys})["throughput_samples"]
-    control = [r for r in rows if r[1] == "control"]
-    assert len(control) == 1 and control[0][2] == "helper" and control[0][9] > 0
+    control = [r for r in rows if r["side"] == "control"]
+    assert len(control) == 1 and control[0]["variant"] == "helper" and control[0]["kbit_per_s"] > 0
