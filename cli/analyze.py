@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 
 import click
 
 from analysis import fingerprints as fp
+from analysis.db import connect
 from analysis.engine import analyze as run_analysis, summary
-from probes.store import connect
 
 from .common import db_option, json_option, resolve_db
 
@@ -24,12 +23,8 @@ from .common import db_option, json_option, resolve_db
 @json_option
 def analyze(db_path, public_networks, fingerprints_dir, only_missing, as_json):
     """Compute verdicts (ok, blocked, throttled, down, server_side, inconclusive) for stored measurements."""
-    # DuckDB's own default is 80% of RAM; the analysis joins whole tables and
-    # gets 1 GB unless VANTAGE_ANALYZE_MEMORY says otherwise. Measured
-    # (bench/results/analyze.json, docs/benchmarks.md): 1M measurements on
-    # 2 threads take 24.3 s at a 1.6 GB limit (peak RSS 1,740 MB); below
-    # ~1.2 GB DuckDB spills its stage tables to disk and takes ~40 s.
-    con = connect(resolve_db(db_path), memory_limit=os.environ.get("VANTAGE_ANALYZE_MEMORY", "1GB"))
+    # Memory: VANTAGE_ANALYZE_MEMORY, else 1 GB (analysis/db.py says what that costs).
+    con = connect(resolve_db(db_path))
     try:
         count = run_analysis(con, public_networks=public_networks, fingerprints_dir=fingerprints_dir, only_missing=only_missing)
         rows = summary(con)
