@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from analysis_fixtures import control, database, http, page, q, tcp, tls, verdict, web
+from analysis_fixtures import control, database, http, page, q, row, tcp, tls, verdict, web
 
 IP = "198.18.0.10"
 NEWS = page("Daily News", 20000)
@@ -38,8 +38,39 @@ def test_dns_bogon_but_not_public_lab_range():
             ctl=control(addrs=(IP,), body=NEWS, title="Daily News", port=80))
     v = one(r)
     assert (v["status"], v["layer"], v["method"]) == ("blocked", "dns", "dns.bogon")
-    # 198.18.0.0/15 is special-purpose, but the lab declares it public
-    assert one(ok_https())["status"] == "ok"
+    # 198.18.0.0/15 is special-purpose (benchmarking): an answer there that the
+    # control did not give is a bogon, unless the caller declares the range
+    # public, as the lab does (database() passes 198.18.0.0/15 by default).
+    lab_ip = "198.18.5.5"
+    lab = web("https://lab.example/", queries=[q("lab.example", lab_ip)], tcps=[tcp(lab_ip)], tlss=[tls(lab_ip, "lab.example")],
+              requests=[http("https://lab.example/", lab_ip, body=NEWS)], ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))
+    assert one(lab)["status"] == "ok"
+    assert one(lab, public_networks=[])["method"] == "dns.bogon"
+
+
+@pytest.mark.parametrize("answer", [
+    "192.88.99.1",            # 6to4 relay anycast: special-purpose, once missing from the analysis's table
+    "fd00::1",                # unique-local IPv6
+    "::ffff:10.0.0.1",        # IPv4-mapped, dotted
+    "::ffff:a00:1",           # IPv4-mapped, hex: the same address
+    "64:ff9b::a00:1",         # NAT64 of 10.0.0.1
+    "2002:a00:1::1",          # 6to4 of 10.0.0.1
+])
+def test_dns_bogon_in_any_spelling(answer):
+    r = web("http://b6.example/", queries=[q("b6.example", answer)], tcps=[tcp(answer, 80, "generic_timeout_error")],
+            ctl=control(addrs=(IP,), body=NEWS, title="Daily News", port=80))
+    v = one(r)
+    assert (v["status"], v["method"]) == ("blocked", "dns.bogon")
+    assert v["evidence"]["compared"]["bogon"] == answer
+
+
+def test_public_ipv6_network_is_not_a_bogon():
+    # 2001:2::/48 (IPv6 benchmarking) is the lab's IPv6 range: public when declared so.
+    v6 = "2001:2::5"
+    r = web("https://six.example/", queries=[q("six.example", v6)], tcps=[tcp(v6)], tlss=[tls(v6, "six.example")],
+            requests=[http("https://six.example/", v6, body=NEWS)], ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))
+    assert one(r, public_networks=["198.18.0.0/15"])["method"] == "dns.bogon"
+    assert one(r, public_networks=["198.18.0.0/15", "2001:2::/48"])["status"] == "ok"
 
 
 def test_dns_injected_late_duplicate():
@@ -128,7 +159,17 @@ def test_http_reset_and_timeout_on_plain_http():
 
 
 def test_https_of_http_reset_site_is_ok():
-    assert one(ok_https("host-reset.example"))["status"] == "ok"
+    # A censor resets plain-HTTP requests naming the host; the same site over
+    # HTTPS, in the same run, arrives: only the HTTP measurement is blocked.
+    host = "host-reset.example"
+    plain = web(f"http://{host}/", queries=[q(host, IP)], tcps=[tcp(IP, 80)],
+                requests=[http(f"http://{host}/", IP, status=None, body=None, failure="connection_reset")],
+                ctl=control(addrs=(IP,), port=80, body=NEWS, title="Daily News"))
+    secure = ok_https(host)
+    con = database([plain, secure])
+    assert verdict(con, plain)["method"] == "http.reset"
+    v = verdict(con, secure)
+    assert (v["status"], v["evidence"]["rule"]) == ("ok", "page_matches_control")
 
 
 def test_blockpage_diff_without_fingerprint():
@@ -196,12 +237,27 @@ def test_offline_flag_with_dns_only_failures_alone_in_run_stays_inconclusive():
 
 
 def test_dynamic_page_is_ok():
+    # Another body (less than half the control's length, another hash) under
+    # the same status and title: a dynamic page, not a blockpage.
     r = ok_https("changing.example", body=page("Daily News", 9000))
-    assert one(r)["status"] == "ok"
+    assert r["test_keys"]["requests"][0]["x_body_sha256"] != control(body=NEWS)["http_request"]["x_body_sha256"]
+    v = one(r)
+    assert (v["status"], v["evidence"]["rule"]) == ("ok", "page_matches_control")
+    assert v["evidence"]["compared"]["length_ratio"] < 0.5
+
+
+def _slow(entry: dict, t0: float, t: float) -> dict:
+    entry["t0"], entry["t"] = t0, t
+    return entry
 
 
 def test_slow_site_is_ok_and_redirect_to_matching_page_is_ok():
-    slow = ok_https("sluggish.example")
+    # Every step slow (a 2 s connect, a 2.5 s handshake, a page that took
+    # 10 s to arrive in full) but nothing failed: slowness alone is no verdict.
+    host = "sluggish.example"
+    slow = web(f"https://{host}/", queries=[_slow(q(host, IP), 0.0, 1.5)], tcps=[_slow(tcp(IP), 1.5, 3.5)],
+               tlss=[_slow(tls(IP, host), 3.5, 6.0)], requests=[_slow(http(f"https://{host}/", IP, body=NEWS), 3.5, 16.0)],
+               ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))
     moved = web("http://moved.example/", queries=[q("moved.example", IP), q("moved-target.example", IP)],
                 tcps=[tcp(IP, 80), tcp(IP)], tlss=[tls(IP, "moved-target.example")],
                 requests=[http("http://moved.example/", IP, status=301, body="", index=0),
@@ -255,10 +311,26 @@ def test_only_missing_and_replacement():
 def test_aggregate_views():
     con = database([ok_https(), web("https://nx.example/", queries=[q("nx.example", failure="dns_nxdomain_error")],
                                     ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))])
-    row = con.execute("SELECT measurements, ok, anomaly, blocked, confirmed, inconclusive, anomaly_rate FROM agg_country_day").fetchone()
-    assert row == (2, 1, 1, 1, 0, 0, 0.5)
+    counts = row(con, "SELECT measurements, ok, anomaly, blocked, confirmed, inconclusive, anomaly_rate FROM agg_country_day")
+    assert counts == {"measurements": 2, "ok": 1, "anomaly": 1, "blocked": 1, "confirmed": 0, "inconclusive": 0,
+                      "anomaly_rate": 0.5}
     for view in ("agg_asn", "agg_domain", "agg_category"):
         assert con.execute(f"SELECT sum(measurements) FROM {view}").fetchone()[0] == 2
+
+
+@pytest.mark.parametrize("failure", ["network_unreachable", "host_unreachable"])
+def test_ipv4_only_probe_with_aaaa_answers_on_both_paths_is_ok(failure):
+    # OONI's youtube/noipv6 case: the system resolver and the probe's own UDP
+    # query both give an AAAA answer the control (elsewhere) did not; the
+    # probe has no IPv6, so its v6 connects fail unroutable, and it got the
+    # page over validated HTTPS from the v4 address. Not a forger on the path.
+    v6 = "2a00:1450:4001::20"
+    host = "dual.example"
+    r = web(f"https://{host}/", queries=[q(host, IP, v6), q(host, IP, v6, engine="udp", resolver="198.18.0.53:53")],
+            tcps=[tcp(IP), tcp(v6, failure=failure)], tlss=[tls(IP, host)],
+            requests=[http(f"https://{host}/", IP, body=NEWS)], ctl=control(addrs=(IP,), body=NEWS, title="Daily News"))
+    v = one(r)
+    assert (v["status"], v["evidence"]["rule"]) == ("ok", "page_matches_control")
 
 
 def test_ipv4_only_probe_on_a_geo_dns_site_is_ok():
