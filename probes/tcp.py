@@ -13,6 +13,13 @@ from typing import Any
 from . import failures
 from .records import Clock, tcp_connect
 
+# Connect failures that belong to the address rather than the request: the
+# address refuses, drops or cannot be routed to. A caller with another address
+# tries it next; one without gives the address up.
+ADDRESS_FAILURES = frozenset({
+    failures.CONNECTION_REFUSED, failures.GENERIC_TIMEOUT, failures.HOST_UNREACHABLE, failures.NETWORK_UNREACHABLE,
+})
+
 
 async def connect(
     ip: str, port: int, *, clock: Clock, txid: int, timeout: float,

@@ -15,8 +15,10 @@ import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import dns, failures, http, tcp, tls
+from core.failures import OFFLINE
 from core.net import endpoint, is_ip
+
+from . import dns, http, tcp, tls
 from .context import ProbeContext
 from .records import Clock, Transactions
 
@@ -146,9 +148,6 @@ async def _collect(tasks: list[asyncio.Future], keys: dict[str, Any]) -> None:
         keys["queries"].extend(result if isinstance(result, list) else [result])
 
 
-_OFFLINE = {failures.NETWORK_UNREACHABLE, failures.DNS_TEMPORARY, failures.HOST_UNREACHABLE}
-
-
 def probe_network_ok(keys: dict[str, Any]) -> bool:
     """False when the probe itself looks offline: nothing succeeded and the
     failures are of the 'no network' kind (or the control was unreachable too)."""
@@ -156,7 +155,7 @@ def probe_network_ok(keys: dict[str, Any]) -> bool:
     if any(op.get("failure") is None for op in ops):
         return True
     seen = {op.get("failure") for op in ops}
-    if seen & _OFFLINE:
+    if seen & OFFLINE:
         return False
     # Every step failed (e.g. DNS timeouts everywhere) and no control answered:
     # we cannot tell censorship from a dead uplink.

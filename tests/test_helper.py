@@ -10,7 +10,6 @@ import json
 import logging
 import re
 import socket
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -18,15 +17,14 @@ from aiohttp import web
 from click.testing import CliRunner
 
 import servers
+from shared import SHARED, shared_path
 from probes.control import query_control
 from services.helper import (
     FLAG_BOGON, FLAG_RESOLVED_BY_PROBE, FLAG_RESOLVED_BY_TH, FLAG_VALID_FOR_DOMAIN, Helper, HelperConfig,
     RateLimiter, simhash, start,
 )
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "ooni-spec" / "nettests" / "ts-017-web-connectivity.md"
-if not SPEC.exists():
-    SPEC = Path("/work/shared/data/ooni-spec/nettests/ts-017-web-connectivity.md")
+SPEC = SHARED / "data" / "ooni-spec" / "nettests" / "ts-017-web-connectivity.md"
 
 
 @pytest.fixture(autouse=True)
@@ -204,8 +202,7 @@ def _shape(value):
 
 @pytest.mark.shared
 async def test_request_and_response_shaped_like_the_spec_example(dns_server, pki):
-    if not SPEC.exists():
-        pytest.skip("OONI spec not available")
+    shared_path("data", "ooni-spec", "nettests", "ts-017-web-connectivity.md")
     request = _spec_example("request")
     expected = _spec_example("response")
     async with servers.WebServer(ssl_context=pki.server_context(pki.good)) as site:
@@ -528,7 +525,7 @@ async def test_logs_never_contain_client_addresses(dns_server, http_server, capl
 
 
 def test_cli_serve_options_and_config(tmp_path):
-    from services.cli import helper as helper_group
+    from cli.helper import helper as helper_group
 
     result = CliRunner().invoke(helper_group, ["serve", "--help"])
     assert result.exit_code == 0
@@ -543,9 +540,9 @@ def test_cli_serve_options_and_config(tmp_path):
 
 
 async def test_slow_request_body_does_not_hold_a_slot(dns_server, monkeypatch):
-    import services.helper as helper_module
+    from services.helper import limits
 
-    monkeypatch.setattr(helper_module, "_BODY_READ_SECONDS", 0.3)
+    monkeypatch.setattr(limits, "BODY_READ_SECONDS", 0.3)
     async with HelperUnderTest(config(dns_server, max_inflight=1)) as helper:
         host, port = helper.url[len("http://"):].rstrip("/").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))

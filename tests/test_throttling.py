@@ -14,7 +14,7 @@ import pytest
 from analysis.throttling import (
     Download, _asymptotic_p, _exact_p, apply_throttling, judge, ks_2samp, ks_statistic, median,
 )
-from probes import throttling
+from probes import throttling, timed_download
 from probes.context import ProbeContext
 from probes.records import Clock, Measurement
 
@@ -55,14 +55,14 @@ def test_asymptotic_close_to_exact_for_large_samples():
 def test_throughput_bins():
     # 1000 bytes every 100 ms for 1 s = 80 kbit/s in every 200 ms bin.
     arrivals = [(0.5 + 0.1 * i, 1000) for i in range(10)]
-    bins = throttling.throughput_bins(arrivals, 1.5, 0.2)
+    bins = timed_download.throughput_bins(arrivals, 1.5, 0.2)
     assert len(bins) == 5 and all(b == pytest.approx(80.0) for b in bins)
     # A stall in the middle is an empty (0) bin, not a gap.
     stall = [(0.0, 1000), (0.1, 1000), (0.7, 1000), (0.9, 1000)]
-    assert throttling.throughput_bins(stall, 1.0, 0.2) == [80.0, 0.0, 0.0, 40.0, 40.0]
+    assert timed_download.throughput_bins(stall, 1.0, 0.2) == [80.0, 0.0, 0.0, 40.0, 40.0]
     # Shorter than one bin: one sample over its own duration.
-    assert throttling.throughput_bins([(0.0, 500), (0.05, 500)], 0.05, 0.2) == [160.0]
-    assert throttling.throughput_bins([], 1.0, 0.2) == []
+    assert timed_download.throughput_bins([(0.0, 500), (0.05, 500)], 0.05, 0.2) == [160.0]
+    assert timed_download.throughput_bins([], 1.0, 0.2) == []
 
 
 # --- verdict rules on synthetic downloads ----------------------------------------------
@@ -362,7 +362,7 @@ async def test_probe_stops_early_on_a_dead_address(resolve_target):
 
 
 def test_request_and_names():
-    request = throttling.build_request("/a?b=1", "news.example")
+    request = timed_download.build_request("/a?b=1", "news.example")
     assert request.startswith(b"GET /a?b=1 HTTP/1.1\r\nHost: news.example\r\n") and request.endswith(b"\r\n\r\n")
     names = {throttling.scrambled_name() for _ in range(20)}
     assert len(names) == 20 and all(n.endswith(".example.net") for n in names)
@@ -424,13 +424,13 @@ async def test_probe_asks_the_helper_and_bounds_the_wait(ca, tmp_path, resolve_t
 
 
 def test_default_control_timeout_leaves_room_for_the_helper():
-    from services import helper
+    from services.helper import protocol, throughput
 
     # The helper's answer bound (setup + close) is what the probe budgets for.
-    assert throttling.HELPER_OVERHEAD == helper._THROUGHPUT_SETUP_SECONDS + helper._THROUGHPUT_CLOSE_SECONDS
+    assert throttling.HELPER_OVERHEAD == throughput.SETUP_SECONDS + throughput.CLOSE_SECONDS
     assert throttling.DEFAULT.control_room() >= throttling.CONTROL_SLACK
     # Even the longest download a helper accepts fits the default timeout.
-    assert throttling.Settings(helper_seconds=helper._MAX_THROUGHPUT_SECONDS).control_room() >= 0
+    assert throttling.Settings(helper_seconds=protocol.MAX_THROUGHPUT_SECONDS).control_room() >= 0
 
 
 async def test_probe_gets_helper_samples_from_a_real_helper_on_a_slow_site(ca, tmp_path, resolve_target):
