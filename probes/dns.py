@@ -7,7 +7,13 @@ Three engines, recorded in each entry's ``engine`` field:
 - ``udp``: a query we build and send ourselves to an explicit resolver. We own
   the socket so that every reply is kept: on-path injectors race the genuine
   resolver, and a forged answer followed by the real one is the evidence;
-- ``doh``: DNS over HTTPS (RFC 8484), usually the encrypted baseline.
+- ``doh``: DNS over HTTPS (RFC 8484), usually the encrypted baseline;
+- ``tcp``: the same query over TCP, sent when a UDP reply has the TC bit set
+  (RFC 7766, as every stub resolver does; musl's does not, and says "no
+  network").
+
+Hostile resolvers are bounded: at most ``MAX_RESPONSES`` replies kept per
+query, ``MAX_ANSWERS`` records per reply, 64 KiB read from a DoH body.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ import asyncio
 import base64
 import ipaddress
 import socket
-from typing import Any
+import threading
+from typing import Any, Callable
 
+import dns.asyncquery
 import dns.exception
+import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdatatype
@@ -29,6 +38,9 @@ from . import failures
 from .records import Clock, dns_answer, dns_query
 
 DOH_MEDIA_TYPE = "application/dns-message"
+MAX_RESPONSES = 16  # replies kept per UDP query (injection races need 2 or 3)
+MAX_ANSWERS = 64  # records kept per reply
+MAX_MESSAGE = 65535  # the largest DNS message (RFC 1035 over TCP, RFC 8484)
 
 
 def parse_server(server: str, default_port: int = 53) -> tuple[str, int]:
@@ -39,18 +51,54 @@ def parse_server(server: str, default_port: int = 53) -> tuple[str, int]:
 # --- system ---------------------------------------------------------------------
 
 
-async def system_lookup(hostname: str, *, clock: Clock, txid: int, timeout: float) -> dict[str, Any]:
-    """Resolve with getaddrinfo in the loop's executor. A thread blocked in
-    getaddrinfo cannot be interrupted; on timeout we stop waiting for it."""
+async def in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a thread of its own that nobody waits for at exit.
+
+    getaddrinfo cannot be interrupted. In the loop's executor, a lookup hung
+    on a dead resolver kept Ctrl-C waiting until glibc gave up (asyncio.run
+    joins the default executor's threads, and so does interpreter exit): 15 s
+    with no word. A daemon thread is abandoned instead; it ends by itself when
+    getaddrinfo returns."""
     loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def deliver(ok: bool, value: Any) -> None:
+        if future.done():  # cancelled: the caller stopped waiting
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def work() -> None:
+        try:
+            value, ok = fn(*args), True
+        except BaseException as exc:  # handed to the caller, never lost in the thread
+            value, ok = exc, False
+        try:
+            loop.call_soon_threadsafe(deliver, ok, value)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=work, name="vantage-getaddrinfo", daemon=True).start()
+    return await future
+
+
+async def getaddrinfo(host: str, port: int | str | None, family: int = 0, type: int = 0, proto: int = 0,
+                      flags: int = 0) -> list:
+    """``socket.getaddrinfo`` without blocking the loop or the exit (see
+    ``in_daemon_thread``)."""
+    return await in_daemon_thread(socket.getaddrinfo, host, port, family, type, proto, flags)
+
+
+async def system_lookup(hostname: str, *, clock: Clock, txid: int, timeout: float) -> dict[str, Any]:
+    """Resolve with getaddrinfo in a daemon thread. A thread blocked in
+    getaddrinfo cannot be interrupted; on timeout we stop waiting for it."""
     t0 = clock.now()
     answers: list[dict[str, Any]] = []
     failure: str | None = None
     try:
-        infos = await asyncio.wait_for(
-            loop.run_in_executor(None, socket.getaddrinfo, hostname, 443, socket.AF_UNSPEC, socket.SOCK_STREAM),
-            timeout,
-        )
+        infos = await asyncio.wait_for(getaddrinfo(hostname, 443, socket.AF_UNSPEC, socket.SOCK_STREAM), timeout)
         seen: set[str] = set()
         for family, _type, _proto, _canon, sockaddr in infos:
             ip = sockaddr[0]
@@ -58,6 +106,8 @@ async def system_lookup(hostname: str, *, clock: Clock, txid: int, timeout: floa
                 continue
             seen.add(ip)
             answers.append(dns_answer("A" if family == socket.AF_INET else "AAAA", ip))
+            if len(answers) >= MAX_ANSWERS:
+                break
         if not answers:
             failure = failures.DNS_NO_ANSWER
     except Exception as exc:  # every network outcome becomes a record
@@ -93,6 +143,8 @@ def _answers_of(response: dns.message.Message) -> list[dict[str, Any]]:
             else:
                 value = rdata.to_text()
             out.append(dns_answer(rtype, value, rrset.ttl))
+            if len(out) >= MAX_ANSWERS:  # a flood of records in one reply
+                return out
     return out
 
 
@@ -135,17 +187,68 @@ def _entry_from_response(
 
 
 class _Collector(asyncio.DatagramProtocol):
-    """Queues every datagram (and ICMP errors) for the lookup loop."""
+    """Queues every datagram (and ICMP errors) for the lookup loop. A flood is
+    dropped past ``limit`` queued datagrams: memory stays flat whatever the
+    sender does."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, limit: int = 256) -> None:
         self.clock = clock
+        self.limit = limit
+        self.dropped = 0
         self.queue: asyncio.Queue[tuple[float, bytes | None, Exception | None]] = asyncio.Queue()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.queue.qsize() >= self.limit:
+            self.dropped += 1
+            return
         self.queue.put_nowait((self.clock.now(), data, None))
 
     def error_received(self, exc: Exception) -> None:
-        self.queue.put_nowait((self.clock.now(), None, exc))
+        if self.queue.qsize() < self.limit:
+            self.queue.put_nowait((self.clock.now(), None, exc))
+
+
+def _parse_reply(data: bytes, query: dns.message.Message) -> tuple[dns.message.Message | None, bool]:
+    """(the reply, whether it is truncated) for a datagram answering ``query``;
+    (None, False) for anything else. A truncated reply may be cut mid-record:
+    its header and question are enough to know it asks for TCP."""
+    try:
+        response = dns.message.from_wire(data)
+    except dns.exception.DNSException:
+        try:
+            response = dns.message.from_wire(data, question_only=True)
+        except dns.exception.DNSException:
+            return None, False
+        if not response.flags & dns.flags.TC:
+            return None, False
+    if not query.is_response(response):
+        return None, False
+    return response, bool(response.flags & dns.flags.TC)
+
+
+async def tcp_lookup(
+    hostname: str, server: str, qtype: str = "A", *, clock: Clock, txid: int, timeout: float,
+    query: dns.message.Message | None = None,
+) -> dict[str, Any]:
+    """One query over TCP (RFC 7766), as resolvers retry a truncated reply."""
+    ip, port = parse_server(server)
+    resolver = endpoint(ip, port)
+    query = query or dns.message.make_query(hostname, qtype)
+    t0 = clock.now()
+    failure: str | None = None
+    try:
+        response = await dns.asyncquery.tcp(query, ip, timeout=timeout, port=port)
+    except dns.exception.Timeout:
+        failure = failures.GENERIC_TIMEOUT
+    except dns.exception.DNSException as exc:
+        failure = failures.classify(f"malformed dns response: {type(exc).__name__}")
+    except Exception as exc:
+        failure = failures.classify(exc)
+    if failure is None:
+        return _entry_from_response(response, engine="tcp", resolver=resolver, hostname=hostname, qtype=qtype,
+                                    t0=t0, t=clock.now(), txid=txid)
+    return dns_query(engine="tcp", resolver=resolver, hostname=hostname, query_type=qtype, answers=[],
+                     failure=failure, rcode=None, t0=t0, t=clock.now(), transaction_id=txid)
 
 
 async def udp_lookup(
@@ -155,9 +258,14 @@ async def udp_lookup(
 
     Receiving continues until ``linger`` seconds after the first reply (an
     injector's forged answer usually arrives first, the resolver's later), or
-    until ``timeout`` when nothing arrives. Datagrams that are not replies to
-    our query (wrong id or question, unparseable) are ignored: the socket is
-    connected, so they can only come from the server's address anyway.
+    until ``timeout`` when nothing arrives, or until ``MAX_RESPONSES`` replies.
+    Datagrams that are not replies to our query (wrong id or question,
+    unparseable) are ignored: the socket is connected, so they can only come
+    from the server's address anyway.
+
+    A reply with the TC bit set is recorded, and the query is sent again over
+    TCP (an ``engine: tcp`` entry with the same transaction id, after the UDP
+    ones), within the same ``timeout``.
     """
     ip, port = parse_server(server)
     resolver = endpoint(ip, port)
@@ -178,10 +286,12 @@ async def udp_lookup(
         return failed(failures.classify(exc))
 
     entries: list[dict[str, Any]] = []
+    retry: asyncio.Task | None = None
+    started = loop.time()
     try:
         transport.sendto(query.to_wire())
-        deadline = loop.time() + timeout
-        while True:
+        deadline = started + timeout
+        while len(entries) < MAX_RESPONSES:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -195,20 +305,27 @@ async def udp_lookup(
                 if not entries:
                     return failed(failures.classify(error))
                 continue
-            try:
-                response = dns.message.from_wire(data)
-            except dns.exception.DNSException:
-                continue
-            if not query.is_response(response):
+            response, truncated = _parse_reply(data, query)
+            if response is None:
                 continue
             entries.append(_entry_from_response(
                 response, engine="udp", resolver=resolver, hostname=hostname, qtype=qtype,
                 t0=t0, t=t, txid=txid, index=len(entries),
             ))
+            if truncated:
+                entries[-1]["x_truncated"] = True  # the TC bit: "ask me over TCP"
+            if truncated and retry is None:
+                budget = max(0.1, started + timeout - loop.time())
+                retry = asyncio.ensure_future(tcp_lookup(
+                    hostname, server, qtype, clock=clock, txid=txid, timeout=budget, query=query))
             if len(entries) == 1:
                 deadline = loop.time() + linger
+        if retry is not None:
+            entries.append(await retry)
     finally:
         transport.close()
+        if retry is not None and not retry.done():
+            retry.cancel()
     return entries or failed(failures.GENERIC_TIMEOUT)
 
 
@@ -236,7 +353,7 @@ async def doh_lookup(
             else:
                 request = session.post(url, data=wire, headers={**headers, "content-type": DOH_MEDIA_TYPE})
             async with request as resp:
-                body = await resp.read()
+                body = await resp.content.read(MAX_MESSAGE + 1)  # a DNS message is at most 64 KiB
                 if resp.status != 200:
                     failure = failures.HTTP_REQUEST_FAILED
                 else:

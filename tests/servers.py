@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
@@ -151,6 +152,7 @@ class Rule:
     inject_delay: float = 0.2
     silent: bool = False
     ttl: int = 60
+    truncate: bool = False  # UDP replies carry the TC bit and no records; TCP answers in full
 
 
 def _fill(response: dns.message.Message, qname: dns.name.Name, qtype: int, addresses: list[str], rule: Rule) -> None:
@@ -182,7 +184,7 @@ class DNSResponder:
         self.rules[name.lower().rstrip(".")] = rule
         return rule
 
-    def replies(self, wire: bytes) -> list[tuple[float, bytes]]:
+    def replies(self, wire: bytes, tcp: bool = False) -> list[tuple[float, bytes]]:
         """(delay, datagram) pairs answering ``wire``; unknown names get NXDOMAIN."""
         query = dns.message.from_wire(wire)
         question = query.question[0]
@@ -191,6 +193,10 @@ class DNSResponder:
         rule = self.rules.get(name, Rule(rcode="NXDOMAIN"))
         if rule.silent:
             return []
+        if rule.truncate and not tcp:
+            truncated = dns.message.make_response(query)
+            truncated.flags |= dns.flags.TC
+            return [(0.0, truncated.to_wire())]
         genuine = dns.message.make_response(query)
         genuine.set_rcode(dns.rcode.from_text(rule.rcode))
         if rule.rcode == "NOERROR":
@@ -225,28 +231,58 @@ class _UDPProtocol(asyncio.DatagramProtocol):
 
 
 class DNSServer(DNSResponder):
-    """UDP DNS server on 127.0.0.1; ``address`` is "127.0.0.1:port"."""
+    """UDP DNS server on 127.0.0.1; ``address`` is "127.0.0.1:port". The same
+    port answers over TCP too (RFC 7766 framing); ``tcp_queries`` counts them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.transport: asyncio.DatagramTransport | None = None
+        self.tcp_server: asyncio.Server | None = None
+        self.tcp_queries = 0
         self.port = 0
 
     @property
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
 
+    async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                size = struct.unpack("!H", await reader.readexactly(2))[0]
+                wire = await reader.readexactly(size)
+                self.tcp_queries += 1
+                replies = self.replies(wire, tcp=True)
+                if not replies:
+                    continue
+                payload = replies[-1][1]
+                writer.write(struct.pack("!H", len(payload)) + payload)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except Exception:  # garbage in
+            pass
+        finally:
+            writer.close()
+
     async def start(self) -> "DNSServer":
         loop = asyncio.get_running_loop()
-        self.transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UDPProtocol(self), local_addr=(LOOPBACK, 0)
-        )
-        self.port = self.transport.get_extra_info("sockname")[1]
+        for _ in range(20):  # a UDP port whose TCP twin is free
+            self.transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UDPProtocol(self), local_addr=(LOOPBACK, 0)
+            )
+            self.port = self.transport.get_extra_info("sockname")[1]
+            try:
+                self.tcp_server = await asyncio.start_server(self._tcp, LOOPBACK, self.port)
+                break
+            except OSError:
+                self.transport.close()
         return self
 
     async def stop(self) -> None:
         if self.transport is not None:
             self.transport.close()
+        if self.tcp_server is not None:
+            self.tcp_server.close()
 
     async def __aenter__(self) -> "DNSServer":
         return await self.start()
@@ -287,10 +323,14 @@ class WebServer:
       ``/cut-reset``     100 of 4096 promised bytes, then a reset (RST)
       ``/dns-query``     DoH (RFC 8484, GET and POST) answering from ``responder`` (``self.dns``)
       ``/status/{code}`` an empty response with that status
-    ``hits`` counts requests per path.
+      ``/redirect-to``   302 to the URL in ``?location=``
+    ``hits`` counts requests per path. ``host``: another loopback address
+    (127.0.0.2 ...) stands for a second machine.
     """
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None, responder: DNSResponder | None = None) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, responder: DNSResponder | None = None,
+                 host: str = LOOPBACK) -> None:
+        self.host = host
         self.ssl_context = ssl_context
         self.dns = responder or DNSResponder()
         self.hits: dict[str, int] = {}
@@ -301,8 +341,8 @@ class WebServer:
     def scheme(self) -> str:
         return "https" if self.ssl_context else "http"
 
-    def url(self, path: str = "/", host: str = LOOPBACK) -> str:
-        return f"{self.scheme}://{host}:{self.port}{path}"
+    def url(self, path: str = "/", host: str | None = None) -> str:
+        return f"{self.scheme}://{host or self.host}:{self.port}{path}"
 
     @web.middleware
     async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -327,7 +367,11 @@ class WebServer:
         app.router.add_get("/cut-reset", self._cut)
         app.router.add_route("*", "/dns-query", self._doh)
         app.router.add_get("/status/{code}", self._status)
+        app.router.add_get("/redirect-to", self._redirect_to)
         return app
+
+    async def _redirect_to(self, request: web.Request) -> web.Response:
+        return self._redirect(request.query["location"])
 
     async def _page(self, request: web.Request) -> web.Response:
         return web.Response(body=PAGE, content_type="text/html")
@@ -407,7 +451,7 @@ class WebServer:
     async def start(self) -> "WebServer":
         self._runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, LOOPBACK, 0, ssl_context=self.ssl_context)
+        site = web.TCPSite(self._runner, self.host, 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self

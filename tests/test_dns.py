@@ -8,6 +8,7 @@ import socket
 import aiohttp
 import pytest
 
+import hostile_servers
 import servers
 from probes import dns, failures
 from probes.records import Clock
@@ -210,3 +211,100 @@ def test_first_addresses_skips_late_and_dupes():
         {"x_response_index": 0, "answers": [{"answer_type": "A", "ipv4": "192.0.2.1"}, {"answer_type": "AAAA", "ipv6": "2001:db8::2"}]},
     ]
     assert dns.first_addresses(queries) == ["192.0.2.1", "2001:db8::2"]
+
+
+# --- issue 10: truncated replies, floods, garbage, a hung system resolver -----------------
+
+
+async def test_udp_truncated_reply_is_retried_over_tcp(dns_server):
+    # A TC reply used to end the lookup with no address (musl's resolver, and
+    # ours, then said the network was down). Resolvers retry over TCP.
+    dns_server.program("big.test", answer=["192.0.2.5", "192.0.2.6"], truncate=True)
+    entries = await lookup(dns_server, "big.test")
+    assert [e["engine"] for e in entries] == ["udp", "tcp"]
+    udp, tcp = entries
+    assert udp["x_truncated"] is True and udp["answers"] == []
+    assert tcp["failure"] is None and tcp["resolver_address"] == dns_server.address
+    assert sorted(a["ipv4"] for a in tcp["answers"]) == ["192.0.2.5", "192.0.2.6"]
+    assert {e["transaction_id"] for e in entries} == {7}
+    assert tcp["t0"] >= udp["t"] - 0.001
+    assert dns_server.tcp_queries == 1
+    assert sorted(dns.first_addresses(entries)) == ["192.0.2.5", "192.0.2.6"]
+
+
+async def test_truncated_reply_cut_mid_record_is_retried_over_tcp():
+    async with hostile_servers.HostileDNS("tc-cut", answer="192.0.2.9") as server:
+        entries = await dns.udp_lookup("x.test", server.address, clock=Clock(), txid=1, timeout=2.0, linger=0.2)
+    assert [e["engine"] for e in entries] == ["udp", "tcp"]
+    assert dns.first_addresses(entries) == ["192.0.2.9"]
+
+
+async def test_truncated_reply_and_no_tcp_records_the_failed_retry(dns_server):
+    dns_server.program("big.test", answer=["192.0.2.5"], truncate=True)
+    dns_server.tcp_server.close()
+    await dns_server.tcp_server.wait_closed()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    entries = await lookup(dns_server, "big.test", timeout=1.0)
+    assert loop.time() - start < 2.0
+    assert [e["engine"] for e in entries] == ["udp", "tcp"]
+    assert entries[1]["failure"] == failures.CONNECTION_REFUSED
+
+
+async def test_reply_flood_is_bounded():
+    async with hostile_servers.HostileDNS("flood", answer="192.0.2.9") as server:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        entries = await dns.udp_lookup("x.test", server.address, clock=Clock(), txid=1, timeout=2.0, linger=1.0)
+    assert loop.time() - start < 1.5
+    assert len(entries) == dns.MAX_RESPONSES
+    assert [e["x_response_index"] for e in entries] == list(range(dns.MAX_RESPONSES))
+
+
+async def test_reply_with_thousands_of_records_is_capped():
+    async with hostile_servers.HostileDNS("big", answer="192.0.2.9") as server:
+        [entry] = await dns.udp_lookup("x.test", server.address, clock=Clock(), txid=1, timeout=2.0, linger=0.2)
+    assert len(entry["answers"]) == dns.MAX_ANSWERS
+
+
+async def test_garbage_replies_are_ignored():
+    async with hostile_servers.HostileDNS("garbage", answer="192.0.2.9") as server:
+        entries = await dns.udp_lookup("x.test", server.address, clock=Clock(), txid=1, timeout=2.0, linger=0.3)
+    assert [dns.first_addresses([e]) for e in entries] == [["192.0.2.9"]]
+
+
+CTRL_C_WHILE_RESOLVING = r"""
+import asyncio, os, signal, socket, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+_real = socket.getaddrinfo
+def hung(host, *args, **kwargs):  # a resolver that never answers, as glibc sees it
+    if host == "hang.test":
+        time.sleep(30)
+    return _real(host, *args, **kwargs)
+socket.getaddrinfo = hung
+from concurrent.futures import ThreadPoolExecutor
+from probes import dns
+from probes.records import Clock
+async def main():
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=8))  # as the runner does
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    await dns.system_lookup("hang.test", clock=Clock(), txid=1, timeout=60)
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_while_the_system_resolver_hangs_is_prompt():
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_RESOLVING, str(Path(__file__).resolve().parent.parent)],
+                          capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.stdout.strip() == "interrupted", proc.stderr
+    assert elapsed < 5.0  # was 30 s: asyncio.run and exit waited for the resolver thread
