@@ -9,6 +9,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.net import Policy
+
 from .timeouts import Timeouts
 
 
@@ -22,6 +24,9 @@ class ProbeContext:
     session: Any = None                   # aiohttp.ClientSession for control and DoH
     extra_ca_file: str | None = None
     dns_linger: float = 1.0               # how long to keep listening for late DNS answers
+    # Non-public networks a redirect may lead into (``--public-network``, the
+    # lab's ranges); every other loopback/private/link-local target is refused.
+    allow: Policy = field(default_factory=Policy)
 
     def tls(self) -> ssl.SSLContext:
         if self.ssl_context is None:

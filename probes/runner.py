@@ -431,6 +431,8 @@ async def run_tests(
     import aiohttp
 
     from . import store
+    from core.net import Policy
+
     from .timeouts import Timeouts
 
     concurrency = concurrency or int(_setting(config, "concurrency", 50))
@@ -444,6 +446,7 @@ async def run_tests(
         doh_url=None if options.get("no_doh") else (options.get("doh_url") or _setting(config, "doh_url")),
         helpers=options.get("helpers") or list(_setting(config, "helpers", [])),
         extra_ca_file=options.get("ca_file") or _setting(config, "extra_ca_file"),
+        allow=Policy.from_cidrs(options.get("public_networks") or []),  # where redirects may lead
     )
     summaries = []
     connector = aiohttp.TCPConnector(limit=concurrency, ssl=ctx.tls())

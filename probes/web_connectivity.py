@@ -75,7 +75,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
         addresses = dns.first_addresses([system])
         if not addresses and background:
             await _collect(background, keys)
-            addresses = dns.first_addresses([q for q in keys["queries"] if q["engine"] == "udp"])
+            addresses = dns.first_addresses([q for q in keys["queries"] if q["engine"] in ("udp", "tcp")])
     addresses = addresses[:MAX_ADDRESSES]
 
     # 2. Control, concurrently with everything below.
@@ -111,7 +111,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
             keys["requests"].extend(
                 await http.fetch(
                     url, clock=clock, transactions=txids, timeouts=t, context=ctx.tls(), pinned=pinned,
-                    events=keys["network_events"],
+                    events=keys["network_events"], allow=ctx.allow,
                 )
             )
     except BaseException:

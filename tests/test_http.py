@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import socket
 import tracemalloc
 
 import pytest
 
+import hostile_servers
 import servers
+from yarl import URL
+from core.net import Policy
 from probes import failures, http, tls
 from probes.records import Clock, Transactions, body_bytes
 from probes.timeouts import Timeouts
@@ -17,6 +21,12 @@ from probes.timeouts import Timeouts
 pytestmark = pytest.mark.timeout(30)
 
 FAST = Timeouts(connect=1.0, http=3.0)
+
+
+@pytest.fixture
+async def endless_server():
+    async with hostile_servers.HostileHTTP() as server:
+        yield server
 
 
 async def get(url, *, timeouts=FAST, events=None, **kw):
@@ -240,3 +250,147 @@ async def test_body_cut_short_keeps_bytes(http_server, path, failure):
     assert entry["response"]["code"] == 200
     assert entry["response"]["body"] == "y" * 100
     assert sum(e["num_bytes"] for e in events) == 100
+
+
+# --- issue 10: redirects into the volunteer's network, records bounded in bytes ---------
+
+
+@pytest.fixture
+async def other_host():
+    """A second machine: a site on 127.0.0.2 (not the input's address)."""
+    async with servers.WebServer(host="127.0.0.2") as server:
+        yield server
+
+
+def _to(server, location: str) -> str:
+    from urllib.parse import quote
+
+    return server.url("/redirect-to?location=" + quote(location, safe=""))
+
+
+@pytest.mark.parametrize("target", [
+    "http://127.0.0.2:{port}/",             # loopback, another address than the input's
+    "http://0x7f.0.0.2:{port}/",            # the same in inet_aton's hex spelling
+    "http://[::ffff:127.0.0.2]:{port}/",    # and IPv4-mapped
+    "http://10.1.2.3/",                     # private
+    "http://192.168.1.1/",                  # private (the volunteer's router)
+    "http://169.254.169.254/latest/",       # link-local (cloud metadata)
+    "http://[fe80::1]/",                    # IPv6 link-local
+    "http://[fd00::1]/",                    # IPv6 unique-local
+])
+async def test_redirect_into_local_network_is_recorded_not_fetched(http_server, other_host, target):
+    url = _to(http_server, target.format(port=other_host.port))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    entries = await get(url)
+    assert loop.time() - start < 1.0  # refused before any connection attempt
+    assert [e["response"].get("code") for e in entries] == [302, None]
+    refused = entries[1]
+    assert refused["failure"] == failures.ADDRESS_REFUSED
+    assert refused["request"]["url"] == str(URL(target.format(port=other_host.port)))
+    assert refused["x_redirect_index"] == 1 and refused["x_address"] is None
+    assert other_host.hits == {}
+
+
+async def test_redirect_to_a_name_resolving_to_loopback_is_refused(http_server, other_host, monkeypatch):
+    real = socket.getaddrinfo
+
+    def resolver(host, *args, **kwargs):  # a public-looking name whose DNS says 127.0.0.2
+        if host == "innocent.example":
+            return real("127.0.0.2", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    entries = await get(_to(http_server, f"http://innocent.example:{other_host.port}/"))
+    assert entries[-1]["failure"] == failures.ADDRESS_REFUSED
+    assert other_host.hits == {}
+    # `localhost` too (from a site on 127.0.0.2): a name, resolved, then checked.
+    entries = await get(_to(other_host, f"http://localhost:{http_server.port}/page"))
+    assert entries[-1]["failure"] == failures.ADDRESS_REFUSED
+    assert "/page" not in http_server.hits
+
+
+async def test_redirect_into_allowed_network_is_followed(http_server, other_host, monkeypatch):
+    # The lab's public ranges (--public-network) are followed, and only the
+    # checked address is connected to.
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo",
+                        lambda host, *a, **k: real("127.0.0.2" if host == "site.example" else host, *a, **k))
+    allow = Policy.from_cidrs(["127.0.0.2/32"])
+    for target in (other_host.url("/"), f"http://site.example:{other_host.port}/"):
+        entries = await get(_to(http_server, target), allow=allow)
+        assert [e["response"]["code"] for e in entries] == [302, 200]
+        assert entries[-1]["failure"] is None and entries[-1]["x_address"] == f"127.0.0.2:{other_host.port}"
+    assert other_host.hits == {"/": 2}
+
+
+async def test_redirect_back_to_the_inputs_own_address_is_followed(http_server):
+    # The volunteer chose the input's address: redirects may come back to it
+    # (how every loopback test site redirects), whatever its range.
+    entries = await get(_to(http_server, http_server.url("/page")))
+    assert [e["response"]["code"] for e in entries] == [302, 200]
+
+
+async def test_endless_deflate_stream_is_bounded(endless_server):
+    # `78 01` then `00 00 00 ff ff` forever: decodes to nothing, so the body
+    # cap never triggers. It produced 61,000 events and a 7.2 MB record.
+    events = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    [entry] = await get(endless_server.url("/endless-deflate"), events=events, timeouts=Timeouts(connect=1, http=10))
+    assert loop.time() - start < 5.0
+    assert entry["failure"] is None and entry["response"]["body_is_truncated"] is True
+    assert entry["x_body_length"] == 0
+    assert len(events) <= 64
+    wire = sum(e["num_bytes"] for e in events)
+    assert http.WIRE_FACTOR * http.MAX_BODY <= wire < http.WIRE_FACTOR * http.MAX_BODY + 256 * 1024
+    assert len(json.dumps([entry, events])) < 64 * 1024
+
+
+async def test_slow_endless_deflate_ends_at_the_deadline(endless_server):
+    events = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    [entry] = await get(endless_server.url("/endless-deflate-slow"), events=events, timeouts=Timeouts(connect=1, http=1.0))
+    assert loop.time() - start < 2.0
+    assert entry["failure"] == failures.GENERIC_TIMEOUT
+    assert 0 < len(events) <= 64
+
+
+async def test_events_merged_past_64_keep_bytes_and_last_arrival(endless_server):
+    events = []
+    [entry] = await get(endless_server.url("/endless-chunked"), events=events)
+    assert entry["response"]["body_is_truncated"] is True and entry["x_body_length"] == http.MAX_BODY
+    assert 32 <= len(events) <= 64
+    assert sum(e["num_bytes"] for e in events) >= http.MAX_BODY
+    times = [e["t"] for e in events]
+    assert times == sorted(times) and times[-1] <= entry["t"]
+
+
+async def test_header_flood_stored_within_cap(endless_server):
+    entries = await get(endless_server.url("/header-flood"))
+    assert len(entries) == 11 and entries[-1]["failure"] == failures.HTTP_TOO_MANY_REDIRECTS
+    for entry in entries:
+        kept = entry["response"]["headers_list"]
+        assert sum(len(k) + len(v) for k, v in kept) <= http.MAX_HEADER_BYTES
+        assert entry["response"]["x_headers_truncated"] is True
+        assert entry["response"]["headers"]["Location"]  # the first headers are the ones kept
+    assert len(json.dumps(entries)) < 11 * 3 * http.MAX_HEADER_BYTES
+
+
+async def test_redirect_bodies_capped(endless_server):
+    entries = await get(endless_server.url("/fat-redirect"), max_redirects=3)
+    assert all(e["x_body_length"] == http.MAX_REDIRECT_BODY for e in entries)
+    assert all(e["response"]["body_is_truncated"] for e in entries)
+
+
+def test_event_sampler_merges_pairwise():
+    from probes.records import EventSampler, network_event
+
+    sampler = EventSampler(limit=8)
+    for i in range(1000):
+        sampler.add(network_event(operation="bytes_received", t=float(i), transaction_id=1, num_bytes=1))
+    assert len(sampler.events) <= 8
+    assert sum(e["num_bytes"] for e in sampler.events) == 1000
+    assert sampler.events[-1]["t"] == 999.0
+    assert [e["t"] for e in sampler.events] == sorted(e["t"] for e in sampler.events)
