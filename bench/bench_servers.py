@@ -20,14 +20,20 @@ PAGE = "<html><head><title>Bench site</title></head><body>" + "lorem ipsum " * 4
 
 
 class DNSProtocol(asyncio.DatagramProtocol):
-    def __init__(self, delay: float):
+    """Answers every A query with 127.0.0.1 and every other type with no data,
+    ``delay`` seconds after it arrives (0: at once)."""
+
+    def __init__(self, delay: float = 0.0):
         self.delay = delay
 
     def connection_made(self, transport):
         self.transport = transport
 
     def datagram_received(self, data, addr):
-        asyncio.get_running_loop().call_later(self.delay, self._answer, data, addr)
+        if self.delay:
+            asyncio.get_running_loop().call_later(self.delay, self._answer, data, addr)
+        else:
+            self._answer(data, addr)
 
     def _answer(self, data, addr):
         try:

@@ -27,28 +27,13 @@ import time
 from pathlib import Path
 
 import aiohttp
-import dns.message
-import dns.rrset
 from aiohttp import web
+
+from bench_servers import DNSProtocol  # bench/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "helper_load.json"
 PAGE = b"<!doctype html><html><head><title>slow</title></head><body>" + b"x" * 2000 + b"</body></html>"
-
-
-class LoopbackDNS(asyncio.DatagramProtocol):
-    """Answers every A query with 127.0.0.1 and every other type with no data."""
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def datagram_received(self, data, addr):
-        query = dns.message.from_wire(data)
-        response = dns.message.make_response(query)
-        question = query.question[0]
-        if question.rdtype == 1:
-            response.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", "127.0.0.1"))
-        self.transport.sendto(response.to_wire(), addr)
 
 
 def free_port() -> int:
@@ -95,7 +80,7 @@ async def run(requests: int, max_inflight: int, delay: float) -> dict:
     await web.TCPSite(runner, "127.0.0.1", 0, backlog=2048).start()
     site_port = runner.addresses[0][1]
     loop = asyncio.get_running_loop()
-    dns_transport, _ = await loop.create_datagram_endpoint(LoopbackDNS, local_addr=("127.0.0.1", 0))
+    dns_transport, _ = await loop.create_datagram_endpoint(DNSProtocol, local_addr=("127.0.0.1", 0))
     dns_port = dns_transport.get_extra_info("sockname")[1]
 
     helper_port = free_port()
