@@ -8,7 +8,8 @@ import time
 
 from probes import store
 from probes.context import ProbeContext
-from probes.runner import Location, Experiment, remaining_inputs, run_inputs, scrub, start_run
+from probes.runner import (Location, Experiment, experiments, remaining_inputs, rescue_path, resume, run_inputs,
+                           run_options, scrub, start_run)
 from probes.timeouts import Timeouts
 
 
@@ -84,6 +85,32 @@ async def test_interrupted_run_resumes_where_it_stopped(tmp_path):
     sink.close()
     assert con.execute("SELECT count(*) FROM measurements").fetchone()[0] == 1
     assert [u for u, _ in remaining_inputs(con, "R")] == ["https://d1.example/1", "https://d2.example/2"]
+
+
+def test_resume_reads_the_runs_test_options_and_remaining_inputs(tmp_path):
+    con = store.connect(tmp_path / "v.duckdb")
+    throttling = experiments("throttling")[0]
+    inputs = [("https://a.example/", "NEWS"), ("https://b.example/", None)]
+    start_run(con, "R", throttling, inputs, {"test": "all", "resolver": "192.0.2.53", "no_doh": True}, Location())
+    resumed = resume(con, "R")
+    assert resumed.test == "throttling"  # `all` started one run per test: this one is throttling
+    assert resumed.options["resolver"] == "192.0.2.53"
+    assert resumed.inputs == inputs
+    assert resume(con, "NOPE") is None
+    assert [s.name for s in experiments("all")] == ["web_connectivity", "throttling"]
+
+
+def test_run_options_prefer_the_command_line_then_the_recorded_run():
+    recorded = {"test": "web", "resolver": "192.0.2.53", "no_doh": True, "public_networks": ["198.18.0.0/15"]}
+    options = run_options({"test": "web", "resolver": None, "doh_url": None, "no_doh": False, "public_networks": []}, recorded)
+    assert options == {"test": "web", "resolver": "192.0.2.53", "doh_url": None, "no_doh": True,
+                       "public_networks": ["198.18.0.0/15"]}
+    fresh = run_options({"test": "web", "helpers": [], "no_doh": False, "public_networks": [], "resolver": "192.0.2.1"})
+    assert fresh == {"test": "web", "helpers": None, "no_doh": False, "public_networks": [], "resolver": "192.0.2.1"}
+
+
+def test_rescue_file_sits_beside_the_database():
+    assert str(rescue_path("/data/v.duckdb", "R1")) == "/data/v.rescue-R1.jsonl"
 
 
 async def test_max_runtime_stops_starting_new_measurements(tmp_path):
