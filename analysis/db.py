@@ -20,11 +20,9 @@ from core.errors import VantageError
 from core.paths import default_db_path
 
 # DuckDB's own default is 80% of RAM; the analysis joins whole tables and gets
-# 1 GB unless VANTAGE_ANALYZE_MEMORY says otherwise. Measured
-# (bench/results/analyze.json, docs/benchmarks.md): 1M measurements on 2
-# threads take 24.3 s at a 1.6 GB limit (peak RSS 1,740 MB); at 1.2 GB and
-# below (this default included) DuckDB spills its stage tables to disk and
-# takes ~40 s. Smaller databases fit either way.
+# 1 GB unless VANTAGE_ANALYZE_MEMORY says otherwise. Below ~1.2 GB a million
+# measurements no longer fit and DuckDB spills its stage tables to disk (slower,
+# not failing); the measured figures are in docs/benchmarks.md.
 MEMORY_ENV = "VANTAGE_ANALYZE_MEMORY"
 DEFAULT_MEMORY = "1GB"
 _MEMORY = re.compile(r"\s*\d+(\.\d+)?\s*([KMGT]i?)?B\s*", re.IGNORECASE)
@@ -54,7 +52,7 @@ def connect(path: str | os.PathLike | None = None, *, memory_limit: str | None =
         raise AnalysisError(f"{target} is not a database file")
     limit = memory_limit or os.environ.get(MEMORY_ENV) or DEFAULT_MEMORY
     if not _MEMORY.fullmatch(limit):
-        raise AnalysisError(f"{MEMORY_ENV}={limit!r} is not a memory size (e.g. 1GB, 512MB)")
+        raise AnalysisError(f"the analysis memory limit {limit!r} ({MEMORY_ENV}) is not a size such as 1GB or 512MB")
     try:
         con = duckdb.connect(str(target))
     except duckdb.Error as exc:

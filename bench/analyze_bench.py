@@ -144,13 +144,11 @@ def generate(db: Path, n: int) -> float:
 
 def measure(db: Path, threads: int, memory_limit: str) -> dict:
     """Runs in a child process so the RSS is analysis's alone."""
-    import duckdb
-
+    from analysis.db import connect
     from analysis.engine import analyze
 
-    con = duckdb.connect(str(db))
-    con.execute(f"SET threads = {threads}")
-    con.execute(f"SET memory_limit = '{memory_limit}'")
+    # the analysis's own connection, as `vantage analyze` opens it
+    con = connect(db, memory_limit=memory_limit, threads=threads)
     con.execute("SET preserve_insertion_order = false")
     started = time.perf_counter()
     con.execute(SCAN).fetchall()
