@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import statistics
 import string
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +44,7 @@ from . import dns, failures, tls
 from .context import ProbeContext
 from .records import Clock, Transactions
 from .tcp import ADDRESS_FAILURES
-from .timed_download import Bounds, target, timed_download
+from .timed_download import Bounds, parse_target, timed_download
 
 TEST_NAME = "throttling"
 TEST_VERSION = "0.1.0"
@@ -121,7 +122,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
     clock = clock or Clock()
     settings = settings or DEFAULT
     txids = Transactions()
-    host, port, https, host_header, path = target(url)
+    host, port, https, host_header, path = parse_target(url)
     keys["x_settings"] = {
         "rounds": settings.rounds, "download_seconds": settings.download_seconds, "max_bytes": settings.max_bytes,
         "bin_seconds": settings.bin_seconds, "helper_seconds": settings.helper_seconds,
@@ -216,14 +217,6 @@ def _network_ok(keys: dict[str, Any]) -> bool:
     return not ({op.get("failure") for op in ops} & OFFLINE)
 
 
-def _median(values: list[float]) -> float | None:
-    values = sorted(values)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-
-
 def outcome_label(keys: dict[str, Any]) -> str:
     """A probe-side hint for the progress bar (the verdict is analysis's job)."""
     if keys.get("x_probe_network_ok") is False:
@@ -236,7 +229,7 @@ def outcome_label(keys: dict[str, Any]) -> str:
         return "target download failed" if keys.get("x_throughput") else "no download"
     if not by_variant["scrambled"]:
         return "scrambled download failed"
-    target, scrambled = _median(by_variant["target"]), _median(by_variant["scrambled"])
+    target, scrambled = statistics.median(by_variant["target"]), statistics.median(by_variant["scrambled"])
     if scrambled and target <= 0.5 * scrambled:
         return "target slower"
     return "similar speed"

@@ -48,7 +48,8 @@ class Target(NamedTuple):
     path: str  # path and query
 
 
-def target(url: str) -> Target:
+def parse_target(url: str) -> Target:
+    """Where and what a download of ``url`` asks for."""
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     https = parts.scheme == "https"

@@ -393,11 +393,22 @@ async def _helper_app(delay: float):
     return runner, f"http://127.0.0.1:{port}/", seen
 
 
-@pytest.mark.parametrize("delay", [0.0, 4.0])
-async def test_probe_asks_the_helper_and_bounds_the_wait(ca, tmp_path, resolve_target, delay):
-    import aiohttp
+async def _measure_with_helper(server, helper_url: str, ca_file, settings) -> tuple[dict, float]:
+    """throttling.measure of ``server``'s page with one helper: (keys, seconds taken)."""
     import time
 
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        ctx = ProbeContext(extra_ca_file=str(ca_file), helpers=[helper_url], session=session)
+        keys = throttling.new_test_keys()
+        started = time.monotonic()
+        await throttling.measure(f"https://{TARGET}:{server.port}/", ctx, keys, Clock(), settings=settings)
+        return keys, time.monotonic() - started
+
+
+@pytest.mark.parametrize("delay", [0.0, 4.0])
+async def test_probe_asks_the_helper_and_bounds_the_wait(ca, tmp_path, resolve_target, delay):
     server = await PacedServer(ca, slow_sni=None).start()
     runner, url, seen = await _helper_app(delay)
     ca_file = tmp_path / "ca.pem"
@@ -405,12 +416,7 @@ async def test_probe_asks_the_helper_and_bounds_the_wait(ca, tmp_path, resolve_t
     settings = throttling.Settings(rounds=1, download_seconds=0.5, max_bytes=256 * 1024, helper_timeout=1.0,
                                    helper_grace=0.5)
     try:
-        async with aiohttp.ClientSession() as session:
-            ctx = ProbeContext(extra_ca_file=str(ca_file), helpers=[url], session=session)
-            keys = throttling.new_test_keys()
-            started = time.monotonic()
-            await throttling.measure(f"https://{TARGET}:{server.port}/", ctx, keys, Clock(), settings=settings)
-            elapsed = time.monotonic() - started
+        keys, elapsed = await _measure_with_helper(server, url, ca_file, settings)
     finally:
         await server.stop()
         await runner.cleanup()
@@ -437,10 +443,6 @@ async def test_probe_gets_helper_samples_from_a_real_helper_on_a_slow_site(ca, t
     """Probe -> the real control helper -> a site slow for everyone, all on
     loopback: the helper's timed download comes back with per-bin samples
     while the probe is still downloading, and flattens into control rows."""
-    import time
-
-    import aiohttp
-
     from probes.flatten import flatten
     from services.helper import Helper, HelperConfig, start
 
@@ -452,12 +454,7 @@ async def test_probe_gets_helper_samples_from_a_real_helper_on_a_slow_site(ca, t
     settings = throttling.Settings(rounds=1, download_seconds=1.0, max_bytes=1024 * 1024, helper_seconds=1.0,
                                    helper_timeout=10.0, helper_grace=0.5)
     try:
-        async with aiohttp.ClientSession() as session:
-            ctx = ProbeContext(extra_ca_file=str(ca_file), helpers=[f"http://{bound[0]}/"], session=session)
-            keys = throttling.new_test_keys()
-            started = time.monotonic()
-            await throttling.measure(f"https://{TARGET}:{server.port}/", ctx, keys, Clock(), settings=settings)
-            elapsed = time.monotonic() - started
+        keys, elapsed = await _measure_with_helper(server, f"http://{bound[0]}/", ca_file, settings)
     finally:
         await server.stop()
         await runner.cleanup()

@@ -12,7 +12,7 @@ from typing import Any
 from core import failures
 from core.net import Policy
 from probes.records import Clock, Transactions
-from probes.timed_download import Bounds, target, timed_download
+from probes.timed_download import Bounds, parse_target, timed_download
 from probes.timeouts import Timeouts
 
 from .protocol import ControlRequest, throughput_sample
@@ -68,7 +68,7 @@ async def sample(req: ControlRequest, addrs: list[str], dns_failure: str | None,
         connect_timeout=min(timeouts.connect, remaining / 2 if https else remaining),
         handshake_timeout=min(timeouts.tls, remaining / 2),
     )
-    where = target(req.url)
+    where = parse_target(req.url)
     entry = await timed_download(
         ip, where.port, tls_context=context if https else None, server_name=req.host if https else None,
         host_header=where.host_header, path=where.path, clock=clock, txid=txids.next(), bounds=bounds,
