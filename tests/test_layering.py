@@ -160,3 +160,13 @@ def test_the_walk_reads_the_real_tree():
     # The walk finds the files it claims to check (an empty walk passes anything).
     counted = {p: len(list((ROOT / p).rglob("*.py"))) for p in PACKAGES}
     assert all(counted.values()), counted
+
+
+def test_the_map_names_only_files_that_exist():
+    # docs/internals.md is the newcomer's map: every repository path it names
+    # in backticks (`probes/store.py`, `analysis/sql/`, `cli/main.py`) exists.
+    text = DOC.read_text(encoding="utf-8")
+    named = set(re.findall(r"`((?:core|probes|analysis|services|test_lists|lab|cli|tests|bench|docs|scripts)/[\w./-]*)`", text))
+    assert len(named) > 20, "the map names hardly any file: was it rewritten without paths?"
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"docs/internals.md names paths that do not exist: {missing}"
