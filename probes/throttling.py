@@ -44,7 +44,7 @@ from . import dns, failures, tls
 from .context import ProbeContext
 from .records import Clock, Transactions
 from .tcp import ADDRESS_FAILURES
-from .timed_download import Bounds, parse_target, timed_download
+from .timed_download import Bounds, parse_target, pick_address, timed_download
 
 TEST_NAME = "throttling"
 TEST_VERSION = "0.1.0"
@@ -136,8 +136,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
         query = await dns.system_lookup(host, clock=clock, txid=txids.next(), timeout=ctx.timeouts.dns)
         keys["queries"].append(query)
         addresses = dns.first_addresses([query])
-    ipv4 = [a for a in addresses if ":" not in a]
-    ip = (ipv4 or addresses or [None])[0]
+    ip = pick_address(addresses)
 
     # 2. The helper's download, concurrently (it does not share our path).
     control_task = None

@@ -60,6 +60,13 @@ def parse_target(url: str) -> Target:
     return Target(host, port, https, host_header, path)
 
 
+def pick_address(addresses: list[str]) -> str | None:
+    """The one address the downloads of a URL use, on the probe and on the
+    helper alike: the first IPv4 one, else the first (docs/throttling.md)."""
+    ipv4 = [a for a in addresses if ":" not in a]
+    return (ipv4 or addresses or [None])[0]
+
+
 def build_request(path: str, host_header: str) -> bytes:
     """A minimal HTTP/1.1 GET with the probe's request headers, except:
     ``Connection: close`` lets the server's EOF mark the end of the body, and

@@ -12,7 +12,7 @@ from typing import Any
 from core import failures
 from core.net import Policy
 from probes.records import Clock, Transactions
-from probes.timed_download import Bounds, parse_target, timed_download
+from probes.timed_download import Bounds, parse_target, pick_address, timed_download
 from probes.timeouts import Timeouts
 
 from .protocol import ControlRequest, throughput_sample
@@ -43,21 +43,20 @@ async def sample(req: ControlRequest, addrs: list[str], dns_failure: str | None,
                  context: ssl.SSLContext, timeouts: Timeouts, clock: Clock, txids: Transactions,
                  setup_deadline: float) -> dict[str, Any]:
     """The request's URL (no redirects, as the probe's own downloads) from the
-    first allowed address of the helper's lookup (IPv4 first, as the probe).
+    allowed address of the helper's lookup the probe would pick (pick_address).
     Connect and TLS must finish by ``setup_deadline`` (loop time); reading
     stops ``seconds`` after the request or at ``max_bytes``."""
     seconds, max_bytes = req.throughput["seconds"], req.throughput["max_bytes"]
     https = req.scheme == "https"
     result = throughput_sample(req.host)
     allowed = [d.address for d in map(policy.check, addrs) if d.allowed]
-    ipv4 = [a for a in allowed if ":" not in a]
     if dns_failure or not addrs:
         result["failure"] = dns_failure or failures.DNS_NO_ANSWER
         return result
     if not allowed:
         result.update(ip=addrs[0], failure=failures.ADDRESS_REFUSED)
         return result
-    ip = (ipv4 or allowed)[0]
+    ip = pick_address(allowed)
     result["ip"] = ip
     remaining = setup_deadline - asyncio.get_running_loop().time()
     if remaining < 0.1:
