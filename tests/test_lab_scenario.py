@@ -3,7 +3,6 @@ as one line naming the file, the line and the key."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from lab.scenario import ScenarioError, load, parse_text
