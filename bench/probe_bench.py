@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 EXTRA_ENV = [e for e in os.environ.get("BENCH_ENV", "").split() if e]
 
 
@@ -65,8 +66,10 @@ def run_once(ns: str, count: int, concurrency: int | None, workdir: Path) -> dic
     stored = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
     fetched = con.execute("SELECT count(*) FROM http_transactions WHERE side='probe' AND status_code = 200").fetchone()[0]
     con.close()
+    from probes.config import SETTINGS_BY_NAME
+
     return {
-        "urls": count, "concurrency": concurrency or 50, "seconds": round(seconds, 2),
+        "urls": count, "concurrency": concurrency or SETTINGS_BY_NAME["concurrency"].default, "seconds": round(seconds, 2),
         "urls_per_second": round(count / seconds, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
         "stored": stored, "fetched_ok": fetched, "outcomes": summary["outcomes"],
     }
