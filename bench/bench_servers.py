@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import Callable
 
 import dns.message
 import dns.rcode
@@ -47,19 +48,31 @@ class DNSProtocol(asyncio.DatagramProtocol):
         self.transport.sendto(response.to_wire(), addr)
 
 
+async def serve_page(page: str | bytes, delay: float, port: int = 0, backlog: int = 1024,
+                     on_request: Callable[[], None] | None = None) -> web.AppRunner:
+    """An HTTP server on 127.0.0.1:``port`` answering every path with ``page``
+    ``delay`` seconds after the request (``on_request`` is told of each one)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        if on_request is not None:
+            on_request()
+        await asyncio.sleep(delay)
+        if isinstance(page, str):
+            return web.Response(text=page, content_type="text/html")
+        return web.Response(body=page, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=backlog).start()
+    return runner
+
+
 async def main(delay: float, http_port: int, dns_port: int) -> None:
     loop = asyncio.get_running_loop()
     await loop.create_datagram_endpoint(lambda: DNSProtocol(delay), local_addr=("127.0.0.1", dns_port))
-
-    async def page(request):
-        await asyncio.sleep(delay)
-        return web.Response(text=PAGE, content_type="text/html")
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", page)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", http_port, backlog=1024).start()
+    await serve_page(PAGE, delay, http_port)
     print("ready", flush=True)
     await asyncio.Event().wait()
 

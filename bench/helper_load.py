@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
-from bench_servers import DNSProtocol  # bench/ is this script's folder
+from bench_servers import DNSProtocol, serve_page  # bench/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "helper_load.json"
@@ -67,17 +66,11 @@ async def one(session: aiohttp.ClientSession, helper: str, url: str) -> tuple[in
 async def run(requests: int, max_inflight: int, delay: float) -> dict:
     hits = 0
 
-    async def slow(request: web.Request) -> web.Response:
+    def hit() -> None:
         nonlocal hits
         hits += 1
-        await asyncio.sleep(delay)
-        return web.Response(body=PAGE, content_type="text/html")
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", slow)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0, backlog=2048).start()
+    runner = await serve_page(PAGE, delay, backlog=2048, on_request=hit)
     site_port = runner.addresses[0][1]
     loop = asyncio.get_running_loop()
     dns_transport, _ = await loop.create_datagram_endpoint(DNSProtocol, local_addr=("127.0.0.1", 0))
