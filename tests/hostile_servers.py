@@ -318,7 +318,8 @@ class InThread:
 # `python -c VANTAGE` + CLI arguments: `vantage` itself, with (1) names under
 # .test answered "no resolver reachable" by the system resolver (glibc
 # against a dead resolver, musl against a TC reply; and no test name ever
-# reaches a real resolver), and (2) the peak RSS printed at exit.
+# reaches a real resolver), (2) the size of each record as the probe built
+# it (before the store's own bounds) and (3) the peak RSS, on stderr.
 VANTAGE = r"""
 import atexit, os, socket, sys
 _real = socket.getaddrinfo
@@ -332,6 +333,20 @@ def _peak():
         if line.startswith("VmHWM:"):
             sys.stderr.write("PEAK_RSS_KB=%s\n" % line.split()[1])
 atexit.register(_peak)
+from probes import store as _store
+def _bytes(value):  # what the record holds: text and keys by length, 8 bytes a number
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return sum(_bytes(k) + _bytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_bytes(v) for v in value)
+    return 8
+_aput = _store.Sink.aput
+async def _aput_measured(self, record, *args, **kwargs):
+    sys.stderr.write("RECORD_BYTES=%d\n" % _bytes(record))
+    return await _aput(self, record, *args, **kwargs)
+_store.Sink.aput = _aput_measured
 sys.argv = ["vantage"] + sys.argv[1:]
 from cli.main import main
 main()
