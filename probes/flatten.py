@@ -48,6 +48,8 @@ LIST_CAP = 1024                     # entries of any list in the stored record J
 STRING_CAP = 64 * 1024              # characters of any string in the stored record JSON / any text column
 HEADERS_JSON_CAP = 64 * 1024        # http_transactions.headers
 RECORD_JSON_CAP = 1024 * 1024       # measurements.record: largest test_keys entries dropped beyond this
+TEXT_BUDGET = 4 * 1024 * 1024       # characters of text in one record's rows, measurements.record included:
+SMALL_TEXT = 64                     # ... beyond it, longer strings are stored as NULL
 
 
 def extract_title(body: bytes) -> str | None:
@@ -190,6 +192,26 @@ def _without_bodies(record: dict[str, Any]) -> dict[str, Any]:
     return record | {"test_keys": keys | {"requests": slim}}
 
 
+def _text_budget(sides: list[dict[str, list[Row]]], notes: dict[str, Any]) -> None:
+    """At most TEXT_BUDGET characters of text in one record's rows (1,024
+    hops with 64 KiB bodies and headers each made a 128 MB transaction that
+    DuckDB could not commit in 32 MB): past the budget, strings longer than
+    SMALL_TEXT become NULL (ids, sides, addresses and failures are shorter)."""
+    used = RECORD_JSON_CAP  # measurements.record, built last
+    dropped = 0
+    for table_rows in (r for side in sides for r in side.values()):
+        for row in table_rows:
+            for key, value in row.items():
+                if isinstance(value, str) and key != "measurement_id":
+                    if used + len(value) > TEXT_BUDGET and len(value) > SMALL_TEXT:
+                        row[key] = None
+                        dropped += 1
+                    else:
+                        used += len(value)
+    if dropped:
+        notes["text_dropped"] = dropped
+
+
 def _stored_json(record: dict[str, Any], notes: dict[str, Any]) -> str:
     """``measurements.record``: the record without bodies, clipped, with what
     the store cut noted in ``test_keys.x_store_caps``; at most RECORD_JSON_CAP
@@ -235,12 +257,18 @@ def flatten(record: dict[str, Any], category_code: str | None = None) -> dict[st
         record = record | {"test_keys": keys}
     _probe_side(mid, keys, rows)
     control = keys.get("control")
+    control_rows: dict[str, list[Row]] = {name: [] for name in FLATTENED_TABLES}
     if isinstance(control, dict):
-        _control_side(mid, control, rows)
-    for name, table_rows in rows.items():
-        if len(table_rows) > ROWS_PER_TABLE:
-            notes.setdefault("rows_dropped", {})[name] = len(table_rows) - ROWS_PER_TABLE
-            del table_rows[ROWS_PER_TABLE:]
+        _control_side(mid, control, control_rows)
+    for side in (rows, control_rows):  # each side keeps its first ROWS_PER_TABLE rows
+        for name, table_rows in side.items():
+            if len(table_rows) > ROWS_PER_TABLE:
+                dropped = notes.setdefault("rows_dropped", {})
+                dropped[name] = dropped.get(name, 0) + len(table_rows) - ROWS_PER_TABLE
+                del table_rows[ROWS_PER_TABLE:]
+    _text_budget([control_rows, rows], notes)  # the control's few rows first: analysis compares with them
+    for name, table_rows in control_rows.items():
+        rows[name].extend(table_rows)
     url = record.get("input") or ""
     domain, scheme, port = _url_parts(url)
     annotations = _dict(record.get("annotations"))

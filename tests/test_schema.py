@@ -171,6 +171,26 @@ def test_a_61000_event_record_is_stored_in_the_probes_memory_limit(tmp_path):
     assert len(record["test_keys"]["network_events"]) == 61_000  # the caller's record is untouched
 
 
+def test_a_record_of_many_big_hops_is_stored_in_the_probes_memory_limit(tmp_path):
+    body = "<title>x</title>" + "z" * 70_000
+    headers = {f"X-H{j}": "v" * 1000 for j in range(60)}
+    hops = [{"request": {"url": f"https://a.example/{i}", "method": "GET"},
+             "response": {"code": 302, "headers": headers, "body": body}, "x_redirect_index": i} for i in range(1500)]
+    record = _record(requests=hops)
+    con = store.connect(tmp_path / "v.duckdb", memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
+    store.write_all(con, [(record, None)])
+    rows, text = con.execute("SELECT count(*), sum(coalesce(length(body), 0) + coalesce(length(headers::VARCHAR), 0)) "
+                             "FROM http_transactions WHERE side = 'probe'").fetchone()
+    assert rows == 1024 and text <= 4 * 1024 * 1024
+    # Every hop keeps what says what it was: the status, the length and hash of its body.
+    assert con.execute("SELECT count(*) FROM http_transactions WHERE side = 'probe' AND status_code = 302 "
+                       "AND body_length = ? AND body_sha256 IS NOT NULL", [len(body)]).fetchone()[0] == 1024
+    caps = json.loads(con.execute("SELECT record FROM measurements").fetchone()[0])["test_keys"]["x_store_caps"]
+    assert caps["rows_dropped"] == {"http_transactions": 1500 - 1024} and caps["text_dropped"] > 0
+    # The control's row is kept whole: the analysis compares with it.
+    assert con.execute("SELECT failure, headers FROM http_transactions WHERE side = 'control'").fetchone() == ("connection_reset", "{}")
+
+
 def test_stored_record_json_is_bounded(tmp_path):
     record = _record(x_blob=["y" * 60_000] * 40)  # 2.4 MB of one odd key
     con = store.connect(tmp_path / "v.duckdb", memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
