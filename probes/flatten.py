@@ -27,7 +27,7 @@ import json
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-from core.net import split_endpoint  # noqa: F401  (re-exported for older imports)
+from core.net import split_endpoint
 
 from .records import body_bytes, title_bytes
 

@@ -178,8 +178,10 @@ def _text(value: Any) -> Any:
         return None
     if not isinstance(value, str):
         value = json.dumps(value, ensure_ascii=False, default=str) if isinstance(value, (dict, list)) else str(value)
-    if len(value) > STRING_CAP:
-        value = value[:STRING_CAP]
+    return _utf8(value[:STRING_CAP] if len(value) > STRING_CAP else value)
+
+
+def _utf8(value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -188,15 +190,10 @@ def _text(value: Any) -> Any:
 
 
 def _json(value: Any) -> Any:
+    """JSON columns: the flattener's JSON text (never cut: cut JSON is not JSON)."""
     if value is None:
         return None
-    if not isinstance(value, str):
-        value = json.dumps(value, ensure_ascii=False, default=str)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "replace").decode("utf-8")
-    return value
+    return _utf8(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str))
 
 
 def _integer(low: int, high: int) -> Callable[[Any], Any]:
@@ -288,13 +285,17 @@ def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str,
         flush(chunk)
 
 
+def stored_ids(con: duckdb.DuckDBPyConnection, ids: list[Any]) -> set[str]:
+    """Which of ``ids`` are stored already."""
+    marks = ",".join("?" * len(ids))
+    return {row[0] for row in con.execute(f"SELECT measurement_id FROM measurements WHERE measurement_id IN ({marks})",
+                                          [_text(i) for i in ids]).fetchall()}
+
+
 def write_records(con: duckdb.DuckDBPyConnection, batch: list[tuple[dict[str, Any], str | None]]) -> int:
     """Insert a batch of records atomically; records already stored are
     skipped. Returns how many were new."""
-    ids = [r["measurement_id"] for r, _ in batch]
-    placeholders = ",".join("?" * len(ids))
-    existing = {row[0] for row in con.execute(f"SELECT measurement_id FROM measurements WHERE measurement_id IN ({placeholders})",
-                                              [_text(i) for i in ids]).fetchall()}
+    existing = stored_ids(con, [r["measurement_id"] for r, _ in batch])
     fresh = []
     for record, category in batch:
         if record["measurement_id"] not in existing:
@@ -535,18 +536,15 @@ def import_rescue(con: duckdb.DuckDBPyConnection, path: str | os.PathLike, batch
     def flush(batch: list) -> None:
         nonlocal imported, skipped
         ids = [r["measurement_id"] for r, _ in batch]
-        marks = ",".join("?" * len(ids))
-        before = {row[0] for row in con.execute(f"SELECT measurement_id FROM measurements WHERE measurement_id IN ({marks})",
-                                                [_text(i) for i in ids]).fetchall()}
+        before = stored_ids(con, ids)
         write_each(con, batch, refused)
-        marks_after = {row[0] for row in con.execute(f"SELECT measurement_id FROM measurements WHERE measurement_id IN ({marks})",
-                                                     [_text(i) for i in ids]).fetchall()}
+        after = stored_ids(con, ids)
         seen: set = set()
         for record, _ in batch:
             mid = record["measurement_id"]
             if mid in seen or mid in before:
                 skipped += 1
-            elif mid in marks_after:
+            elif mid in after:
                 imported += 1
                 run = record.get("run_id") or record.get("report_id")
                 if isinstance(run, str):
