@@ -267,6 +267,23 @@ async def test_ssrf_targets_are_refused_and_never_fetched(dns_server, target, ho
     assert target.hits == {}
 
 
+@pytest.mark.parametrize("host", ["\uff11\uff12\uff17.\uff10.\uff10.\uff11", "127\u30020\u30020\u30021",
+                                  "\uff11\uff12\uff17.0.0.1"])
+async def test_full_width_loopback_is_refused_even_when_a_resolver_answers_it(dns_server, target, host):
+    """Issue 10: the check ran before IDNA/NFKC, so ``１２７.０.０.１`` was a name;
+    a resolver that rewrites NXDOMAIN answered it with an allowed address, the
+    check passed, and the client (which normalises the host to 127.0.0.1)
+    connected to loopback. The resolver here answers the normalised name."""
+    dns_server.program("127.0.0.1", answer=["127.0.0.2"])
+    for scheme in ("http", "https"):
+        url = f"{scheme}://{host}:{target.port}/secret"
+        async with HelperUnderTest(config(dns_server, allow=["127.0.0.2/32"])) as helper:
+            status, response, _ = await helper.post({"http_request": url, "tcp_connect": []})
+        assert status == 200
+        assert response["http_request"]["failure"] == "address_refused", scheme
+    assert target.hits == {}
+
+
 async def test_probe_supplied_endpoints_are_checked(dns_server, pki):
     dns_server.program("localhost", answer=["127.0.0.2"])
     async with servers.RawServer("silent") as victim:
@@ -282,7 +299,8 @@ async def test_probe_supplied_endpoints_are_checked(dns_server, pki):
         assert victim.connections == 0
 
 
-@pytest.mark.parametrize("location", ["http://127.0.0.1:{port}/", "http://loopback.test:{port}/", "http://2130706433:{port}/"])
+@pytest.mark.parametrize("location", ["http://127.0.0.1:{port}/", "http://loopback.test:{port}/", "http://2130706433:{port}/",
+                                      "http://\uff11\uff12\uff17.\uff10.\uff10.\uff11:{port}/"])
 async def test_redirect_to_a_private_address_is_refused(dns_server, target, location):
     dns_server.program("loopback.test", answer=["127.0.0.1"])
     async with SlowSite(0.0, host="127.0.0.2", redirect_to=location.format(port=target.port)) as allowed:

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from core import failures
-from core.net import REDIRECT_CODES, Policy, endpoint, parse_ip, split_endpoint
+from core.net import REDIRECT_CODES, Policy, endpoint, parse_ip, split_endpoint, url_host
 from probes import dns, http, tcp, tls
 from probes.records import Clock, Transactions
 
@@ -94,15 +94,17 @@ class Measurer:
         cookies: dict[str, dict[str, str]] = {}
         for index in range(self.config.max_redirects + 1):
             out["final_url"] = url
-            parts = urlsplit(url)
-            host = parts.hostname or ""
-            ip_literal = parse_ip(host)
+            try:
+                host, ip_literal = url_host(url)  # as the client will connect (see protocol.normalize_url)
+            except ValueError:
+                out["http"] = failed_http(url, failures.HTTP_INVALID_REDIRECT)
+                return
             if index == 0:
                 addrs, failure = first_addrs, first_failure
             elif ip_literal is not None:
                 addrs, failure = [str(ip_literal)], None
             else:
-                addrs, failure = await self.resolve(host.encode("idna").decode("ascii").lower(), clock, txids)
+                addrs, failure = await self.resolve(host, clock, txids)
             if failure or not addrs:
                 out["http"] = failed_http(url, failure or failures.DNS_NO_ANSWER)
                 return

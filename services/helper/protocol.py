@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from core.net import USER_AGENT, host_for_url, parse_ip, split_endpoint
+from core.net import USER_AGENT, host_for_url, parse_ip, split_endpoint, url_host
 
 from .config import HelperConfig
 
@@ -61,17 +61,19 @@ def normalize_url(url: str) -> tuple[str, str, str, str | None, int]:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest("http_request must be an http:// or https:// URL with a host")
-    hostname = parts.hostname.rstrip(".") if not parts.hostname.startswith("[") else parts.hostname
-    ip = parse_ip(hostname)
+    # Classify the host as the HTTP client will read it (IDNA/NFKC: full-width
+    # digits are an IP literal to it), and fetch the normalised URL, so what is
+    # checked is what is fetched (issue 10: http://１２７.０.０.１/ reached loopback).
+    try:
+        hostname, ip = url_host(url)
+    except ValueError:
+        raise BadRequest("invalid hostname") from None
     port = port or (443 if scheme == "https" else 80)
     if ip is not None:
         host = str(ip)
         host_ip: str | None = host
     else:
-        try:
-            host = hostname.encode("idna").decode("ascii").lower()
-        except UnicodeError:
-            raise BadRequest("invalid hostname") from None
+        host = hostname
         host_ip = None
     netloc = host_for_url(host) if parts.port is None else f"{host_for_url(host)}:{parts.port}"
     return urlunsplit((scheme, netloc, parts.path or "/", parts.query, "")), scheme, host, host_ip, port
