@@ -64,6 +64,7 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
     """Measure URLs (DNS, TCP, TLS, HTTP) against a control; store results in DuckDB."""
     from probes import runner, store
     from probes.config import load_config
+    from core.net import Policy
     from probes.consent import NO_CONSENT_MESSAGE
 
     from .consent import ensure_consent
@@ -87,6 +88,10 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
             raise VantageError(f"--ca-file {ca_file}: not a usable PEM CA certificate ({exc})") from None
     if categories and (urls or input_file):
         raise VantageError("--category filters a test list (--list); it cannot apply to --url or --input-file")
+    try:
+        Policy.from_cidrs(public_networks)  # where the probe's redirects may lead (probes/http.py)
+    except ValueError as exc:
+        raise VantageError(f"--public-network: {exc}") from None
 
     db_file = str(db_path or config.db)
     con = store.connect(db_file, memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)

@@ -115,6 +115,7 @@ def test_offline_summary_says_network_unreachable(tmp_path, home):
     (["run", "--url", "https://a.example/", "--ca-file", "{self}", "--db", "{tmp}/v.duckdb"], "--ca-file"),
     (["run", "--url", "https://a.example/", "--category", "NEWS", "--db", "{tmp}/v.duckdb"], "--category"),
     (["run", "--url", "https://a.example/", "--resolver", "not-an-ip", "--db", "{tmp}/v.duckdb"], "resolver"),
+    (["run", "--url", "https://a.example/", "--public-network", "nonsense", "--db", "{tmp}/v.duckdb"], "--public-network"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, home, args, message):
     args = [a.replace("{tmp}", str(tmp_path)).replace("{self}", __file__) for a in args]
