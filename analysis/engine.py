@@ -36,10 +36,6 @@ AGGREGATE_FILES = ("90_aggregates.sql",)
 # Failures of a socket the probe could not route (no network at all, or no
 # route for that address family: an IPv4-only probe given an AAAA answer).
 # They are the probe's own state, never something done to an address. This is
-# core.failures.OFFLINE without getaddrinfo's EAI_AGAIN: a resolver whose
-# queries a censor drops gives EAI_AGAIN too, so on its own it is a DNS
-# timeout unless the run was offline (rule 1 of 60_verdicts).
-UNROUTABLE = failures.OFFLINE - {failures.DNS_TEMPORARY}
 
 _NEVER = "'[^\\s\\S]'"  # a regex that matches nothing, for an empty pattern set
 _MATCH = re.compile(r"\{\{MATCH (\w+) IN (\w+)\}\}")
@@ -80,7 +76,7 @@ def _render(sql: str, con: duckdb.DuckDBPyConnection, version: str, full_scope: 
     # Analysing everything needs no filter; skipping the semi-join on every
     # observation scan saves a fifth of the run on a million measurements.
     sql = sql.replace("{{AND_IN_SCOPE}}", "" if full_scope else "AND measurement_id IN (SELECT measurement_id FROM _a_scope)")
-    sql = sql.replace("{{UNROUTABLE}}", _sql_set(UNROUTABLE))
+    sql = sql.replace("{{UNROUTABLE}}", _sql_set(failures.UNROUTABLE))
 
     def matcher(column: str, location: str, false_positive: bool) -> str:
         chunks = fp.combined_regexes(con, location, false_positive)

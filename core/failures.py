@@ -69,12 +69,10 @@ HTTP_ROUND_TRIP = "http_round_trip"
 READ = "read"
 WRITE = "write"
 
-# Failures that say the probe itself has no working network (or no route for
-# an address family): they are never evidence of censorship.
-NETWORK_DOWN = frozenset({NETWORK_UNREACHABLE, DNS_TEMPORARY})
-OFFLINE = frozenset({NETWORK_UNREACHABLE, DNS_TEMPORARY, HOST_UNREACHABLE})
-
-
-def is_network_down(failure: str | None) -> bool:
-    """Failures that say the probe itself has no working network."""
-    return failure in NETWORK_DOWN
+# Failures that say there is no route to an address (or its family, e.g. a
+# probe without IPv6): never evidence that the address is blocked.
+UNROUTABLE = frozenset({NETWORK_UNREACHABLE, HOST_UNREACHABLE})
+# ...and with getaddrinfo's EAI_AGAIN, what a probe with no network at all sees
+# on every step (the runner's "network is unreachable" test). A censor that
+# drops DNS produces DNS_TEMPORARY too, so the analysis uses UNROUTABLE.
+OFFLINE = UNROUTABLE | {DNS_TEMPORARY}

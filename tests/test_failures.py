@@ -103,7 +103,6 @@ def test_unknown_exception_scrubbed():
     assert got == failures.UNKNOWN_PREFIX + "ValueError: bad value from [scrubbed]"
 
 
-def test_is_network_down():
-    assert failures.is_network_down(failures.NETWORK_UNREACHABLE)
-    assert not failures.is_network_down(failures.CONNECTION_RESET)
-    assert not failures.is_network_down(None)
+def test_offline_sets():
+    assert failures.UNROUTABLE == {"network_unreachable", "host_unreachable"}
+    assert failures.OFFLINE == failures.UNROUTABLE | {"dns_temporary_failure"}

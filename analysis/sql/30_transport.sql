@@ -8,7 +8,7 @@
 --     endpoint; when it did not (addresses of redirect targets, which the helper
 --     never sees), a successful control fetch of the page stands in for it.
 --   * Unroutable failures (network_unreachable, host_unreachable: the
---     engine's UNROUTABLE, from core.failures) are ignored: they are what a probe without IPv6 (or
+--     core.failures.UNROUTABLE) are ignored: they are what a probe without IPv6 (or
 --     offline) reports, not what a censor sends.
 --   * ssl_failed_handshake (an alert instead of a ServerHello) counts as a
 --     reset-style failure, with a lower confidence set in 60_verdicts.
