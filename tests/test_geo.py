@@ -21,16 +21,14 @@ from click.testing import CliRunner
 from probes import geo
 from probes.geo import GeoDB, GeoError, discover_probe_location
 from cli.geo import geo as geo_group
+from shared import SHARED, shared_path
 
-IPDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ipdb"
+IPDB = SHARED / "data" / "ipdb"
 
 
 def need_ipdb() -> Path:
-    if not (IPDB / "asn.mmdb.gz").is_file() or not (IPDB / "country.mmdb.gz").is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{IPDB} missing in CI")
-        pytest.skip("shared ipdb files not available")
-    return IPDB
+    shared_path("data", "ipdb", "asn.mmdb.gz")
+    return shared_path("data", "ipdb", "country.mmdb.gz").parent
 
 
 @pytest.fixture(scope="module")
