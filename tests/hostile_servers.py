@@ -318,12 +318,15 @@ class InThread:
 # `python -c VANTAGE` + CLI arguments: `vantage` itself, with (1) names under
 # .test answered "no resolver reachable" by the system resolver (glibc
 # against a dead resolver, musl against a TC reply; and no test name ever
-# reaches a real resolver), (2) the size of each record as the probe built
+# reaches a real resolver; names ending hang.test hang for a minute), (2) the size of each record as the probe built
 # it (before the store's own bounds) and (3) the peak RSS, on stderr.
 VANTAGE = r"""
 import atexit, os, socket, sys
 _real = socket.getaddrinfo
 def _gai(host, *args, **kwargs):
+    if isinstance(host, str) and host.rstrip(".").endswith("hang.test"):
+        import time
+        time.sleep(60)  # a resolver that never answers
     if isinstance(host, str) and host.rstrip(".").endswith(".test"):
         raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
     return _real(host, *args, **kwargs)

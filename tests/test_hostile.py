@@ -205,3 +205,30 @@ def _behaviour_checks(case: Case, records: dict, world) -> None:
 
 def test_the_suite_is_quick(world):
     assert world["total_seconds"] < 60
+
+
+def test_ctrl_c_while_the_system_resolver_hangs(world, tmp_path):
+    """Ctrl-C took 15 s with no word while getaddrinfo hung (asyncio.run and
+    interpreter exit waited for the resolver threads)."""
+    import signal
+
+    env = dict(os.environ, HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "cfg"),
+               XDG_DATA_HOME=str(tmp_path / "data"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    db = tmp_path / "hang.duckdb"
+    web = world["web"]
+    args = ["run", "web", "--db", str(db), "--yes", "--quiet", "--no-doh", "--probe-cc", "ZZ", "--probe-asn", "AS0",
+            "--resolver", world["resolver"].address, "--url", web.url("/page", host="a.hang.test"),
+            "--url", world["normal_urls"][0]]
+    proc = subprocess.Popen([sys.executable, "-c", hs.VANTAGE, *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(4)  # the ordinary URL is stored, the other one waits on getaddrinfo
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert elapsed < 3.0
+    con = duckdb.connect(str(db), read_only=True)
+    assert [r[0] for r in con.execute("SELECT input FROM measurements").fetchall()] == [world["normal_urls"][0]]
+    assert con.execute("SELECT status FROM runs").fetchone()[0] == "interrupted"
