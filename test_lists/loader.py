@@ -40,6 +40,11 @@ CATEGORY_CODES = {
 REGIONAL_LISTS = {"global", "cis"}
 
 DEFAULT_LIST = Path(__file__).with_name("default.csv")
+# The sites whose mere testing is the riskiest in many countries (LGBT,
+# circumvention tools, human rights, political criticism, religion): bundled,
+# one flag away (--list high-risk), never in the default list.
+HIGH_RISK_LIST = Path(__file__).with_name("high-risk.csv")
+BUNDLED_LISTS = {"default": DEFAULT_LIST, "high-risk": HIGH_RISK_LIST}
 
 
 class ListError(VantageError):
@@ -209,12 +214,12 @@ def is_downloadable_name(name: str) -> bool:
 def resolve_list(name: str) -> Path:
     """Map a list name to a file.
 
-    "default" → the list shipped with Vantage; "global", "cis" or a two-letter
-    country code → the copy downloaded by `vantage lists update`; anything
-    else is a path.
+    "default" and "high-risk" → the lists shipped with Vantage; "global",
+    "cis" or a two-letter country code → the copy downloaded by `vantage
+    lists update`; anything else is a path.
     """
-    if name == "default":
-        return DEFAULT_LIST
+    if name in BUNDLED_LISTS:
+        return BUNDLED_LISTS[name]
     if is_downloadable_name(name):
         low = name.lower()
         path = cache_dir() / f"{low}.csv"
@@ -227,7 +232,7 @@ def resolve_list(name: str) -> Path:
     path = Path(name).expanduser()
     if not path.exists():
         raise ListError(f"no test list named '{name}' and no such file "
-                        "(names: default, global, a two-letter country code, or a path)")
+                        "(names: default, high-risk, global, a two-letter country code, or a path)")
     return path
 
 

@@ -116,18 +116,38 @@ def test_entries_from_urls():
 # ---------------------------------------------------------------- default list
 
 
+HIGH_RISK = {"LGBT", "ANON", "HUMR", "POLR", "REL"}
+
+
 def test_default_list_is_small_valid_and_ours():
     raw = loader.DEFAULT_LIST.read_text(encoding="utf-8").splitlines()
     assert raw[0] == HEADER.strip()
     assert len(raw) < 100
     entries = load_list(loader.DEFAULT_LIST)
-    assert 35 <= len(entries) <= 60
-    assert len({e.url for e in entries}) == len(entries)
-    assert all(e.date_added == "2026-11-26" and e.source == "vantage" for e in entries)
+    high = load_list(loader.HIGH_RISK_LIST)
+    # Issue 10, item 7: the high-risk categories moved out of the default
+    # list into the bundled high-risk list; together they are the list of old.
+    assert 25 <= len(entries) <= 60 and 35 <= len(entries) + len(high) <= 60
+    assert len({e.url for e in entries + high}) == len(entries) + len(high)
+    assert all(e.date_added == "2026-11-26" and e.source == "vantage" for e in entries + high)
     codes = {e.category_code for e in entries}
-    assert {"NEWS", "HUMR", "POLR", "GRP", "COMT", "SRCH", "ANON", "LGBT", "REL", "CTRL"} <= codes
+    assert {"NEWS", "GRP", "COMT", "SRCH", "CTRL"} <= codes
     assert codes <= set(loader.CATEGORY_CODES)
     assert resolve_list("default") == loader.DEFAULT_LIST
+
+
+def test_default_list_holds_no_high_risk_category_and_high_risk_is_one_flag_away():
+    # Fails before issue 10: default.csv held LGBT, ANON, HUMR, POLR and REL sites.
+    assert not {e.category_code for e in load_list(loader.DEFAULT_LIST)} & HIGH_RISK
+    high = load_list(resolve_list("high-risk"))
+    assert {e.category_code for e in high} == HIGH_RISK
+    assert loader.load_named("high-risk", ["lgbt"]) and all(e.category_code == "LGBT" for e in loader.load_named("high-risk", ["lgbt"]))
+    raw = loader.HIGH_RISK_LIST.read_text(encoding="utf-8").splitlines()
+    assert raw[0] == HEADER.strip()
+    result = CliRunner().invoke(lists, ["show", "--list", "high-risk", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["list"] == "high-risk" and data["count"] == len(high)
 
 
 # ---------------------------------------------------------------- real Citizen Lab files
@@ -259,10 +279,12 @@ def test_cli_show_default_table_and_json():
     result = runner.invoke(lists, ["show", "--category", "ctrl"])
     assert result.exit_code == 0, result.output
     assert "https://example.com/" in result.output and "2 entries" in result.output
-    result = runner.invoke(lists, ["show", "--json", "--category", "NEWS", "--category", "lgbt"])
+    result = runner.invoke(lists, ["show", "--json", "--category", "NEWS", "--category", "grp"])
     data = json.loads(result.output)
     assert data["count"] == len(data["entries"]) > 0
-    assert {e["category_code"] for e in data["entries"]} == {"NEWS", "LGBT"}
+    assert {e["category_code"] for e in data["entries"]} == {"NEWS", "GRP"}
+    result = runner.invoke(lists, ["show", "--list", "high-risk", "--json", "--category", "HUMR", "--category", "lgbt"])
+    assert {e["category_code"] for e in json.loads(result.output)["entries"]} == {"HUMR", "LGBT"}
 
 
 def test_cli_show_input_file(tmp_path):
