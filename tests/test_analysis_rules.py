@@ -208,6 +208,30 @@ def test_https_403_with_valid_certificate_is_server_side():
     assert v["status"] == "server_side" and v["layer"] is None
 
 
+@pytest.mark.parametrize("c_status, c_title", [(403, "Forbidden"), (503, "Service Unavailable"), (200, "Other Title")])
+def test_validated_https_against_a_refused_control_is_ok(c_status, c_title):
+    # Many sites refuse data-centre addresses, where helpers live: the control
+    # got 403/503 (or another page), the probe got the page over validated
+    # TLS. Only the probe's refusal counts as blocking.
+    host = "refuses-dc.example"
+    r = web(f"https://{host}/", queries=[q(host, IP)], tcps=[tcp(IP)], tlss=[tls(IP, host)],
+            requests=[http(f"https://{host}/", IP, body=NEWS)],
+            ctl=control(addrs=(IP,), status=c_status, body=page(c_title, 400), title=c_title))
+    v = one(r)
+    assert (v["status"], v["layer"], v["method"]) == ("ok", None, None), v
+    assert v["evidence"]["rule"] == "validated_https_page"
+
+
+def test_plain_http_against_a_refused_control_is_inconclusive():
+    # Over plain HTTP nothing vouches for the probe's page, and the control's
+    # refusal leaves nothing to compare it with.
+    host = "refuses-dc.example"
+    r = web(f"http://{host}/", queries=[q(host, IP)], tcps=[tcp(IP, 80)], requests=[http(f"http://{host}/", IP, body=NEWS)],
+            ctl=control(addrs=(IP,), port=80, status=403, body=page("Forbidden", 400), title="Forbidden"))
+    v = one(r)
+    assert (v["status"], v["evidence"]["rule"]) == ("inconclusive", "control_refused_plain_http"), v
+
+
 def test_captcha_over_plain_http_is_server_side():
     r = web("http://cf.example/", queries=[q("cf.example", IP)], tcps=[tcp(IP, 80)],
             requests=[http("http://cf.example/", IP, status=503, body=page("Just a moment...", 8000))],

@@ -57,6 +57,8 @@ INSERT INTO _a_rules VALUES
     ('server_side_https',          'server_side',  NULL,   NULL,               0.8),
     ('server_side_captcha',        'server_side',  NULL,   NULL,               0.6),
     ('server_side_same_server',    'server_side',  NULL,   NULL,               0.5),
+    ('validated_https_page',       'ok',           NULL,   NULL,               0.8),
+    ('control_refused_plain_http', 'inconclusive', NULL,   NULL,               0.0),
     ('dns_page_from_foreign_address', 'blocked',   'dns',  'dns.inconsistent', 0.6),
     ('http_status_differs',        'blocked',      'http', 'http.diff',        0.6),
     ('http_page_differs',          'blocked',      'http', 'http.diff',        0.5),
@@ -169,7 +171,15 @@ WITH r AS (
            WHEN f.f_https_valid AND (f.f_status IN (403, 429, 451) OR f.captcha_like) AND f.status_class_differs THEN 'server_side_https'
            WHEN f.captcha_like AND f.status_class_differs THEN 'server_side_captcha'
            WHEN f.f_status IN (403, 451) AND f.same_server AND NOT f.f_ip_foreign AND f.status_class_differs THEN 'server_side_same_server'
-           -- 11. Content.
+           -- 11. Direction: only the probe's refusal counts as blocking. A page
+           -- that arrived over validated TLS came from the site, whatever the
+           -- control got (sites refuse the data-centre addresses helpers live
+           -- at: 403/503, a challenge, another page); over plain HTTP a
+           -- refused control leaves nothing to compare the probe's page with.
+           WHEN f.f_https_valid AND f.p_got_page AND f.f_status < 400
+                AND (f.status_class_differs OR (f.title_differs AND (f.len_ratio < 0.7 OR (f.len_ratio IS NULL AND f.both_titles)))) THEN 'validated_https_page'
+           WHEN f.p_got_page AND f.f_status < 400 AND f.c_status >= 400 AND f.status_class_differs THEN 'control_refused_plain_http'
+           -- 12. Content.
            WHEN (f.status_class_differs OR (f.title_differs AND (f.len_ratio < 0.7 OR (f.len_ratio IS NULL AND f.both_titles))))
                 AND f.f_ip_foreign THEN 'dns_page_from_foreign_address'
            WHEN f.status_class_differs THEN 'http_status_differs'
