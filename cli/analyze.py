@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from analysis import fingerprints as fp
 from analysis.db import connect
 from analysis.engine import analyze as run_analysis, summary
 
-from .common import db_option, json_option, resolve_db
+from .common import cell, console, db_option, json_option, resolve_db, safe, to_json
 
 
 @click.command("analyze")
@@ -32,17 +30,17 @@ def analyze(db_path, public_networks, fingerprints_dir, only_missing, as_json):
     finally:
         con.close()
     if as_json:
-        click.echo(json.dumps({"analysed": count, "fingerprint_set": version, "verdicts": rows}, indent=2))
+        click.echo(to_json({"analysed": count, "fingerprint_set": version, "verdicts": rows}))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{count} measurements analysed (fingerprints: {version})")
+    # The fingerprint set's version is read from downloaded files: escaped like all network text.
+    table = Table(title=cell(f"{count} measurements analysed (fingerprints: {safe(version)})"))
     for name in ("status", "layer", "method", "count", "confirmed"):
         table.add_column(name, justify="right" if name in ("count", "confirmed") else "left")
     for r in rows:
-        table.add_row(r["status"], r["layer"] or "", r["method"] or "", str(r["count"]), str(r["confirmed"]))
-    Console().print(table)
+        table.add_row(cell(r["status"]), cell(r["layer"] or ""), cell(r["method"] or ""), cell(r["count"]), cell(r["confirmed"]))
+    console().print(table)
     if version == "none":
         click.echo("note: no fingerprints found; run `vantage fingerprints update` to confirm blockpages", err=True)
 
@@ -59,4 +57,4 @@ def fingerprints():
 def update(directory, timeout):
     """Download the current fingerprint sets (URLs: VANTAGE_OONI_FINGERPRINTS_URL, VANTAGE_CP_FINGERPRINTS_URL)."""
     fps = fp.update(directory, timeout=timeout)
-    click.echo(f"fingerprints {fps.version}: {len(fps.http)} HTTP and {len(fps.dns)} DNS patterns in {directory or fp.default_dir()}")
+    click.echo(f"fingerprints {safe(fps.version)}: {len(fps.http)} HTTP and {len(fps.dns)} DNS patterns in {directory or fp.default_dir()}")

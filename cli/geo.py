@@ -11,6 +11,8 @@ import click
 from probes.config import load_config
 from probes.geo import DEFAULT_TIMEOUT, GeoDB, discover_probe_location, update_geo
 
+from .common import safe
+
 
 def _geo_dir(explicit: str | None) -> Path:
     return Path(explicit) if explicit else Path(load_config().geo_db)
@@ -49,7 +51,7 @@ def lookup(ips: tuple[str, ...], directory: str | None, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
-        click.echo(f"{row['ip']}\t{row['cc']}\t{row['asn']}\t{row['network_name'] or ''}")
+        click.echo("\t".join(safe(row[k] or "") for k in ("ip", "cc", "asn", "network_name")))
 
 
 @geo.command("where")
@@ -58,8 +60,8 @@ def where(as_json: bool) -> None:
     """The location measurements will record (asks api.ipify.org for the public IP; never prints it)."""
     location = asyncio.run(discover_probe_location(load_config()))
     if location.warning:
-        click.echo(f"vantage: warning: {location.warning}", err=True)
+        click.echo(f"vantage: warning: {safe(location.warning)}", err=True)
     if as_json:
         click.echo(json.dumps(location.as_dict(), indent=2))
     else:
-        click.echo(f"{location.cc} {location.asn} {location.network_name or ''}".rstrip())
+        click.echo(safe(f"{location.cc} {location.asn} {location.network_name or ''}".rstrip()))

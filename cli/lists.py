@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from test_lists.download import DEFAULT_TIMEOUT, update_lists
-from test_lists.loader import load_input_file, load_list, resolve_list, filter_categories
+from test_lists.loader import BUNDLED_LISTS, load_input_file, load_list, resolve_list, filter_categories
+
+from .common import cell, console, safe, to_json
 
 
 @click.group("lists")
@@ -17,7 +17,8 @@ def lists() -> None:
 
 @lists.command("show")
 @click.option("--list", "list_name", default="default", show_default=True, metavar="NAME",
-              help="default, global, a two-letter country code (after `vantage lists update`), or a CSV path.")
+              help="default, high-risk (the sensitive categories the default leaves out), global, a two-letter "
+                   "country code (after `vantage lists update`), or a CSV path.")
 @click.option("--input-file", type=click.Path(dir_okay=False),
               help="A plain file with one URL per line (# comments) instead of --list.")
 @click.option("--category", "categories", multiple=True, metavar="CODE",
@@ -30,26 +31,25 @@ def show(list_name: str, input_file: str | None, categories: tuple[str, ...], as
         entries = filter_categories(load_input_file(input_file), categories, input_file)
     else:
         path = resolve_list(list_name)
-        source = list_name if list_name == "default" else str(path)
+        source = list_name if list_name in BUNDLED_LISTS else str(path)
         entries = load_list(path, categories)
     if as_json:
-        click.echo(json.dumps({"list": source, "count": len(entries),
-                               "entries": [e.as_dict() for e in entries]}, indent=2))
+        click.echo(to_json({"list": source, "count": len(entries), "entries": [e.as_dict() for e in entries]}))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"test list: {source}", show_lines=False)
+    # A downloaded list is text from the network: every cell is escaped.
+    table = Table(title=cell(f"test list: {safe(source)}"), show_lines=False)
     table.add_column("URL", overflow="fold")
     table.add_column("Category")
     table.add_column("Description")
     table.add_column("Added")
     table.add_column("Source")
     for e in entries:
-        table.add_row(e.url, e.category_code, e.category_description, e.date_added, e.source)
-    console = Console()
-    console.print(table)
-    console.print(f"{len(entries)} entries")
+        table.add_row(*(cell(v) for v in (e.url, e.category_code, e.category_description, e.date_added, e.source)))
+    out = console()
+    out.print(table)
+    out.print(f"{len(entries)} entries")
 
 
 @lists.command("update")
@@ -63,4 +63,4 @@ def update(countries: tuple[str, ...], timeout: float) -> None:
     The source URL can be changed with VANTAGE_TEST_LISTS_URL (a mirror).
     """
     for item in update_lists(countries, timeout=timeout):
-        click.echo(f"{item.name}: {item.entries} entries -> {item.path}")
+        click.echo(f"{safe(item.name)}: {item.entries} entries -> {item.path}")

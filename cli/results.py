@@ -1,14 +1,18 @@
-"""`vantage results list|show`: what has been measured, for humans and scripts."""
+"""`vantage results list|show`: what has been measured, for humans and scripts.
+
+Every value printed comes from the database, much of it from the network
+(titles, headers, URLs, failure strings): it goes through ``common.safe`` /
+``common.cell``. Ids are printed whole, on their own line, so they can be
+copied at any terminal width.
+"""
 
 from __future__ import annotations
-
-import json
 
 import click
 
 from core.errors import VantageError
 
-from .common import db_option, json_option, resolve_db
+from .common import cell, console, db_option, json_option, resolve_db, safe, to_json
 
 
 def _open(db_path):
@@ -21,6 +25,20 @@ def _rows(con, sql, params=()):
     cur = con.execute(sql, list(params))
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def _block(head: list[tuple[object, str]], detail: str):
+    """A record for a narrow terminal: the id line (``head``: (text, style)
+    pieces, the id first), then an indented detail line that may wrap."""
+    from rich.text import Text
+
+    line = Text()
+    for i, (value, style) in enumerate(head):
+        if i:
+            line.append("  ")
+        line.append(safe(value), style=style)
+    rest = Text("  " + detail, overflow="fold")
+    return line, rest
 
 
 @click.group()
@@ -42,21 +60,30 @@ def list_runs(db_path, limit, as_json):
         GROUP BY r.run_id, r.test_name, r.status, r.started_at, r.inputs_total, r.probe_cc, r.probe_asn
         ORDER BY r.started_at DESC LIMIT ?""", [limit])
     if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))
+        click.echo(to_json(rows))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="runs")
-    for col in ("run_id", "test_name", "status", "started_at", "measured", "inputs_total", "probe_cc", "probe_asn"):
-        table.add_column(col)
+    out = console()
+    out.print(cell("runs, newest first", "bold"))
+    if not rows:
+        out.print("(none yet: `vantage run` measures and stores a run)")
     for r in rows:
-        table.add_row(*(str(r[c]) for c in ("run_id", "test_name", "status", "started_at", "measured", "inputs_total", "probe_cc", "probe_asn")))
-    Console().print(table)
+        started = str(r["started_at"] or "")[:19]
+        head, rest = _block(
+            [(r["run_id"], "bold"), (r["status"], ""), (f"{r['measured']}/{r['inputs_total']} measured", "")],
+            f"{safe(r['test_name'])}, started {safe(started)} UTC, {safe(r['probe_cc'])} {safe(r['probe_asn'])}",
+        )
+        out.print(head)
+        out.print(rest)
 
 
 def _has_table(con, name: str) -> bool:
     return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0])
+
+
+def _verdict_text(row: dict) -> str:
+    if not row.get("status"):
+        return "not analysed"
+    return " ".join(safe(row[k]) for k in ("status", "layer", "method") if row.get(k))
 
 
 @results.command("show")
@@ -73,21 +100,19 @@ def show(ident, db_path, as_json):
         rows = _rows(con, f"""SELECT m.measurement_id, m.input, m.control_failure, m.probe_network_ok, {verdict_cols}
                               FROM measurements m {join} WHERE m.run_id = ? ORDER BY m.measurement_id""", [ident])
         if as_json:
-            click.echo(json.dumps({"run": run[0], "measurements": rows}, indent=2, default=str))
+            click.echo(to_json({"run": run[0], "measurements": rows}))
             return
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"run {ident} ({run[0]['status']})")
-        for col in ("measurement_id", "input", "status", "layer", "method"):
-            table.add_column(col)
+        out = console()
+        count = f"{len(rows)} measurement" + ("" if len(rows) == 1 else "s")
+        out.print(cell(f"run {safe(ident)} ({safe(run[0]['status'])}): {count}", "bold"))
         for r in rows:
-            table.add_row(r["measurement_id"], r["input"], str(r.get("status") or "not analysed"), str(r.get("layer") or ""), str(r.get("method") or ""))
-        Console().print(table)
+            head, rest = _block([(r["measurement_id"], "bold"), (_verdict_text(r), "")], safe(r["input"]))
+            out.print(head)
+            out.print(rest)
         return
     found = _rows(con, f"SELECT m.* EXCLUDE (record), {verdict_cols} FROM measurements m {join} WHERE m.measurement_id = ?", [ident])
     if not found:
-        raise VantageError(f"no run or measurement with id {ident}")
+        raise VantageError(f"no run or measurement with id {safe(ident)}")
     m = found[0]
     obs = {
         table: _rows(con, f"SELECT * EXCLUDE (measurement_id) FROM {table} WHERE measurement_id = ?", [ident])
@@ -101,18 +126,20 @@ def show(ident, db_path, as_json):
 
         explanation = describe(m)
     if as_json:
-        click.echo(json.dumps({"measurement": m, "explanation": explanation, "observations": obs}, indent=2, default=str))
+        click.echo(to_json({"measurement": m, "explanation": explanation, "observations": obs}))
         return
-    click.echo(f"{m['input']}  ({m['measurement_id']}, {m['start_time']}, {m['probe_cc']} {m['probe_asn']})")
+    click.echo(f"measurement {safe(m['measurement_id'])}")
+    click.echo(f"  input: {safe(m['input'])}")
+    click.echo(f"  run {safe(m['run_id'])}, {safe(m['start_time'])}, {safe(m['probe_cc'])} {safe(m['probe_asn'])}")
     if m.get("status"):
-        click.echo(f"verdict: {m['status']} {m.get('layer') or ''} {m.get('method') or ''} (confidence {m.get('confidence')})")
+        click.echo(f"verdict: {_verdict_text(m)} (confidence {safe(m.get('confidence'))})")
         if explanation:
-            click.echo(explanation)
+            click.echo(safe(explanation))
     else:
         click.echo("verdict: not analysed yet (run `vantage analyze`)")
     if m.get("control_failure"):
-        click.echo(f"control: {m['control_failure']}")
+        click.echo(f"control: {safe(m['control_failure'])}")
     for table, rows in obs.items():
         click.echo(f"\n{table}:")
         for r in rows:
-            click.echo("  " + ", ".join(f"{k}={v}" for k, v in r.items() if v is not None))
+            click.echo("  " + ", ".join(f"{k}={safe(v)}" for k, v in r.items() if v is not None))
