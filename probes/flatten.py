@@ -293,8 +293,21 @@ def flatten(record: dict[str, Any], category_code: str | None = None) -> dict[st
         "control_helper": keys.get("x_control_helper"),
         "probe_network_ok": keys.get("x_probe_network_ok"),
         "record": _stored_json(record, notes),
+        "ooni_blocking": _ooni_blocking(keys.get("blocking")),
+        "ooni_accessible": keys.get("accessible"),
     })
     return rows
+
+
+def _ooni_blocking(value: Any) -> str | None:
+    """OONI's ``test_keys.blocking`` as text: ``false`` (no blocking), or the
+    kind (``dns``, ``tcp_ip``, ``http-failure``, ``http-diff``); NULL when OONI
+    could not tell (or the record is ours)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else None
 
 
 def _dns_value(answer: dict[str, Any]) -> Any:

@@ -27,6 +27,9 @@ MIGRATIONS: list[tuple[int, str, str | None]] = [
     (1, "initial schema", None),
     (2, "runs.rescued: how many records of the run went to its rescue file",
      "ALTER TABLE runs ADD COLUMN IF NOT EXISTS rescued INTEGER DEFAULT 0"),
+    (3, "measurements.ooni_blocking, ooni_accessible: OONI's own verdict of an imported measurement",
+     "ALTER TABLE measurements ADD COLUMN IF NOT EXISTS ooni_blocking VARCHAR; "
+     "ALTER TABLE measurements ADD COLUMN IF NOT EXISTS ooni_accessible BOOLEAN"),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

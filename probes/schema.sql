@@ -54,7 +54,9 @@ CREATE TABLE IF NOT EXISTS measurements (
     control_failure VARCHAR,     -- NULL when a control answered; else why not
     control_helper VARCHAR,      -- which helper answered
     probe_network_ok BOOLEAN,    -- FALSE when the probe itself had no network
-    record JSON                  -- the full record; response bodies live in http_transactions.body
+    record JSON,                 -- the full record; response bodies live in http_transactions.body
+    ooni_blocking VARCHAR,       -- OONI's own verdict, test_keys.blocking: false | dns | tcp_ip | http-failure | http-diff (migration 3)
+    ooni_accessible BOOLEAN      -- OONI's test_keys.accessible (migration 3); both NULL for our own measurements
 );
 
 CREATE TABLE IF NOT EXISTS dns_answers (

@@ -48,3 +48,44 @@ SELECT domain, * EXCLUDE (grain, probe_cc, day, probe_asn, domain, category_code
 
 CREATE OR REPLACE VIEW agg_category AS
 SELECT category_code, * EXCLUDE (grain, probe_cc, day, probe_asn, domain, category_code) FROM agg_counts WHERE grain = 'category';
+
+-- ooni_comparison: OONI's own verdict beside ours, one row per measurement
+-- that carries one (imported with `vantage import ooni`; docs/ooni.md).
+-- ooni_says / we_say: blocked | ok | down | unknown. OONI's blocking false
+-- with accessible false is its "website down"; a null blocking is OONI not
+-- telling. Our blocked and throttled are `blocked`; server_side and
+-- inconclusive (or no verdict yet) are `unknown`. ooni_layer maps OONI's kind
+-- onto our layers (http-failure is TLS or HTTP, as ts-017 says).
+-- Reads measurements through UNION ALL BY NAME so the view also binds on a
+-- database the probe has not migrated to schema version 3 yet (columns NULL).
+CREATE OR REPLACE VIEW ooni_comparison AS
+SELECT m.measurement_id, m.input, m.probe_cc, m.probe_asn, CAST(m.start_time AS DATE) AS day,
+       m.ooni_blocking, m.ooni_accessible,
+       CASE WHEN m.ooni_blocking IN ('dns', 'tcp_ip', 'http-failure', 'http-diff', 'true') THEN 'blocked'
+            WHEN m.ooni_blocking = 'false' AND m.ooni_accessible THEN 'ok'
+            WHEN m.ooni_blocking = 'false' AND NOT m.ooni_accessible THEN 'down'
+            ELSE 'unknown' END AS ooni_says,
+       CASE m.ooni_blocking WHEN 'dns' THEN 'dns' WHEN 'tcp_ip' THEN 'tcp' WHEN 'http-failure' THEN 'tls|http'
+                            WHEN 'http-diff' THEN 'http' END AS ooni_layer,
+       v.status, v.layer, v.method,
+       CASE WHEN v.status IN ('blocked', 'throttled') THEN 'blocked' WHEN v.status = 'ok' THEN 'ok'
+            WHEN v.status = 'down' THEN 'down' ELSE 'unknown' END AS we_say
+FROM (SELECT * FROM measurements
+      UNION ALL BY NAME SELECT NULL::VARCHAR AS ooni_blocking, NULL::BOOLEAN AS ooni_accessible WHERE false) m
+LEFT JOIN verdicts v USING (measurement_id)
+WHERE m.ooni_blocking IS NOT NULL OR m.ooni_accessible IS NOT NULL;
+
+-- ooni_disagreements: the rows of ooni_comparison where OONI and we both
+-- said something and said different things. kind: ooni_blocked (OONI blocked,
+-- we ok or down), we_blocked (we blocked, OONI ok or down), layer (both
+-- blocked, at layers that do not match).
+CREATE OR REPLACE VIEW ooni_disagreements AS
+SELECT CASE WHEN ooni_says = 'blocked' AND we_say IN ('ok', 'down') THEN 'ooni_blocked'
+            WHEN we_say = 'blocked' AND ooni_says IN ('ok', 'down') THEN 'we_blocked'
+            ELSE 'layer' END AS kind,
+       *
+FROM ooni_comparison
+WHERE (ooni_says = 'blocked' AND we_say IN ('ok', 'down'))
+   OR (we_say = 'blocked' AND ooni_says IN ('ok', 'down'))
+   OR (ooni_says = 'blocked' AND we_say = 'blocked' AND ooni_layer IS NOT NULL AND status = 'blocked'
+       AND NOT list_contains(string_split(ooni_layer, '|'), coalesce(layer, '')));
