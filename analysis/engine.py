@@ -7,8 +7,10 @@ parameters (which networks are public, the fingerprint set, the failure
 vocabulary), IDNA encoding of the few non-ASCII hosts, and classifying the
 (few) addresses that are not plain dotted IPv4.
 
-``analyze`` replaces the verdict rows of the measurements it analyses with one
-INSERT OR REPLACE statement, so a failed run leaves the previous verdicts in place.
+``analyze`` runs in one transaction: the verdict rows of the measurements it
+analyses are replaced (one INSERT OR REPLACE, then the throttling verdicts)
+and committed together, so a run that fails anywhere leaves the previous
+verdicts in place.
 Open the database with ``analysis.db.connect``; ``analyze`` also accepts any
 DuckDB connection to a Vantage database (the lab's, the tests').
 """
@@ -30,12 +32,8 @@ from . import fingerprints as fp
 from .db import AnalysisError, ensure_schema  # AnalysisError: raised here, re-exported for callers
 
 RULE_FILES = ("10_scope.sql", "20_dns.sql", "21_dns_signals.sql", "30_transport.sql", "40_http.sql",
-              "50_throttle.sql", "60_verdicts.sql")
+              "60_verdicts.sql")
 AGGREGATE_FILES = ("90_aggregates.sql",)
-
-# Failures of a socket the probe could not route (no network at all, or no
-# route for that address family: an IPv4-only probe given an AAAA answer).
-# They are the probe's own state, never something done to an address. This is
 
 _NEVER = "'[^\\s\\S]'"  # a regex that matches nothing, for an empty pattern set
 _MATCH = re.compile(r"\{\{MATCH (\w+) IN (\w+)\}\}")
@@ -112,9 +110,46 @@ def analyze(
     evidence then says ``"fingerprint_set": "none"``. ``only_missing``: analyse
     only measurements that have no verdict yet.
     """
-    ensure_schema(con)
     policy = public_policy(public_networks)
     fps = fp.load(fingerprints_dir)
+    # One transaction for the whole run (unless the caller holds one): a
+    # failure anywhere rolls back every verdict this run wrote.
+    own = _begin(con)
+    try:
+        count = _analyze(con, policy, fps, public_networks, only_missing)
+        if own:
+            con.execute("COMMIT")
+    except BaseException:
+        if own:
+            _rollback(con)
+        try:
+            _drop_temp(con)
+        except duckdb.Error:  # keep the error that stopped the run, not this one
+            pass
+        raise
+    _drop_temp(con)
+    return count
+
+
+def _begin(con: duckdb.DuckDBPyConnection) -> bool:
+    """Start a transaction; False when the caller already holds one."""
+    try:
+        con.execute("BEGIN TRANSACTION")
+    except duckdb.TransactionException:
+        return False
+    return True
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:  # the connection itself failed: nothing is committed either way
+        pass
+
+
+def _analyze(con: duckdb.DuckDBPyConnection, policy: Policy, fps, public_networks: Iterable[str],
+             only_missing: bool) -> int:
+    ensure_schema(con)
     fp.install(con, fps)
 
     # Plain dotted IPv4 (nearly every answer) is classified in SQL against
@@ -146,26 +181,24 @@ def analyze(
     if pairs:
         con.executemany("INSERT INTO _a_idna VALUES (?, ?)", pairs)
 
-    try:
-        for name in RULE_FILES:
-            con.execute(_render(_sql_text(name), con, fps.version, not only_missing))
-            if name == "20_dns.sql":
-                _classify_others(con, policy)
-        # INSERT OR REPLACE, not DELETE + INSERT: one statement is atomic on its
-        # own, and DuckDB commits a delete-then-reinsert of the same primary
-        # keys ~15x slower (5 s vs 0.3 s per 100k verdicts, measured).
-        con.execute("INSERT OR REPLACE INTO verdicts (measurement_id, input, status, layer, method, confidence, confirmed, evidence, analysed_at)"
-                    " SELECT measurement_id, input, status, layer, method, confidence, confirmed, evidence, current_timestamp"
-                    " FROM _a_verdicts")
-        count = con.execute("SELECT count(*) FROM _a_verdicts").fetchone()[0]
-        # The throttling test's verdicts need a significance test over its
-        # samples (analysis/throttling.py); they replace the SQL baseline's.
-        from .throttling import apply_throttling
+    for name in RULE_FILES:
+        con.execute(_render(_sql_text(name), con, fps.version, not only_missing))
+        if name == "20_dns.sql":
+            _classify_others(con, policy)
+    # INSERT OR REPLACE, not DELETE + INSERT: DuckDB commits a
+    # delete-then-reinsert of the same primary keys ~15x slower (5 s vs 0.3 s
+    # per 100k verdicts, measured).
+    con.execute("INSERT OR REPLACE INTO verdicts (measurement_id, input, status, layer, method, confidence, confirmed, evidence, analysed_at)"
+                " SELECT measurement_id, input, status, layer, method, confidence, confirmed, evidence, current_timestamp"
+                " FROM _a_verdicts")
+    count = con.execute("SELECT count(*) FROM _a_verdicts").fetchone()[0]
+    # The throttling test's verdicts need a significance test over its
+    # samples (analysis/throttling.py); they replace the SQL rules' verdicts,
+    # for the measurements of this run's scope only.
+    from .throttling import apply_throttling
 
-        apply_throttling(con, public_networks)
-        install_views(con)
-    finally:
-        _drop_temp(con)
+    apply_throttling(con, public_networks, scope="_a_scope")
+    install_views(con)
     return count
 
 

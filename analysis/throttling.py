@@ -345,22 +345,36 @@ def _download(row: tuple, detail: dict) -> Download:
     )
 
 
-def apply_throttling(con, public_networks: Iterable[str] = ()) -> int:
-    """Write (replace) the verdict of every `throttling` measurement; returns how many."""
+def apply_throttling(con, public_networks: Iterable[str] = (), scope: str | None = None) -> int:
+    """Write (replace) the verdict of every `throttling` measurement; returns how many.
+
+    ``scope``: the name of a table of ``measurement_id`` (the engine's
+    ``_a_scope``, e.g. ``--only-missing``): only those get a verdict. The
+    per-run baseline still reads every measurement of their runs."""
     from .engine import public_policy
 
     ensure_schema(con)
     policy = public_policy(public_networks)
+    if scope is not None and not scope.isidentifier():
+        raise ValueError(f"not a table name: {scope!r}")
+    # The measurements to judge, and the others of their runs (the baseline).
+    where = "test_name = 'throttling'"
+    if scope is not None:
+        where += (f" AND (measurement_id IN (SELECT measurement_id FROM {scope}) OR run_id IN ("
+                  f"SELECT run_id FROM measurements WHERE test_name = 'throttling' AND run_id IS NOT NULL"
+                  f" AND measurement_id IN (SELECT measurement_id FROM {scope})))")
     measurements = con.execute(
-        "SELECT measurement_id, run_id, input, scheme, control_failure, record FROM measurements "
-        "WHERE test_name = 'throttling' ORDER BY measurement_id"
+        f"SELECT measurement_id, run_id, input, scheme, control_failure, record FROM measurements "
+        f"WHERE {where} ORDER BY measurement_id"
     ).fetchall()
     if not measurements:
         return 0
+    judged = ({r[0] for r in con.execute(f"SELECT measurement_id FROM {scope}").fetchall()}
+              if scope is not None else None)
     rows = con.execute(
         "SELECT s.measurement_id, s.side, s.variant, s.attempt, s.ip, s.server_name, s.failure, s.bytes, s.seconds, "
-        "s.kbit_per_s FROM throughput_samples s JOIN measurements m USING (measurement_id) "
-        "WHERE m.test_name = 'throttling' ORDER BY s.measurement_id, s.attempt"
+        f"s.kbit_per_s FROM throughput_samples s JOIN (SELECT measurement_id FROM measurements WHERE {where}) m "
+        "USING (measurement_id) ORDER BY s.measurement_id, s.attempt"
     ).fetchall()
     by_mid: dict[str, list[tuple]] = {}
     for row in rows:
@@ -389,6 +403,8 @@ def apply_throttling(con, public_networks: Iterable[str] = ()) -> int:
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     out = []
     for mid, (run_id, url, scheme, control_failure, probe, helper, _m, bin_seconds) in parsed.items():
+        if judged is not None and mid not in judged:
+            continue
         others = [v for other, v in per_run.get(run_id, []) if other != mid]
         baseline = median(others) if len(others) >= 2 else None
         ip = next((d.ip for d in probe if d.ip), None)
@@ -400,8 +416,12 @@ def apply_throttling(con, public_networks: Iterable[str] = ()) -> int:
                     json.dumps(verdict.evidence, sort_keys=True), now))
 
     # No explicit transaction: the engine may already hold one around analyze().
-    con.execute("DELETE FROM verdicts WHERE measurement_id IN (SELECT measurement_id FROM measurements "
-                "WHERE test_name = 'throttling')")
+    if not out:
+        return 0
+    con.execute("CREATE OR REPLACE TEMP TABLE _a_throttling_judged (measurement_id VARCHAR)")
+    con.executemany("INSERT INTO _a_throttling_judged VALUES (?)", [(row[0],) for row in out])
+    con.execute("DELETE FROM verdicts WHERE measurement_id IN (SELECT measurement_id FROM _a_throttling_judged)")
+    con.execute("DROP TABLE _a_throttling_judged")
     con.executemany(
         "INSERT INTO verdicts (measurement_id, input, status, layer, method, confidence, confirmed, evidence, "
         "analysed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", out)

@@ -83,7 +83,7 @@ def control(*, addrs=("198.18.0.10",), dns_failure=None, tcp_ok: dict | None = N
 
 
 def web(url: str, *, queries=(), tcps=(), tlss=(), requests=(), ctl: dict | None = None, control_failure=None,
-        network_ok: bool | None = True, throughput=(), run_id: str = "run-1", started: float = 1_750_000_000.0,
+        network_ok: bool | None = True, run_id: str = "run-1", started: float = 1_750_000_000.0,
         cc: str = "ZZ", asn: str = "AS64500") -> dict:
     m = R.Measurement(test_name="web_connectivity", test_version="0.1.0", input=url, run_id=run_id,
                       probe_cc=cc, probe_asn=asn, started=started)
@@ -92,10 +92,36 @@ def web(url: str, *, queries=(), tcps=(), tlss=(), requests=(), ctl: dict | None
         "requests": list(requests), "network_events": [], "control": ctl,
         "control_failure": control_failure if ctl is None else None,
         "x_control_helper": "https://helper.example" if ctl else None, "x_probe_network_ok": network_ok,
-        "x_throughput": list(throughput),
     }
     if ctl is None and control_failure is None:
         m.test_keys["control_failure"] = "http_request_failed"
+    return m.to_dict()
+
+
+def download(variant: str, attempt: int, kbit: float, ip: str = "198.18.0.10", side: str = "probe") -> dict:
+    """One ``x_throughput`` entry of the throttling test (probes/throttling.py,
+    probes/timed_download.py): ten 200 ms samples around ``kbit``."""
+    samples = [kbit * (1 + 0.01 * k) for k in range(10)]
+    return {"side": side, "variant": variant, "attempt": attempt, "ip": ip, "server_name": "x", "failure": None,
+            "bytes": int(kbit * 250), "seconds": 2.0, "kbit_per_s": kbit, "x_status_code": 200, "x_stopped": "deadline",
+            "x_body_bytes": int(kbit * 240), "x_samples_kbit": samples}
+
+
+def throttling(url: str, target_kbit: float, scrambled_kbit: float, helper_kbit: float | None = None,
+               run_id: str = "run-t", rounds: int = 4) -> dict:
+    """A record of the ``throttling`` test as the probe writes it: interleaved
+    target and scrambled-SNI downloads, and the helper's own download in its
+    control answer (services/helper/throughput.py)."""
+    m = R.Measurement(test_name="throttling", test_version="0.1.0", input=url, run_id=run_id)
+    entries = [download(v, i, target_kbit if v == "target" else scrambled_kbit)
+               for i in range(rounds) for v in ("target", "scrambled")]
+    ctl = None
+    if helper_kbit is not None:
+        ctl = {"dns": {}, "tcp_connect": {}, "http_request": {},
+               "x_throughput": [download("helper", 0, helper_kbit) | {"side": "control"}]}
+    m.test_keys = {"queries": [], "tcp_connect": [], "tls_handshakes": [], "x_throughput": entries, "control": ctl,
+                   "control_failure": None if ctl else "no_helper_configured", "x_control_helper": None,
+                   "x_probe_network_ok": True, "x_settings": None}
     return m.to_dict()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from analysis_fixtures import control, database, http, page, q, row, tcp, tls, verdict, web
+from analysis_fixtures import control, database, http, page, q, row, tcp, throttling, tls, verdict, web
 
 IP = "198.18.0.10"
 NEWS = page("Daily News", 20000)
@@ -303,20 +303,60 @@ def test_missing_control_is_inconclusive_but_valid_https_page_is_ok():
 
 
 def test_throttling_hook():
-    def sample(side, variant, kbit):
-        return {"side": side, "variant": variant, "attempt": 1, "ip": IP, "server_name": "v.example", "failure": None,
-                "bytes": 100000, "seconds": 1.0, "kbit_per_s": kbit}
-
-    throttled = ok_https("social.example", throughput=[sample("probe", "target", 120), sample("probe", "scrambled", 9000),
-                                                       sample("control", "helper", 9500)])
+    # Throughput comes from the throttling test's records (probe downloads and
+    # the helper's own), judged by analysis/throttling.py inside analyze();
+    # the web test writes no throughput. A web fetch that timed out mid-body
+    # on a site that timed out for the control too is slow for everyone.
+    throttled = throttling("https://social.example/", 120, 9000, 9500)
     tired = web("https://tired.example/", queries=[q("tired.example", IP)], tcps=[tcp(IP)], tlss=[tls(IP, "tired.example")],
                 requests=[http("https://tired.example/", IP, body="x" * 1000, failure="generic_timeout_error")],
-                ctl=control(addrs=(IP,), body=NEWS, title="Daily News"),
-                throughput=[sample("probe", "target", 180), sample("probe", "scrambled", 185), sample("control", "helper", 190)])
+                ctl=control(addrs=(IP,), http_failure="generic_timeout_error"))
     con = database([throttled, tired])
     v = verdict(con, throttled)
     assert (v["status"], v["method"]) == ("throttled", "throttle.sni")
-    assert verdict(con, tired)["status"] == "ok"
+    assert v["evidence"]["ks"]["n"] == 40
+    v = verdict(con, tired)
+    assert (v["status"], v["evidence"]["rule"]) == ("ok", "slow_for_everyone")
+
+
+def test_only_missing_bounds_the_throttling_step_too():
+    from analysis.engine import analyze
+    from probes.store import write_all
+
+    first = throttling("https://social.example/", 120, 9000, 9500)
+    con = database([first])
+    before = row(con, "SELECT status, analysed_at FROM verdicts WHERE measurement_id = ?", [first["measurement_id"]])
+    assert before["status"] == "throttled"
+    second = throttling("https://video.example/", 9000, 9000, 9500)
+    write_all(con, [(second, None)])
+    assert analyze(con, only_missing=True, fingerprints_dir="/nonexistent", public_networks=["198.18.0.0/15"]) == 1
+    after = row(con, "SELECT status, analysed_at FROM verdicts WHERE measurement_id = ?", [first["measurement_id"]])
+    assert after == before  # judged once, not again
+    assert verdict(con, second)["status"] == "ok"
+
+
+def test_a_failed_run_leaves_the_previous_verdicts(monkeypatch):
+    import analysis.throttling
+    from analysis.engine import analyze
+    from probes.store import write_all
+
+    a = ok_https()
+    con = database([a])
+    before = con.execute("SELECT * FROM verdicts").fetchall()
+    write_all(con, [(ok_https("other.example"), None)])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    # The throttling step runs after the web verdicts are written: its failure
+    # must take them back too.
+    monkeypatch.setattr(analysis.throttling, "apply_throttling", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        analyze(con, fingerprints_dir="/nonexistent")
+    assert con.execute("SELECT * FROM verdicts").fetchall() == before
+    assert not con.execute("SELECT table_name FROM duckdb_tables() WHERE temporary").fetchall()
+    monkeypatch.undo()
+    assert analyze(con, fingerprints_dir="/nonexistent") == 2
 
 
 def test_only_missing_and_replacement():

@@ -43,7 +43,6 @@ INSERT INTO _a_rules VALUES
     ('tls_reset',                  'blocked',      'tls',  'tls.reset',        0.85),
     ('tls_alert',                  'blocked',      'tls',  'tls.reset',        0.6),
     ('tls_timeout',                'blocked',      'tls',  'tls.timeout',      0.75),
-    ('throughput_throttled',       'throttled',    NULL,   NULL,               NULL),
     ('slow_for_everyone',          'ok',           NULL,   NULL,               0.6),
     ('site_broken_redirect',       'down',         NULL,   NULL,               0.5),
     ('down_control_http',          'down',         NULL,   NULL,               0.5),
@@ -90,7 +89,6 @@ SELECT m.measurement_id, m.input, m.host, m.scheme, m.control_failure, m.probe_n
        coalesce(h.f_ip_foreign, false) AS f_ip_foreign, coalesce(h.f_still_flowing, false) AS f_still_flowing,
        k.c_server IS NOT NULL AND h.f_server = k.c_server AS same_server,
        fp.http_fp,
-       th.t_status, th.t_method, th.t_confidence, th.t_compared,
        o.measurement_id IS NOT NULL AS online_nearby
 FROM _a_m m
 LEFT JOIN _a_online_nearby o USING (measurement_id)
@@ -99,8 +97,7 @@ LEFT JOIN _a_dns_m d USING (measurement_id)
 LEFT JOIN _a_tcp_m t USING (measurement_id)
 LEFT JOIN _a_tls_m s USING (measurement_id)
 LEFT JOIN _a_http_m h USING (measurement_id)
-LEFT JOIN _a_fp_m fp USING (measurement_id)
-LEFT JOIN _a_throttle th USING (measurement_id);
+LEFT JOIN _a_fp_m fp USING (measurement_id);
 
 CREATE OR REPLACE TEMP TABLE _a_verdicts AS
 WITH r AS (
@@ -152,10 +149,11 @@ WITH r AS (
            WHEN f.tls_reset_ep IS NOT NULL AND NOT f.p_got_page THEN 'tls_reset'
            WHEN f.tls_alert_ep IS NOT NULL AND NOT f.p_got_page THEN 'tls_alert'
            WHEN f.tls_timeout_ep IS NOT NULL AND NOT f.p_got_page THEN 'tls_timeout'
-           -- 8. Throughput (50_throttle).
-           WHEN f.t_status = 'throttled' THEN 'throughput_throttled'
+           -- 8. Slowness (throughput itself is the throttling test's question,
+           -- judged by analysis/throttling.py): a fetch that timed out mid-body
+           -- on a site that timed out for the control too.
            WHEN f.f_failure = 'generic_timeout_error' AND f.f_status IS NOT NULL
-                AND (f.t_status = 'ok' OR f.c_http_failure = 'generic_timeout_error') THEN 'slow_for_everyone'
+                AND f.c_http_failure = 'generic_timeout_error' THEN 'slow_for_everyone'
            -- 9. The probe's fetch against the control's.
            WHEN f.f_failure ILIKE '%redirect%' THEN 'site_broken_redirect'
            WHEN NOT f.c_http_ok AND NOT f.p_got_page THEN 'down_control_http'
@@ -190,9 +188,8 @@ WITH r AS (
     FROM _a_f f
 )
 SELECT r.measurement_id, r.input, x.status, x.layer,
-       CASE WHEN r.rule = 'throughput_throttled' THEN r.t_method ELSE x.method END AS method,
-       CASE WHEN r.rule = 'throughput_throttled' THEN r.t_confidence
-            WHEN r.rule = 'http_page_differs' AND r.len_ratio IS NULL THEN 0.4
+       x.method,
+       CASE WHEN r.rule = 'http_page_differs' AND r.len_ratio IS NULL THEN 0.4
             ELSE x.confidence END AS confidence,
        x.status = 'blocked' AND (r.dns_fp IS NOT NULL OR r.http_fp IS NOT NULL) AS confirmed,
        json_object(
@@ -221,8 +218,7 @@ SELECT r.measurement_id, r.input, x.status, x.layer,
                WHEN r.rule IN ('tls_reset', 'tls_alert') THEN json_object('endpoint', coalesce(r.tls_reset_ep, r.tls_alert_ep),
                     'probe_failure', coalesce(r.tls_reset_failure, 'ssl_failed_handshake'), 'control', 'handshake ok')
                WHEN r.rule = 'tls_timeout' THEN json_object('endpoint', r.tls_timeout_ep, 'probe_failure', 'generic_timeout_error', 'control', 'handshake ok')
-               WHEN r.rule LIKE 'throughput%' OR r.rule = 'slow_for_everyone' THEN json_object('throughput', r.t_compared,
-                    'probe_failure', r.f_failure, 'control_http_failure', r.c_http_failure)
+               WHEN r.rule = 'slow_for_everyone' THEN json_object('probe_failure', r.f_failure, 'control_http_failure', r.c_http_failure)
                ELSE json_object('url', r.f_url, 'probe_failure', r.f_failure, 'probe_status', r.f_status, 'control_status', r.c_status,
                     'probe_title', r.f_title, 'control_title', r.c_title, 'probe_length', r.f_len, 'control_length', r.c_len,
                     'length_ratio', round(r.len_ratio, 3), 'address', r.f_ip, 'address_resolved_by_control', NOT r.f_ip_foreign,
