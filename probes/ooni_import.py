@@ -236,7 +236,9 @@ def iter_documents(path: Path, on_read: Callable[[int], None] | None = None) -> 
     ``//`` comment lines), else JSON lines."""
     raw = _Counting(open(path, "rb", buffering=0), on_read)
     if path.name.endswith(".gz"):
-        fh = io.BufferedReader(gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 20), mode="rb"), 1 << 20)
+        # GzipFile's own line reader, not a big buffer over it: a read that
+        # fills a large buffer loses what it decompressed when the stream breaks.
+        fh = gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 16), mode="rb")
         number = 0
         try:
             for number, item in _parse_lines(fh):
