@@ -11,6 +11,7 @@ import click
 
 from core.errors import VantageError
 from services.helper import HelperConfig, serve_forever
+from services.helper.config import HelperConfigError
 
 
 def _load_config(path: str | None) -> dict[str, Any]:
@@ -19,6 +20,8 @@ def _load_config(path: str | None) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
+    except UnicodeDecodeError as exc:
+        raise VantageError(f"cannot read helper config {path}: not UTF-8 text (byte {exc.start})") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise VantageError(f"cannot read helper config {path}: {exc}") from None
     # Accept either top-level keys or a [helper] table, so the helper's settings
@@ -50,6 +53,7 @@ def serve(listen, allow, max_inflight, rate_per_minute, resolver, doh_url, ca_fi
           config_file, verbose) -> None:
     """Serve control requests until interrupted."""
     settings = _load_config(config_file)
+    from_file = set(settings)
     overrides = {
         "listen": listen, "allow": list(allow) or None, "max_inflight": max_inflight,
         "rate_per_minute": rate_per_minute, "resolver": resolver, "doh_url": doh_url, "ca_file": ca_file,
@@ -58,8 +62,9 @@ def serve(listen, allow, max_inflight, rate_per_minute, resolver, doh_url, ca_fi
     settings.update({k: v for k, v in overrides.items() if v is not None})
     try:
         config = HelperConfig.from_mapping(settings)
-        if isinstance(config.allow, str):
-            config.allow = [config.allow]
+    except HelperConfigError as exc:
+        where = f" (in {config_file})" if exc.key in from_file and overrides.get(exc.key) is None else ""
+        raise VantageError(f"helper: {exc}{where}") from None
     except (TypeError, ValueError) as exc:
         raise VantageError(str(exc)) from None
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,

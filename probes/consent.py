@@ -11,12 +11,14 @@ command line's job (cli/consent.py passes ``ask`` and ``warn``).
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable
+import textwrap
+from typing import Callable, Mapping
 
 from .config import Config, ConfigError, save_setting
 
-CONSENT_TEXT = """\
+_NOTICE = """\
 Before you measure: please read this.
 
 * Your network operator (ISP, employer, school, café), and anyone else able to
@@ -28,14 +30,14 @@ Before you measure: please read this.
   attract the attention of the authorities, with serious consequences. If you are
   unsure, talk to someone you trust who knows the local situation, and use a
   custom list (--input-file) or the default list rather than a full test list.
-* Measurements are stored locally on this computer, in a DuckDB file. To
+{lists}* Measurements are stored locally on this computer, in a DuckDB file. To
   measure, Vantage contacts the sites themselves, a DNS-over-HTTPS resolver
   (dns.google by default), a public-IP lookup service (to find your country and
   network) and, when configured, a control helper, which learns each URL tested.
 * Each measurement records your country and network (ASN). Your IP address is
   never stored, and Vantage removes it from the web pages it keeps.
 
-You can withdraw at any time: set consent_given = false in the config file.
+You can withdraw at any time: set consent_given = false in the config file{where}
 """
 
 CONSENT_QUESTION = "I understand the risks and want to run measurements"
@@ -44,6 +46,53 @@ NO_CONSENT_MESSAGE = (
     "measurements need your informed consent: run interactively to read and accept it, "
     "or pass --yes if you have read it (`vantage run --help`)"
 )
+
+# The bundled lists, by what they hold: {category code: description}, in the
+# order of the file. The caller reads them from the list files
+# (cli/consent.py), so what the notice says is what the files hold.
+Categories = Mapping[str, str]
+
+
+def _names(categories: Categories) -> str:
+    return ", ".join(f"{name} ({code})" if name and name != code else code for code, name in categories.items())
+
+
+def lists_paragraph(default: Categories, high_risk: Categories) -> str:
+    """The notice's bullet on the bundled lists ("" when not known)."""
+    if not default:
+        return ""
+    text = f"The default list (--list default) holds only these categories: {_names(default)}."
+    if high_risk:
+        text += (" It leaves out the high-risk categories, which are in a separate list"
+                 f" (--list high-risk; use it only if you know it is safe where you are): {_names(high_risk)}.")
+    return "* " + textwrap.fill(text, 78, subsequent_indent="  ", break_on_hyphens=False) + "\n"
+
+
+def notice(config_path: str | os.PathLike | None = None, default: Categories | None = None,
+           high_risk: Categories | None = None) -> str:
+    """The full notice; with the config file's path it says where to withdraw
+    consent, with the bundled lists' categories it says what each holds."""
+    where = f":\n  {os.path.abspath(config_path)}" if config_path else "."
+    return _NOTICE.format(lists=lists_paragraph(default or {}, high_risk or {}), where=where)
+
+
+CONSENT_TEXT = notice()
+
+
+def essentials(config_path: str | os.PathLike, default: Categories | None = None,
+               high_risk: Categories | None = None) -> list[str]:
+    """The notice in a few lines, shown on every run that passes --yes (the
+    full notice is shown by a run without --yes)."""
+    text = ("Your network operator, and anyone able to watch your connection, can see which"
+            " sites Vantage tests; in some countries testing sensitive sites is dangerous.")
+    if default:
+        text += f" The default list holds only: {', '.join(default)}."
+        if high_risk:
+            text += f" The high-risk categories ({', '.join(high_risk)}) are in --list high-risk."
+    lines = ["vantage: with --yes you accept the consent notice (drop --yes to read it all):"]
+    lines += textwrap.wrap(text, 78, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
+    lines += ["  To withdraw, set consent_given = false in the config file:", f"  {os.path.abspath(config_path)}"]
+    return lines
 
 
 def is_interactive() -> bool:
@@ -66,14 +115,14 @@ def _record(config: Config, warn: Callable[[str], None] | None) -> None:
 
 def ensure_consent(config: Config, assume_yes: bool, interactive: bool,
                    ask: Callable[[str, str], bool] | None = None,
-                   warn: Callable[[str], None] | None = None) -> bool:
+                   warn: Callable[[str], None] | None = None, text: str | None = None) -> bool:
     """Return True when measuring may proceed.
 
     - already given in the config → True, nothing asked;
     - ``assume_yes`` (``--yes``) → recorded, True;
     - ``interactive`` and an ``ask(text, question)`` → the person is shown
-      ``CONSENT_TEXT`` and asked ``CONSENT_QUESTION``; an accepted answer is
-      recorded;
+      ``text`` (default: the notice naming the config file) and asked
+      ``CONSENT_QUESTION``; an accepted answer is recorded;
     - otherwise False: the caller reports ``NO_CONSENT_MESSAGE`` (exit 2).
 
     ``warn(message)`` hears that the answer could not be remembered.
@@ -85,7 +134,7 @@ def ensure_consent(config: Config, assume_yes: bool, interactive: bool,
         return True
     if not interactive or ask is None:
         return False
-    if ask(CONSENT_TEXT, CONSENT_QUESTION):
+    if ask(text or notice(config.path), CONSENT_QUESTION):
         _record(config, warn)
         return True
     return False

@@ -246,3 +246,110 @@ def test_consent_survives_unwritable_config(tmp_path, capsys):
     config = cfg.Config(load_config().as_dict(), {}, path)
     assert cli_consent.ensure_consent(config, assume_yes=True, interactive=False) is True
     assert "consent not remembered" in capsys.readouterr().err
+
+
+def test_consent_notice_names_the_config_file_and_the_default_lists_categories(tmp_path):
+    # Issue 10, item 7: "in the config file" did not say where it is, and the
+    # notice called the default list safer while it held the high-risk sites.
+    path = tmp_path / "c.toml"
+    text = " ".join(consent.notice(path, {"NEWS": "News Media", "CTRL": "Control content"}, {"LGBT": "LGBT"}).split())
+    assert f"set consent_given = false in the config file: {path}" in text
+    assert "holds only these categories: News Media (NEWS), Control content (CTRL)." in text
+    assert "--list high-risk" in text and "LGBT." in text
+    lines = consent.essentials(path, {"NEWS": "News Media"}, {"LGBT": "LGBT", "ANON": "x"})
+    assert 3 <= len(lines) <= 10 and all(len(line) <= 80 for line in lines)
+    flat = " ".join(" ".join(lines).split())
+    assert "NEWS" in flat and "(LGBT, ANON) are in --list high-risk" in flat and str(path) in flat
+
+
+def test_non_utf8_config_file_is_a_config_error_naming_it(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('probe_cc = "\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "UTF-8" in message and "\n" not in message
+    with pytest.raises(ConfigError, match="latin1.toml"):
+        save_setting("concurrency", 3, path=path)  # never overwrites a file it could not read
+
+
+# ---------------------------------------------------------------- helper settings (services/helper/config.py)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("max_inflight", "lots", "whole number"),
+    ("max_inflight", 0, "at least 1"),
+    ("max_inflight", True, "whole number"),
+    ("rate_per_minute", -1, "at least 0"),
+    ("request_timeout", -1, "above 0"),
+    ("request_timeout", "30", "seconds"),
+    ("request_timeout", float("nan"), "above 0"),
+    ("max_response_body", 1.5, "whole number"),
+    ("max_redirects", "ten", "whole number"),
+    ("trust_forwarded_for", "yes", "true or false"),
+    ("listen", "127.0.0.1:99999", "HOST:PORT"),
+    ("listen", 8080, "string"),
+    ("allow", ["10.0.0.0/33"], "CIDR"),
+    ("allow", [1], "CIDR"),
+    ("resolver", "dns.example", "IP address"),
+    ("doh_url", "http://dns.example/dns-query", "https"),
+    ("ca_file", "/nonexistent/ca.pem", "no such file"),
+    ("asn_db", "/nonexistent/geo", "no such directory"),
+])
+def test_helper_config_values_of_the_wrong_type_are_refused_at_start(key, value, needle):
+    from core.errors import VantageError
+    from services.helper.config import HelperConfig, HelperConfigError
+
+    with pytest.raises(HelperConfigError) as info:
+        HelperConfig.from_mapping({"listen": "127.0.0.1:0", key: value})
+    message = str(info.value)
+    assert info.value.key == key and message.startswith(f"{key} = ") and needle in message and "\n" not in message
+    assert isinstance(info.value, VantageError) and isinstance(info.value, ValueError)
+
+
+def test_helper_config_checks_every_key_and_keeps_good_values(tmp_path):
+    from services.helper.config import _CHECKS, HelperConfig
+
+    assert set(_CHECKS) == set(HelperConfig.KEYS)
+    config = HelperConfig.from_mapping({
+        "listen": "[::1]:0", "allow": "198.18.0.0/15", "max_inflight": 7, "rate_per_minute": 0,
+        "resolver": "192.0.2.53:5353", "doh_url": "https://dns.example/dns-query", "asn_db": str(tmp_path),
+        "trust_forwarded_for": True, "request_timeout": 2, "max_redirects": 0, "ca_file": "",
+    })
+    assert config.allow == ["198.18.0.0/15"] and config.request_timeout == 2.0 and config.ca_file is None
+    assert HelperConfig.from_mapping({}) == HelperConfig()
+
+
+@pytest.mark.parametrize("body, needle", [
+    ('max_inflight = "lots"\n', "max_inflight = 'lots'"),
+    ("request_timeout = -1\n", "request_timeout = -1"),
+    ('ca_file = "/nonexistent/lab-ca.pem"\n', "/nonexistent/lab-ca.pem"),
+    ('listen = "127.0.0.1:99999"\n', "127.0.0.1:99999"),
+    (b'listen = "\xff"\n', "not UTF-8"),
+])
+def test_helper_serve_refuses_bad_config_in_one_line_exit_2(tmp_path, body, needle):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "helper.toml"
+    path.write_bytes(body if isinstance(body, bytes) else body.encode())
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "helper", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=30, cwd=root)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and str(path) in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_helper_serve_listen_out_of_range_is_one_line_exit_2():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "helper", "serve", "--listen", "127.0.0.1:99999"],
+                          capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "127.0.0.1:99999" in lines[0] and "Traceback" not in proc.stderr
