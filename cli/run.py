@@ -6,7 +6,7 @@ This module parses options and prints; probes/runner.py runs (run_tests).
 from __future__ import annotations
 
 import asyncio
-import json
+import datetime as dt
 import sys
 
 import click
@@ -14,7 +14,7 @@ import click
 from core.errors import VantageError
 from probes.runner import TESTS
 
-from .common import db_option, json_option
+from .common import cell, console, db_option, json_option, safe, to_json
 
 
 def _inputs(urls, input_file, list_name, categories) -> list[tuple[str, str | None]]:
@@ -33,13 +33,43 @@ def _inputs(urls, input_file, list_name, categories) -> list[tuple[str, str | No
     except OSError as exc:
         raise VantageError(str(exc)) from None
     if not entries:
+        if categories and (list_name or "default") == "default":
+            raise VantageError(f"no URLs to measure: the default list has no {', '.join(c.upper() for c in categories)} "
+                               "sites (the high-risk categories are in --list high-risk)")
         raise VantageError("no URLs to measure (check --category and the list)")
     return entries
 
 
+def _check_ca_file(path: str, where: str) -> None:
+    """The extra CA file loads, or one line naming it (exit 2)."""
+    import ssl
+
+    from probes.tls import make_context
+
+    try:
+        make_context(path)
+    except FileNotFoundError:
+        raise VantageError(f"{where} {path}: no such file") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise VantageError(f"{where} {path}: not a usable PEM CA certificate ({exc})") from None
+
+
+def _interrupted_runs(con, since: dt.datetime, resume_id: str | None) -> list[str]:
+    """The runs this command left interrupted (run_tests marked them)."""
+    if resume_id:
+        return [resume_id]
+    try:
+        rows = con.execute("SELECT run_id FROM runs WHERE status = 'interrupted' AND started_at >= ? ORDER BY started_at",
+                           [since]).fetchall()
+    except Exception:  # the database itself failed; the sink said so
+        return []
+    return [r[0] for r in rows]
+
+
 @click.command()
 @click.argument("test", type=click.Choice(TESTS), default="web", required=False)
-@click.option("--list", "list_name", help="Test list: default, global, a country code, or a CSV path.")
+@click.option("--list", "list_name", help="Test list: default (no high-risk categories), high-risk (LGBT, ANON, HUMR, "
+                                          "POLR, REL), global, a country code, or a CSV path.")
 @click.option("--input-file", type=click.Path(dir_okay=False), help="A file with one URL per line, or a Citizen Lab CSV (*.csv).")
 @click.option("--url", "urls", multiple=True, help="A URL to measure (repeatable).")
 @click.option("--category", "categories", multiple=True, help="Only URLs of this category code (repeatable).")
@@ -67,7 +97,7 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
     from core.net import Policy
     from probes.consent import NO_CONSENT_MESSAGE
 
-    from .consent import ensure_consent
+    from .consent import ensure_consent, print_essentials
 
     config = load_config(config_path)
     if not ensure_consent(config, assume_yes=assume_yes):
@@ -78,14 +108,9 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
                  "helpers": list(helpers) or None}
     config = config.replace(**{k: v for k, v in overrides.items() if v})
     if ca_file:
-        import ssl
-
-        from probes.tls import make_context
-
-        try:
-            make_context(ca_file)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            raise VantageError(f"--ca-file {ca_file}: not a usable PEM CA certificate ({exc})") from None
+        _check_ca_file(ca_file, "--ca-file")
+    elif config.extra_ca_file:
+        _check_ca_file(config.extra_ca_file, f"extra_ca_file (from {config.sources.get('extra_ca_file', 'the config')}):")
     if categories and (urls or input_file):
         raise VantageError("--category filters a test list (--list); it cannot apply to --url or --input-file")
     try:
@@ -106,39 +131,64 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
     options = runner.run_options({
         "test": test, "helpers": list(helpers), "ca_file": ca_file, "resolver": resolver, "doh_url": doh_url,
         "no_doh": no_doh, "public_networks": list(public_networks), "probe_cc": probe_cc, "probe_asn": probe_asn,
+        # A new run records the concurrency it ran with; --resume reuses it unless given again.
+        "concurrency": concurrency or (None if resume_id else config.concurrency),
     }, recorded)
 
+    if assume_yes:
+        print_essentials(config)
+    if not (options.get("helpers") or config.helpers):
+        click.echo("vantage: warning: no control helper (--helper): every verdict will be inconclusive", err=True)
     quiet = quiet or as_json
+    started = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     work = runner.run_tests(
         con, db_file, runner.experiments(options["test"]), entries, options, config, resume_id=resume_id,
-        concurrency=concurrency, max_runtime=max_runtime, progress=lambda name, total: _Progress(total, name, quiet),
-        warn=None if quiet else (lambda message: click.echo(f"warning: {message}", err=True)),
+        concurrency=options.get("concurrency"), max_runtime=max_runtime,
+        progress=lambda name, total: _Progress(total, name, quiet),
+        warn=None if quiet else (lambda message: click.echo(f"warning: {safe(message)}", err=True)),
     )
     try:
         summaries = asyncio.run(work)
     except KeyboardInterrupt:
         # run_tests stored every finished measurement and marked the run interrupted.
-        click.echo("interrupted: finished measurements are stored; resume with `vantage run --resume RUN_ID`", err=True)
+        ids = _interrupted_runs(con, started, resume_id)
+        if not ids:
+            click.echo("interrupted before a run started: nothing was measured", err=True)
+        for run_id in ids:
+            click.echo(f"interrupted: finished measurements are stored; resume with `vantage run --resume {safe(run_id)}`",
+                       err=True)
         sys.exit(130)
     _print_summary(summaries, as_json)
 
 
 class _Progress:
-    """A rich progress bar with counts by outcome, on stderr; silent when quiet."""
+    """A rich progress bar on stderr, silent when quiet. The counts by outcome
+    go on their own line (wrapped if need be), so the bar, the count and the
+    elapsed time stay visible on an 80-column terminal however many kinds of
+    outcome there are."""
 
-    def __init__(self, total: int, name: str, quiet: bool):
+    def __init__(self, total: int, name: str, quiet: bool, out=None):
         self.quiet = quiet
         self.counts: dict[str, int] = {}
         if quiet:
             return
-        from rich.console import Console
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.text import Text
 
-        self.progress = Progress(
+        counts = self.counts
+
+        class _TwoLines(Progress):
+            def get_renderables(self):
+                yield self.make_tasks_table(self.tasks)
+                if counts:
+                    yield Text("  " + "  ".join(f"{safe(k)}: {v}" for k, v in sorted(counts.items())))
+
+        self.progress = _TwoLines(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[counts]}"), console=Console(stderr=True), transient=False,
+            console=out or console(stderr=True), transient=False,
         )
-        self.task = self.progress.add_task(name, total=total, counts="")
+        self.task = self.progress.add_task(escape(safe(name)), total=total)
 
     def __enter__(self):
         if not self.quiet:
@@ -152,31 +202,33 @@ class _Progress:
     def advance(self, url: str, label: str) -> None:
         self.counts[label] = self.counts.get(label, 0) + 1
         if not self.quiet:
-            text = "  ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
-            self.progress.update(self.task, advance=1, counts=text)
+            self.progress.update(self.task, advance=1)
 
 
 def _print_summary(summaries, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps([{
+        click.echo(to_json([{
             "run_id": s.run_id, "status": s.status, "measured": s.measured, "total": s.total,
             "seconds": round(s.seconds, 3), "outcomes": dict(s.outcomes), "network_unreachable": s.network_down,
-        } for s in summaries], indent=2))
+        } for s in summaries]))
         return
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
+    out = console()
     for s in summaries:
-        table = Table(title=f"run {s.run_id} — {s.status}, {s.measured}/{s.total} measured in {s.seconds:.1f} s")
+        # The title on its own line, not over the narrow table (where it wrapped onto four lines).
+        out.print(cell(f"run {safe(s.run_id)} — {safe(s.status)}, {s.measured}/{s.total} measured in {s.seconds:.1f} s",
+                       "bold"))
+        table = Table()
         table.add_column("probe-side outcome")
         table.add_column("URLs", justify="right")
         for label, count in s.outcomes.most_common():
-            table.add_row(label, str(count))
-        console.print(table)
+            table.add_row(cell(label), cell(count))
+        out.print(table)
         if s.measured and s.network_down == s.measured:
-            console.print(
-                "[bold yellow]The network is unreachable from this probe[/]: nothing could be reached, so these "
-                "measurements say nothing about censorship."
-            )
-        console.print("Outcomes are what the probe saw, not verdicts: run `vantage analyze` to compare with the control.")
+            out.print(Text.assemble(
+                ("The network is unreachable from this probe", "bold yellow"),
+                ": nothing could be reached, so these measurements say nothing about censorship.",
+            ))
+        out.print("Outcomes are what the probe saw, not verdicts: run `vantage analyze` to compare with the control.")

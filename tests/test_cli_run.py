@@ -164,6 +164,8 @@ async def test_ctrl_c_keeps_finished_measurements_and_resume_finishes_the_run(tm
     con = duckdb.connect(str(db), read_only=True)
     run_id, status = con.execute("SELECT run_id, status FROM runs").fetchone()
     assert status == "interrupted"
+    # Issue 10, item 8: the hint names the run itself (it said RUN_ID).
+    assert f"resume with `vantage run --resume {run_id}`" in err.decode()
     assert [r[0] for r in con.execute("SELECT input FROM measurements").fetchall()] == [fast]
     con.close()
 
@@ -172,3 +174,145 @@ async def test_ctrl_c_keeps_finished_measurements_and_resume_finishes_the_run(tm
     con = duckdb.connect(str(db), read_only=True)
     assert sorted(r[0] for r in con.execute("SELECT input FROM measurements WHERE run_id = ?", [run_id]).fetchall()) == sorted([fast, slow])
     assert con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()[0] == "finished"
+
+
+# ---------------------------------------------------------------- issue 10: consent, errors, resume
+
+
+def _closed_run_args(tmp_path, *extra: str) -> list[str]:
+    """A `vantage run` that measures one refused loopback URL: no DNS, no
+    DoH, no geolocation, no internet."""
+    from servers import closed_port
+
+    return ["run", "--url", f"http://127.0.0.1:{closed_port()}/", "--db", str(tmp_path / "v.duckdb"), "--no-doh",
+            "--resolver", f"127.0.0.1:{closed_port()}", "--probe-cc", "ZZ", "--probe-asn", "AS0", "--json", *extra]
+
+
+def test_every_yes_run_prints_the_notice_essentials_and_the_missing_helper(tmp_path, home):
+    from cli.consent import list_categories
+    from test_lists import loader
+
+    config = Path(home["XDG_CONFIG_HOME"]) / "vantage" / "config.toml"
+    for attempt in ("first", "consent already recorded"):
+        proc = vantage(*_closed_run_args(tmp_path, "--yes"), env=home)
+        assert proc.returncode == 0, proc.stderr
+        err = proc.stderr
+        assert "--yes" in err and "consent" in err, (attempt, err)
+        assert "can see" in err and "dangerous" in err
+        flat = " ".join(err.split())
+        # Which categories the default list holds: read from the file, not a fixed text.
+        assert "default list holds only: " + ", ".join(list_categories(loader.DEFAULT_LIST)) in flat
+        assert "(" + ", ".join(list_categories(loader.HIGH_RISK_LIST)) + ") are in --list high-risk" in flat
+        assert f"consent_given = false in the config file: {config}" in flat
+        assert len(err.splitlines()) <= 12
+        helper_lines = [line for line in err.splitlines() if "helper" in line]
+        assert len(helper_lines) == 1 and "every verdict will be inconclusive" in helper_lines[0]
+        assert json.loads(proc.stdout)[0]["measured"] == 1
+    assert "consent_given = true" in config.read_text()
+    with_helper = vantage(*_closed_run_args(tmp_path, "--helper", "https://helper.example/"), env=home)
+    assert with_helper.returncode == 0, with_helper.stderr
+    assert "inconclusive" not in with_helper.stderr and "--yes" not in with_helper.stderr
+
+
+def test_notice_says_what_the_default_list_holds_and_where_the_config_is(tmp_path, home):
+    from click.testing import CliRunner
+
+    from cli import consent as cli_consent
+    from probes.config import load_config
+
+    config = load_config(tmp_path / "c.toml")
+    result = CliRunner().invoke(click_ask(cli_consent, config), input="n\n")
+    text = " ".join(result.output.split())
+    default, high_risk = cli_consent.bundled_categories()
+    assert set(high_risk) == {"LGBT", "ANON", "HUMR", "POLR", "REL"} and not set(default) & set(high_risk)
+    for code in list(default) + list(high_risk):
+        assert f"({code})" in text or f" {code}," in text or f" {code}." in text
+    assert "--list high-risk" in text and "holds only these categories" in text
+    assert f"set consent_given = false in the config file: {tmp_path / 'c.toml'}" in text
+
+
+def click_ask(cli_consent, config):
+    import click
+
+    @click.command()
+    def cmd():
+        click.echo(f"result={cli_consent.ensure_consent(config, assume_yes=False, interactive=True)}")
+
+    return cmd
+
+
+def test_extra_ca_file_naming_a_missing_file_is_one_line_with_the_path(tmp_path, home):
+    missing = tmp_path / "gone" / "lab-ca.pem"
+    config = tmp_path / "c.toml"
+    config.write_text(f'extra_ca_file = "{missing}"\n')
+    for args, env in ((["--config", str(config)], home), ([], dict(home, VANTAGE_EXTRA_CA_FILE=str(missing)))):
+        proc = vantage(*_closed_run_args(tmp_path, "--yes", *args), env=env)
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and str(missing) in lines[0] and "extra_ca_file" in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert not (tmp_path / "v.duckdb").exists()
+
+
+def test_non_utf8_config_file_is_one_line_naming_it(tmp_path, home):
+    config = tmp_path / "latin1.toml"
+    config.write_bytes('probe_cc = "\xe9"\n'.encode("latin-1"))
+    proc = vantage(*_closed_run_args(tmp_path, "--yes", "--config", str(config)), env=home)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(config) in lines[0] and "UTF-8" in lines[0], proc.stderr
+
+
+def test_analyze_with_a_mistyped_db_is_one_line_and_creates_nothing(tmp_path, home):
+    target = tmp_path / "typo" / "x.duckdb"
+    for extra in ([], ["--json"]):
+        proc = vantage("analyze", "--db", str(target), *extra, env=home)
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and str(target) in lines[0], proc.stderr
+        assert proc.stdout == ""
+    assert not (tmp_path / "typo").exists()
+
+
+def test_resume_reuses_the_runs_concurrency_unless_given_again(tmp_path, home, monkeypatch):
+    """Issue 10, item 10: `--resume` forgot `--concurrency`."""
+    from click.testing import CliRunner
+
+    from cli.run import run as run_command
+    from probes import runner
+
+    calls = []
+
+    async def fake_run_tests(con, db_file, tests, inputs, options, config, *, concurrency=None, **kw):
+        calls.append({"concurrency": concurrency, "options": dict(options), "resume_id": kw.get("resume_id")})
+        return []
+
+    monkeypatch.setattr(runner, "run_tests", fake_run_tests)
+    for key in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.setenv(key, home[key])
+    db = tmp_path / "v.duckdb"
+    base = ["--db", str(db), "--yes", "--json", "--no-doh", "--probe-cc", "ZZ", "--probe-asn", "AS0"]
+    cli = CliRunner()
+    result = cli.invoke(run_command, ["--url", "https://a.example/", "--concurrency", "3", *base])
+    assert result.exit_code == 0, result.output
+    assert calls[-1]["concurrency"] == 3 and calls[-1]["options"]["concurrency"] == 3
+
+    # The run as --resume finds it: started with --concurrency 3, then interrupted.
+    from probes.store import connect
+
+    con = connect(db)
+    run_id = runner.new_id()
+    runner.start_run(con, run_id, runner.experiments("web")[0], [("https://a.example/", None)], calls[-1]["options"],
+                     runner.Location())
+    runner.finish_run(con, run_id, "interrupted")
+    con.close()
+
+    result = cli.invoke(run_command, ["--resume", run_id, *base])
+    assert result.exit_code == 0, result.output
+    assert calls[-1]["resume_id"] == run_id and calls[-1]["concurrency"] == 3
+    result = cli.invoke(run_command, ["--resume", run_id, "--concurrency", "7", *base])
+    assert result.exit_code == 0, result.output
+    assert calls[-1]["concurrency"] == 7  # an explicit --concurrency on the resume command wins
+    # Without --concurrency, a new run records the setting it ran with.
+    result = cli.invoke(run_command, ["--url", "https://b.example/", *base])
+    assert calls[-1]["concurrency"] == 50 and calls[-1]["options"]["concurrency"] == 50
