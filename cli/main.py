@@ -26,6 +26,7 @@ _COMMANDS = {
     "fingerprints": ("cli.analyze", "fingerprints"),
     "helper": ("cli.helper", "helper"),
     "lab": ("cli.lab", "lab"),
+    "report": ("cli.report", "report"),
     "import": ("cli.imports", "import_group"),
 }
 
