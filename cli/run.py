@@ -135,6 +135,8 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
         "concurrency": concurrency or (None if resume_id else config.concurrency),
     }, recorded)
 
+    if resume_id and not ca_file and options.get("ca_file"):
+        _check_ca_file(options["ca_file"], f"the --ca-file run {resume_id} was started with,")
     if assume_yes:
         print_essentials(config)
     if not (options.get("helpers") or config.helpers):

@@ -252,6 +252,19 @@ def test_extra_ca_file_naming_a_missing_file_is_one_line_with_the_path(tmp_path,
         assert len(lines) == 1 and str(missing) in lines[0] and "extra_ca_file" in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
     assert not (tmp_path / "v.duckdb").exists()
+    # A run started with --ca-file whose file has gone since: its resume says so.
+    from probes import runner
+    from probes.store import connect
+
+    con = connect(tmp_path / "r.duckdb")
+    run_id = runner.new_id()
+    runner.start_run(con, run_id, runner.experiments("web")[0], [("https://a.example/", None)],
+                     {"test": "web", "ca_file": str(missing)}, runner.Location())
+    runner.finish_run(con, run_id, "interrupted")
+    con.close()
+    proc = vantage("run", "--resume", run_id, "--db", str(tmp_path / "r.duckdb"), "--yes", env=home)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and str(missing) in lines[0], proc.stderr
 
 
 def test_non_utf8_config_file_is_one_line_naming_it(tmp_path, home):
