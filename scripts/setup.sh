@@ -13,6 +13,7 @@ if [ "$want_test" = 1 ] && [ "$(id -u)" = 0 ]; then
     command -v ip >/dev/null || need+=(iproute2)
     command -v tc >/dev/null || need+=(iproute2)
     [ -e /usr/include/libnetfilter_queue/libnetfilter_queue.h ] || need+=(libnetfilter-queue-dev)
+    command -v chromium >/dev/null || need+=(chromium)  # tests/test_report_browser.py
     if [ "${#need[@]}" -gt 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
