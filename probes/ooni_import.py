@@ -304,7 +304,7 @@ def import_ooni(con, paths: Iterable[str | os.PathLike], *, batch_size: int = 10
 
     def flush() -> None:
         before = summary.bad
-        stored = store.write_each(con, batch, refused)
+        stored = store.write_each(con, batch, refused, columnar=True)
         summary.imported += stored
         summary.duplicates += len(batch) - stored - (summary.bad - before)
         batch.clear()
