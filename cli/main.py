@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from cli.common import safe
 from core.errors import VantageError
 
 # command name -> (module, attribute): each attribute is a click command or group.
@@ -28,6 +29,7 @@ _COMMANDS = {
     "lab": ("cli.lab", "lab"),
     "report": ("cli.report", "report"),
     "import": ("cli.imports", "import_group"),
+    "export": ("cli.export", "export_group"),
 }
 
 
@@ -58,10 +60,11 @@ def main() -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except VantageError as exc:
-        click.echo(f"vantage: {exc}", err=True)
+        # Messages may quote what a server or a file said: escaped like all network text.
+        click.echo(f"vantage: {safe(str(exc))}", err=True)
         sys.exit(2)
     except click.ClickException as exc:  # usage errors: bad option, missing argument
-        click.echo(f"vantage: {exc.format_message()}", err=True)
+        click.echo(f"vantage: {safe(exc.format_message())}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -69,7 +72,7 @@ def main() -> None:
         if os.environ.get("VANTAGE_DEBUG"):
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
-        click.echo(f"vantage: internal error: {type(exc).__name__}: {first} (VANTAGE_DEBUG=1 shows details)", err=True)
+        click.echo(f"vantage: internal error: {type(exc).__name__}: {safe(first)} (VANTAGE_DEBUG=1 shows details)", err=True)
         sys.exit(1)
 
 

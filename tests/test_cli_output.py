@@ -210,3 +210,17 @@ def test_progress_keeps_bar_count_and_time_with_six_outcome_kinds_at_80_columns(
     flat = " ".join(err.split())
     for label, count in collections.Counter(labels).items():
         assert f"{label}: {count}" in flat, err
+
+
+def test_error_lines_escape_what_they_quote(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    evil = "\x1b]0;pwned\x07\x9b2J.csv"
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "lists", "show", "--list", evil], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "c")})
+    assert proc.returncode == 2
+    assert_inert(proc.stderr)
+    assert "\\x1b]0;pwned\\x07\\x9b2J.csv" in proc.stderr and proc.stderr.count("\n") == 1
