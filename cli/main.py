@@ -30,7 +30,6 @@ _COMMANDS = {
     "report": ("cli.report", "report"),
     "import": ("cli.imports", "import_group"),
     "export": ("cli.export", "export_group"),
-    "export": ("cli.export", "export_group"),
 }
 
 
