@@ -143,3 +143,24 @@ def show(ident, db_path, as_json):
         click.echo(f"\n{table}:")
         for r in rows:
             click.echo("  " + ", ".join(f"{k}={safe(v)}" for k, v in r.items() if v is not None))
+
+
+@results.command("import-rescue")
+@click.argument("rescue_file", type=click.Path(exists=True, dir_okay=False))
+@db_option
+@json_option
+def import_rescue(rescue_file, db_path, as_json):
+    """Store the measurements of a rescue file (written when the database refused
+    them); records already stored are skipped, so running it twice is harmless."""
+    from probes import store
+
+    con = store.connect(resolve_db(db_path))
+    try:
+        imported, skipped = store.import_rescue(con, rescue_file)
+    finally:
+        con.close()
+    if as_json:
+        click.echo(to_json({"file": rescue_file, "imported": imported, "skipped": skipped}))
+        return
+    click.echo(f"{imported} measurements stored from {safe(rescue_file)}; {skipped} skipped "
+               "(already stored, unreadable, or still refused — the file is left as it is)")

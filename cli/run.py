@@ -160,7 +160,7 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
             click.echo(f"interrupted: finished measurements are stored; resume with `vantage run --resume {safe(run_id)}`",
                        err=True)
         sys.exit(130)
-    _print_summary(summaries, as_json)
+    _print_summary(summaries, as_json, db_file)
 
 
 class _Progress:
@@ -207,7 +207,7 @@ class _Progress:
             self.progress.update(self.task, advance=1)
 
 
-def _print_summary(summaries, as_json: bool) -> None:
+def _print_summary(summaries, as_json: bool, db_file: str) -> None:
     if as_json:
         click.echo(to_json([{
             "run_id": s.run_id, "status": s.status, "measured": s.measured, "total": s.total,
@@ -232,5 +232,13 @@ def _print_summary(summaries, as_json: bool) -> None:
             out.print(Text.assemble(
                 ("The network is unreachable from this probe", "bold yellow"),
                 ": nothing could be reached, so these measurements say nothing about censorship.",
+            ))
+        if s.status in ("partial", "store_failed"):
+            from probes import runner
+
+            rescue = runner.rescue_path(db_file, s.run_id)
+            out.print(Text.assemble(
+                ("Some measurements could not be stored", "bold yellow"),
+                f": they are kept in {safe(rescue)}; store them with `vantage results import-rescue {safe(rescue)}`.",
             ))
         out.print("Outcomes are what the probe saw, not verdicts: run `vantage analyze` to compare with the control.")

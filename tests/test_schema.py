@@ -89,7 +89,7 @@ def test_every_flattened_key_is_a_column():
                 seen.setdefault(table, set()).update(row)
     # The rich record reaches every observation table.
     assert set(seen) == {"measurements", "dns_answers", "tcp_connects", "tls_handshakes", "http_transactions",
-                         "network_events", "throughput_samples"}
+                         "network_events", "throughput_samples", "ip_info"}
 
 
 def test_rows_are_written_by_name_in_schema_order(tmp_path):
@@ -347,3 +347,31 @@ def test_an_older_schema_is_migrated(tmp_path, read_only):
 def test_migrations_are_numbered_in_order():
     numbers = [number for number, _, _ in schema.MIGRATIONS]
     assert numbers == list(range(1, len(numbers) + 1)) and store.SCHEMA_VERSION == numbers[-1]
+
+
+def test_results_import_rescue_command_stores_a_rescue_file_once(tmp_path):
+    """Issue 10: nothing imported the rescue file; `vantage results import-rescue` does, idempotently."""
+    import json
+    import subprocess
+    import sys
+
+    db = tmp_path / "v.duckdb"
+    store.connect(db).close()
+    rescue = tmp_path / "v.rescue-R.jsonl"
+    records = [_record(url=f"https://r{i}.example/", run="R") for i in range(3)]
+    rescue.write_text("".join(json.dumps({"category_code": "NEWS", "record": r}) + "\n" for r in records))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "cli.main", "results", "import-rescue", str(rescue), "--db", str(db), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    first = run("--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) | {"file": None} == {"file": None, "imported": 3, "skipped": 0}
+    again = run()
+    assert again.returncode == 0 and again.stdout.startswith("0 measurements stored") and "3 skipped" in again.stdout
+    con = store.connect(db, read_only=True)
+    assert con.execute("SELECT count(*) FROM measurements").fetchone()[0] == 3
+    missing = subprocess.run([sys.executable, "-m", "cli.main", "results", "import-rescue", str(tmp_path / "none.jsonl"),
+                              "--db", str(db)], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
