@@ -30,6 +30,12 @@ _MEMORY = re.compile(r"\s*\d+(\.\d+)?\s*([KMGT]i?)?B\s*", re.IGNORECASE)
 # What the probe writes and the rules read (probes/schema.sql).
 OBSERVATION_TABLES = frozenset({"measurements", "dns_answers", "tcp_connects", "tls_handshakes",
                                 "http_transactions", "network_events", "throughput_samples"})
+# What later schema versions added that the rules read (probes/schema.py
+# MIGRATIONS: 3 and 4). A database made by an older Vantage gets them when the
+# probe's store opens it (any `vantage results` command); the analysis never
+# migrates the probe's tables itself.
+NEWER_COLUMNS = (("measurements", "ooni_blocking"), ("tcp_connects", "attempt"), ("tls_handshakes", "attempt"),
+                 ("http_transactions", "attempt"), ("ip_info", "asn"))
 
 
 class AnalysisError(VantageError):
@@ -80,4 +86,9 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     missing = OBSERVATION_TABLES - tables(con)
     if missing:
         raise AnalysisError(f"the database lacks the table(s) {', '.join(sorted(missing))} (not a Vantage database?)")
+    present = set(con.execute("SELECT table_name, column_name FROM duckdb_columns() WHERE NOT internal").fetchall())
+    old = [f"{t}.{c}" for t, c in NEWER_COLUMNS if (t, c) not in present]
+    if old:
+        raise AnalysisError(f"the database was made by an older Vantage (no {', '.join(old)}): "
+                            "run `vantage results list --db PATH` once to bring it up to date, then analyse it")
     con.execute(resources.files("analysis").joinpath("sql", "00_verdicts.sql").read_text(encoding="utf-8"))

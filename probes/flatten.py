@@ -41,7 +41,7 @@ Row = dict[str, Any]
 # The tables a record fills.
 FLATTENED_TABLES = (
     "measurements", "dns_answers", "tcp_connects", "tls_handshakes", "http_transactions", "network_events",
-    "throughput_samples",
+    "throughput_samples", "ip_info",
 )
 
 # --- Bounds on what one record writes -----------------------------------------
@@ -368,7 +368,7 @@ def _probe_side(mid: str, keys: dict[str, Any], rows: dict[str, list[Row]]) -> N
         rows["tcp_connects"].append({
             "measurement_id": mid, "side": "probe", "transaction_id": c.get("transaction_id"), "ip": c.get("ip"),
             "port": c.get("port"), "success": bool(status.get("success")), "failure": status.get("failure"),
-            "t0": c.get("t0"), "t": c.get("t"),
+            "t0": c.get("t0"), "t": c.get("t"), "attempt": c.get("x_attempt"),
         })
     for h in _dicts(keys.get("tls_handshakes")):
         ip, port = _endpoint(h.get("address"))
@@ -379,7 +379,7 @@ def _probe_side(mid: str, keys: dict[str, Any], rows: dict[str, list[Row]]) -> N
             "cert_valid": h.get("x_cert_valid"), "cert_error": h.get("x_cert_error"),
             "cert_subject": h.get("x_cert_subject"), "cert_issuer": h.get("x_cert_issuer"),
             "cert_sha256": h.get("x_cert_sha256"), "cert_not_after": h.get("x_cert_not_after"),
-            "t0": h.get("t0"), "t": h.get("t"),
+            "t0": h.get("t0"), "t": h.get("t"), "attempt": h.get("x_attempt"),
         })
     requests = list(_dicts(keys.get("requests")))
     for position, r in enumerate(requests):
@@ -399,7 +399,7 @@ def _probe_side(mid: str, keys: dict[str, Any], rows: dict[str, list[Row]]) -> N
             "body_truncated": resp.get("body_is_truncated"),
             "body_sha256": r.get("x_body_sha256") or (hashlib.sha256(body).hexdigest() if resp else None),
             "body": body[:BODY_TEXT_CAP].decode("utf-8", "replace") if resp else None,
-            "t0": r.get("t0"), "t": r.get("t"),
+            "t0": r.get("t0"), "t": r.get("t"), "attempt": r.get("x_attempt"),
         })
     for e in _dicts(keys.get("network_events")):
         rows["network_events"].append({
@@ -475,6 +475,10 @@ def _control_side(mid: str, control: dict[str, Any], rows: dict[str, list[Row]])
         })
     for s in _dicts(control.get("x_throughput")):
         rows["throughput_samples"].append(_throughput(mid, s, "control", s.get("variant", "helper")))
+    for ip, info in _dict(control.get("ip_info")).items():
+        info = _dict(info)
+        rows["ip_info"].append({"measurement_id": mid, "side": "control", "ip": ip, "asn": info.get("asn"),
+                                "flags": info.get("flags")})
 
 
 def iter_table_rows(records: list[tuple[dict[str, Any], str | None]]) -> Iterator[tuple[str, list[Row]]]:

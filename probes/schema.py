@@ -30,6 +30,11 @@ MIGRATIONS: list[tuple[int, str, str | None]] = [
     (3, "measurements.ooni_blocking, ooni_accessible: OONI's own verdict of an imported measurement",
      "ALTER TABLE measurements ADD COLUMN IF NOT EXISTS ooni_blocking VARCHAR; "
      "ALTER TABLE measurements ADD COLUMN IF NOT EXISTS ooni_accessible BOOLEAN"),
+    (4, "attempt of tcp_connects, tls_handshakes, http_transactions (retried steps); ip_info (the helper's ASNs)",
+     "ALTER TABLE tcp_connects ADD COLUMN IF NOT EXISTS attempt INTEGER; "
+     "ALTER TABLE tls_handshakes ADD COLUMN IF NOT EXISTS attempt INTEGER; "
+     "ALTER TABLE http_transactions ADD COLUMN IF NOT EXISTS attempt INTEGER; "
+     "CREATE TABLE IF NOT EXISTS ip_info (measurement_id VARCHAR, side VARCHAR, ip VARCHAR, asn INTEGER, flags INTEGER)"),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

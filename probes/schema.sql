@@ -86,7 +86,8 @@ CREATE TABLE IF NOT EXISTS tcp_connects (
     success BOOLEAN,
     failure VARCHAR,
     t0 DOUBLE,
-    t DOUBLE
+    t DOUBLE,
+    attempt INTEGER              -- x_attempt: 0 the first try, n the n-th retry of the same step (migration 4)
 );
 
 CREATE TABLE IF NOT EXISTS tls_handshakes (
@@ -107,7 +108,8 @@ CREATE TABLE IF NOT EXISTS tls_handshakes (
     cert_sha256 VARCHAR,
     cert_not_after VARCHAR,
     t0 DOUBLE,
-    t DOUBLE
+    t DOUBLE,
+    attempt INTEGER              -- x_attempt: 0 the first try, n the n-th retry of the same step (migration 4)
 );
 
 CREATE TABLE IF NOT EXISTS http_transactions (
@@ -127,7 +129,8 @@ CREATE TABLE IF NOT EXISTS http_transactions (
     body_sha256 VARCHAR,
     body VARCHAR,                -- the first 64 KiB as text, for fingerprints
     t0 DOUBLE,
-    t DOUBLE
+    t DOUBLE,
+    attempt INTEGER              -- x_attempt: 0 the first try, n the n-th retry of the same step (migration 4)
 );
 
 CREATE TABLE IF NOT EXISTS network_events (
@@ -151,6 +154,14 @@ CREATE TABLE IF NOT EXISTS throughput_samples (
     bytes BIGINT,
     seconds DOUBLE,
     kbit_per_s DOUBLE
+);
+
+CREATE TABLE IF NOT EXISTS ip_info (
+    measurement_id VARCHAR,
+    side VARCHAR,                -- control: the helper's ip_info (migration 4)
+    ip VARCHAR,
+    asn INTEGER,                 -- autonomous system number; NULL or 0 when unknown
+    flags INTEGER                -- OONI's bitmask: 1 resolved by the probe, 2 by the helper, 4 bogon, 8 valid TLS for the domain
 );
 
 -- verdicts: owned and created by the analysis (analysis/sql/00_verdicts.sql).

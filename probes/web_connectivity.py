@@ -7,6 +7,15 @@ TLS and HTTP steps.
 
 ``test_keys`` is filled in place, so that a measurement cut short by its
 deadline still stores every step that finished.
+
+Re-measure before accusing (as Censored Planet's Hyperquack does): a step
+that failed the way a censor makes it fail (a connect refused, reset or timed
+out; a TLS handshake reset, cut or timed out; an HTTP fetch reset, cut or
+timed out) is tried again, up to ``ATTEMPTS`` times with a backoff, and every
+attempt is recorded (``x_attempt``: 0 for the first try). One success on the
+same path (endpoint, or the fetch) means the path is not blocked; the
+analysis reads the attempts so. A retry is skipped when it could not finish
+before the measurement's deadline. The cost: docs/analysis.md, "Retries".
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
+from core import failures
 from core.failures import OFFLINE
 from core.net import endpoint, is_ip
 
@@ -25,6 +35,16 @@ from .records import Clock, Transactions
 TEST_NAME = "web_connectivity"
 TEST_VERSION = "0.1.0"
 MAX_ADDRESSES = 8  # every address the system resolver gave, up to a bound (DNS round-robin pools can be huge)
+
+# Retries: failures that would be read as blocking, per step. Unroutable
+# failures (no route, no IPv6) and certificate errors are answers, not
+# accidents: they are not retried.
+ATTEMPTS = 3          # tries of one step at most (the first included)
+BACKOFF = 0.5         # seconds before the second try; doubled before each next one
+TCP_RETRY = frozenset({failures.CONNECTION_REFUSED, failures.CONNECTION_RESET, failures.GENERIC_TIMEOUT})
+TLS_RETRY = frozenset({failures.CONNECTION_RESET, failures.GENERIC_TIMEOUT, failures.EOF_ERROR})
+HTTP_RETRY = frozenset({failures.CONNECTION_REFUSED, failures.CONNECTION_RESET, failures.GENERIC_TIMEOUT,
+                        failures.EOF_ERROR})
 
 
 def new_test_keys() -> dict[str, Any]:
@@ -89,37 +109,86 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
     elif not ctx.helpers:
         keys["control_failure"] = "no_helper_configured"
 
+    deadline = t.measurement
+
+    async def retry(attempt: int, failure: str | None, retryable: frozenset, step_timeout: float) -> bool:
+        """Wait the backoff and say True when the step should be tried again."""
+        if failure not in retryable or attempt + 1 >= ATTEMPTS:
+            return False
+        pause = BACKOFF * 2 ** attempt
+        if clock.now() + pause + step_timeout > deadline:
+            return False  # it could not finish before the measurement's deadline
+        await asyncio.sleep(pause)
+        return True
+
     try:
         # 3. TCP to every address, TLS on each for https.
         async def connect_one(ip: str) -> bool:
-            entry, conn = await tcp.connect(ip, port, clock=clock, txid=txids.next(), timeout=t.connect)
-            keys["tcp_connect"].append(entry)
-            await tcp.close(conn)
+            attempt = 0
+            while True:
+                entry, conn = await tcp.connect(ip, port, clock=clock, txid=txids.next(), timeout=t.connect)
+                entry["x_attempt"] = attempt
+                keys["tcp_connect"].append(entry)
+                await tcp.close(conn)
+                if conn is not None or not await retry(attempt, entry["status"]["failure"], TCP_RETRY, t.connect):
+                    break
+                attempt += 1
             if conn is None or parts.scheme != "https":
                 return conn is not None
-            keys["tls_handshakes"].append(
-                await tls.handshake(ip, port, host, context=ctx.tls(), clock=clock, txid=txids.next(), timeout=t.tls)
-            )
+            attempt = 0
+            while True:
+                entry = await tls.handshake(ip, port, host, context=ctx.tls(), clock=clock, txid=txids.next(), timeout=t.tls)
+                entry["x_attempt"] = attempt
+                keys["tls_handshakes"].append(entry)
+                if not await retry(attempt, entry.get("failure"), TLS_RETRY, t.connect + t.tls):
+                    break
+                attempt += 1
             return True
 
         reachable = await asyncio.gather(*(connect_one(ip) for ip in addresses))
 
-        # 4. HTTP, pinned to the first address that accepted a connection.
+        # 4. HTTP, pinned to the first address that accepted a connection;
+        # the whole fetch (redirects included) again when its last hop failed
+        # the censor's way.
         working = [ip for ip, ok in zip(addresses, reachable) if ok]
         if working or (not addresses and is_ip(host)):
             pinned = {host: working[0]} if working and not is_ip(host) else None
-            keys["requests"].extend(
-                await http.fetch(
+            attempt = 0
+            while True:
+                hops = await http.fetch(
                     url, clock=clock, transactions=txids, timeouts=t, context=ctx.tls(), pinned=pinned,
                     events=keys["network_events"], allow=ctx.allow,
                 )
-            )
+                for hop in hops:
+                    hop["x_attempt"] = attempt
+                keys["requests"].extend(hops)
+                last = hops[-1].get("failure") if hops else None
+                if hops and _still_flowing(hops[-1], keys["network_events"]):
+                    last = None  # slow, not stopped: the throttling test's question, and 15 s more each time
+                if not await retry(attempt, last, HTTP_RETRY, t.http):
+                    break
+                attempt += 1
     except BaseException:
         _cancel(background + ([control_task] if control_task else []))
         raise
     # What is left (late DNS answers, the control) needs no slot of the runner:
     # it is awaited by the finisher while the next input is measured.
     return _finish(background, control_task, keys)
+
+
+STILL_FLOWING = 2.0  # seconds: a timed-out body whose last byte came this close to the deadline was still arriving
+
+
+def _still_flowing(hop: dict[str, Any], events: list[dict[str, Any]]) -> bool:
+    """A fetch that timed out mid-body while bytes were still arriving (a slow
+    site, a trickle): retrying it costs a whole HTTP timeout again and cannot
+    tell more. A flow that went silent (a censor freezing it) is retried."""
+    if hop.get("failure") != failures.GENERIC_TIMEOUT or not (hop.get("response") or {}).get("code"):
+        return False
+    txid = hop.get("transaction_id")
+    last = max((e.get("t") or 0.0 for e in events
+                if e.get("transaction_id") == txid and e.get("operation") == "bytes_received"), default=None)
+    return last is not None and (hop.get("t") or 0.0) - last < STILL_FLOWING
 
 
 def _cancel(tasks: list) -> None:

@@ -34,20 +34,27 @@ def q(host: str, *ips: str, engine: str = "system", failure: str | None = None, 
                        failure=failure, rcode=None, t0=0.0, t=0.01, transaction_id=txid or next(_tx), response_index=index)
 
 
-def tcp(ip: str, port: int = 443, failure: str | None = None) -> dict:
-    return R.tcp_connect(ip=ip, port=port, failure=failure, t0=0.0, t=0.01, transaction_id=next(_tx))
+def tcp(ip: str, port: int = 443, failure: str | None = None, attempt: int | None = None) -> dict:
+    entry = R.tcp_connect(ip=ip, port=port, failure=failure, t0=0.0, t=0.01, transaction_id=next(_tx))
+    if attempt is not None:  # the probe's retries (probes/web_connectivity.py)
+        entry["x_attempt"] = attempt
+    return entry
 
 
-def tls(ip: str, host: str, failure: str | None = None, valid: bool | None = None, issuer: str = "CN=Lab CA") -> dict:
+def tls(ip: str, host: str, failure: str | None = None, valid: bool | None = None, issuer: str = "CN=Lab CA",
+        attempt: int | None = None) -> dict:
     if valid is None:  # the probe only judges a certificate it received
         valid = True if failure is None else (False if failure.startswith("ssl_") else None)
     cert = R.CertInfo(valid=valid, error=failure if not valid else None, issuer=issuer, sha256="ab" * 32) if valid is not None else None
-    return R.tls_handshake(address=f"{ip}:443", server_name=host, failure=failure, t0=0.0, t=0.02,
-                           transaction_id=next(_tx), cert=cert)
+    entry = R.tls_handshake(address=f"{ip}:443", server_name=host, failure=failure, t0=0.0, t=0.02,
+                            transaction_id=next(_tx), cert=cert)
+    if attempt is not None:
+        entry["x_attempt"] = attempt
+    return entry
 
 
 def http(url: str, ip: str | None, *, status: int | None = 200, body: str | None = "", failure: str | None = None,
-         index: int = 0, headers: dict | None = None) -> dict:
+         index: int = 0, headers: dict | None = None, attempt: int | None = None) -> dict:
     raw = (body or "").encode()
     title = None
     if body and "<title>" in body:
@@ -55,10 +62,13 @@ def http(url: str, ip: str | None, *, status: int | None = 200, body: str | None
     port = 443 if url.startswith("https") else 80
     response = {} if status is None else {"code": status, "headers": headers or {"Content-Type": "text/html"},
                                           "body": body or "", "body_is_truncated": False}
-    return {"request": {"url": url, "method": "GET", "headers": {}}, "response": response, "failure": failure,
-            "t0": 0.0, "t": 0.1, "transaction_id": next(_tx), "x_redirect_index": index,
-            "x_address": f"{ip}:{port}" if ip else None, "x_body_length": len(raw) if status is not None else None,
-            "x_body_sha256": hashlib.sha256(raw).hexdigest() if status is not None else None, "x_title": title}
+    entry = {"request": {"url": url, "method": "GET", "headers": {}}, "response": response, "failure": failure,
+             "t0": 0.0, "t": 0.1, "transaction_id": next(_tx), "x_redirect_index": index,
+             "x_address": f"{ip}:{port}" if ip else None, "x_body_length": len(raw) if status is not None else None,
+             "x_body_sha256": hashlib.sha256(raw).hexdigest() if status is not None else None, "x_title": title}
+    if attempt is not None:
+        entry["x_attempt"] = attempt
+    return entry
 
 
 def control(*, addrs=("198.18.0.10",), dns_failure=None, tcp_ok: dict | None = None, tls_ok: dict | None = None,

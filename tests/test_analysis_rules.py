@@ -359,6 +359,36 @@ def test_a_failed_run_leaves_the_previous_verdicts(monkeypatch):
     assert analyze(con, fingerprints_dir="/nonexistent") == 2
 
 
+def test_one_success_among_retries_clears_the_path():
+    # The probe retries a step that failed the censor's way (x_attempt); one
+    # success on the same path means it is not blocked (Hyperquack's rule).
+    host = "flaky.example"
+    url = f"https://{host}/"
+    ctl = control(addrs=(IP,), body=NEWS, title="Daily News")
+    # the fetch: attempt 1 worked (listed first, older transaction id), attempt 0 was reset
+    fetched = web(url, queries=[q(host, IP)],
+                  tcps=[tcp(IP, failure="generic_timeout_error", attempt=0), tcp(IP, attempt=1)],
+                  tlss=[tls(IP, host, failure="connection_reset", attempt=0), tls(IP, host, attempt=1)],
+                  requests=[http(url, IP, body=NEWS, attempt=1), http(url, IP, status=None, failure="connection_reset", attempt=0)],
+                  ctl=ctl)
+    # the handshake worked on its second try, every fetch timed out: an HTTP
+    # matter, not a TLS reset
+    handshake = web(url, queries=[q(host, IP)], tcps=[tcp(IP, attempt=0)],
+                    tlss=[tls(IP, host, failure="connection_reset", attempt=0), tls(IP, host, attempt=1)],
+                    requests=[http(url, IP, status=None, failure="generic_timeout_error", attempt=a) for a in range(3)],
+                    ctl=ctl)
+    # every attempt refused: blocking
+    refused = web(url, queries=[q(host, IP)], tcps=[tcp(IP, failure="connection_refused", attempt=a) for a in range(3)],
+                  ctl=ctl)
+    con = database([fetched, handshake, refused])
+    v = verdict(con, fetched)
+    assert (v["status"], v["evidence"]["rule"]) == ("ok", "page_matches_control"), v
+    v = verdict(con, handshake)
+    assert (v["status"], v["method"]) == ("blocked", "http.timeout"), v
+    v = verdict(con, refused)
+    assert (v["status"], v["method"]) == ("blocked", "tcp.reset"), v
+
+
 def test_only_missing_and_replacement():
     from analysis.engine import analyze
 

@@ -53,7 +53,7 @@ def test_flatten_puts_late_answers_and_control_in_their_tables():
     assert ("control", "2001:db8::1", False, "generic_timeout_error") in tcp
     http = [_full("http_transactions", r) for r in rows["http_transactions"]]
     # OONI's -1 sentinels become NULL, the failure is kept.
-    assert http == [(http[0][0], "control", None, 0, None, "GET", None, "connection_reset", None, "{}", "", None, None, None, None, None, None)]
+    assert http == [(http[0][0], "control", None, 0, None, "GET", None, "connection_reset", None, "{}", "", None, None, None, None, None, None, None)]
     m = rows["measurements"][0]
     assert (m["domain"], m["scheme"], m["port"], m["category_code"], m["control_failure"]) == ("a.example", "https", 443, "NEWS", None)
 

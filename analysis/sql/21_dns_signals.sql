@@ -20,22 +20,29 @@ WHERE t.side = 'probe' AND t.success AND coalesce(t.cert_valid, true)
 CREATE OR REPLACE TEMP TABLE _a_ctl_ip AS
 SELECT DISTINCT measurement_id, ip FROM _a_dns WHERE side = 'control' AND ip IS NOT NULL;
 
--- What happened downstream on each address the probe used.
+-- What happened downstream on each address the probe used. Per step (TCP,
+-- TLS, HTTP) a success on another attempt clears the step's failures: the
+-- probe retries what failed the censor's way (column attempt).
 CREATE OR REPLACE TEMP TABLE _a_ipobs AS
 SELECT measurement_id, ip, bool_or(failed) AS failed
 FROM (
-    -- An unroutable address (an IPv4-only probe given an AAAA answer) is the
-    -- probe's own routing, not something done to that address.
-    SELECT measurement_id, lower(ip) AS ip, NOT success AND coalesce(failure, '') NOT IN {{UNROUTABLE}} AS failed FROM tcp_connects
-    WHERE side = 'probe' {{AND_IN_SCOPE}}
-    UNION ALL
-    SELECT measurement_id, lower(ip), NOT success FROM tls_handshakes
-    WHERE side = 'probe' {{AND_IN_SCOPE}}
-    UNION ALL
-    SELECT measurement_id,
-           _a_endpoint_ip(address),
-           failure IS NOT NULL FROM http_transactions
-    WHERE side = 'probe' AND address IS NOT NULL {{AND_IN_SCOPE}}
+    SELECT measurement_id, ip, step, bool_or(failed) AND NOT bool_or(ok) AS failed
+    FROM (
+        -- An unroutable address (an IPv4-only probe given an AAAA answer) is the
+        -- probe's own routing, not something done to that address.
+        SELECT measurement_id, lower(ip) AS ip, 1 AS step,
+               NOT success AND coalesce(failure, '') NOT IN {{UNROUTABLE}} AS failed, success AS ok FROM tcp_connects
+        WHERE side = 'probe' {{AND_IN_SCOPE}}
+        UNION ALL
+        SELECT measurement_id, lower(ip), 2, NOT success, success FROM tls_handshakes
+        WHERE side = 'probe' {{AND_IN_SCOPE}}
+        UNION ALL
+        SELECT measurement_id,
+               _a_endpoint_ip(address), 3,
+               failure IS NOT NULL, failure IS NULL FROM http_transactions
+        WHERE side = 'probe' AND address IS NOT NULL {{AND_IN_SCOPE}}
+    )
+    GROUP BY ALL
 )
 GROUP BY ALL;
 

@@ -12,25 +12,42 @@
 --     offline) reports, not what a censor sends.
 --   * ssl_failed_handshake (an alert instead of a ServerHello) counts as a
 --     reset-style failure, with a lower confidence set in 60_verdicts.
+--   * Retries (column attempt, probes/web_connectivity.py): the probe tries a
+--     step that failed the censor's way again; one success on the endpoint
+--     (a connect, a validated handshake) clears every failed attempt on it.
 CREATE OR REPLACE TEMP TABLE _a_tcp_m AS
+WITH ep AS (  -- one row per probe endpoint, its attempts folded: one success clears it
+    SELECT measurement_id, ip, port,
+           bool_or(success) AS ok,
+           bool_or(failure IN {{UNROUTABLE}}) AS unreach,
+           bool_or(failure = 'connection_refused') AS refused,
+           bool_or(failure = 'generic_timeout_error') AS timed_out
+    FROM tcp_connects
+    WHERE side = 'probe' {{AND_IN_SCOPE}}
+    GROUP BY ALL
+)
 SELECT p.measurement_id,
-       bool_or(p.success) AS p_tcp_ok,
-       bool_or(p.failure IN {{UNROUTABLE}}) AS p_tcp_unreach,
-       min(_a_endpoint(p.ip, p.port)) FILTER (WHERE p.failure = 'connection_refused' AND reached) AS tcp_reset_ep,
-       min(_a_endpoint(p.ip, p.port)) FILTER (WHERE p.failure = 'generic_timeout_error' AND reached) AS tcp_timeout_ep
+       bool_or(p.ok) AS p_tcp_ok,
+       bool_or(p.unreach) AS p_tcp_unreach,
+       min(_a_endpoint(p.ip, p.port)) FILTER (WHERE p.refused AND NOT p.ok AND reached) AS tcp_reset_ep,
+       min(_a_endpoint(p.ip, p.port)) FILTER (WHERE p.timed_out AND NOT p.ok AND reached) AS tcp_timeout_ep
 FROM (
     SELECT p.*, coalesce(c.success, (c.measurement_id IS NULL AND coalesce(k.c_http_ok, false))) AS reached
-    FROM tcp_connects p
+    FROM ep p
     JOIN _a_m m USING (measurement_id)
     LEFT JOIN _a_ctl k USING (measurement_id)
     LEFT JOIN (SELECT measurement_id, ip, port, bool_or(success) AS success FROM tcp_connects
                WHERE side = 'control' GROUP BY ALL) c
            ON c.measurement_id = p.measurement_id AND c.ip = p.ip AND c.port = p.port
-    WHERE p.side = 'probe'
 ) p
 GROUP BY p.measurement_id;
 
 CREATE OR REPLACE TEMP TABLE _a_tls_m AS
+WITH ep AS (  -- one row per probe endpoint: its attempts, and whether one of them validated
+    SELECT *, bool_or(success AND coalesce(cert_valid, true)) OVER (PARTITION BY measurement_id, ip, port) AS ep_ok
+    FROM tls_handshakes
+    WHERE side = 'probe' {{AND_IN_SCOPE}}
+)
 SELECT p.measurement_id,
        bool_or(p.failure LIKE 'ssl\_%' ESCAPE '\' OR p.cert_valid = false) AS p_tls_certfail,
        min(_a_endpoint(p.ip, p.port)) FILTER (WHERE p.failure IN ('connection_reset', 'eof_error') AND reached) AS tls_reset_ep,
@@ -42,13 +59,13 @@ SELECT p.measurement_id,
        any_value(coalesce(p.cert_error, p.failure)) FILTER (WHERE (p.cert_valid = false OR p.failure IN ('ssl_unknown_authority', 'ssl_invalid_hostname', 'ssl_invalid_certificate')) AND reached) AS tls_mitm_error
 FROM (
     SELECT p.*,
-           coalesce(c.ok, (c.measurement_id IS NULL AND (coalesce(k.c_http_ok, false) OR coalesce(k.c_tls_ok, false)))) AS reached
-    FROM tls_handshakes p
+           -- a handshake that validated on another attempt clears the endpoint
+           NOT p.ep_ok AND coalesce(c.ok, (c.measurement_id IS NULL AND (coalesce(k.c_http_ok, false) OR coalesce(k.c_tls_ok, false)))) AS reached
+    FROM ep p
     JOIN _a_m m USING (measurement_id)
     LEFT JOIN _a_ctl k USING (measurement_id)
     LEFT JOIN (SELECT measurement_id, ip, port, bool_or(success AND coalesce(cert_valid, true)) AS ok FROM tls_handshakes
                WHERE side = 'control' GROUP BY ALL) c
            ON c.measurement_id = p.measurement_id AND c.ip = p.ip AND c.port = p.port
-    WHERE p.side = 'probe'
 ) p
 GROUP BY p.measurement_id;

@@ -9,6 +9,9 @@
 --   (len_ratio = smaller/larger body), captcha-like flag, fp_name,
 --   f_still_flowing (a timeout while bytes were still arriving).
 -- Caveats:
+--   * The last hop is that of the last attempt: the probe fetches again only
+--     after a failure (column attempt), so a fetch that worked once is the
+--     last one.
 --   * Dynamic pages change bodies on every load: a body that differs while the
 --     status class and the title match is not an anomaly. Length is compared
 --     only when neither side was truncated at its cap.
@@ -35,7 +38,7 @@ WITH last AS (
     SELECT measurement_id,
            arg_max(struct_pack(redirect_index, transaction_id, url, failure, status_code, title, body_length, body_truncated,
                                body_sha256, headers, address, t),
-                   (coalesce(redirect_index, 0), coalesce(t0, 0), coalesce(transaction_id, 0))) AS h
+                   (coalesce(attempt, 0), coalesce(redirect_index, 0), coalesce(t0, 0), coalesce(transaction_id, 0))) AS h
     FROM http_transactions
     WHERE side = 'probe' {{AND_IN_SCOPE}}
     GROUP BY measurement_id
