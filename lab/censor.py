@@ -29,6 +29,11 @@ Forged packets leave through a raw socket with INJECT_MARK, which raw OUTPUT
 exempts from conntrack: a forged DNS answer would otherwise create a reverse
 entry that clashes with the still-queued genuine query and gets it dropped.
 
+Both address families: with ``ipv6`` the same ruleset, for the IPv6
+addresses, goes to ip6tables (the DPI worker parses and forges IPv6 packets
+too; the proxy listens on both). A rule with ``family = "ipv4"`` or
+``"ipv6"`` is installed, or matched by the worker, for that family only.
+
 All rules live in chains of our own (VTG-*), so ``stop`` removes exactly what
 ``start`` added.
 """
@@ -89,7 +94,20 @@ def _addresses(rule, site_addresses: dict[str, list[str]]) -> list[str]:
 
 
 def _cidr(address: str) -> str:
-    return address if "/" in address else f"{address}/32"
+    return address if "/" in address else f"{address}/{128 if ':' in address else 32}"
+
+
+def _version(address: str) -> int:
+    return 6 if ":" in address else 4
+
+
+def _applies(rule, version: int) -> bool:
+    """Whether ``rule`` acts on IP version ``version`` (its ``family``, or both)."""
+    family = getattr(rule, "family", None)
+    return family is None or family == f"ipv{version}"
+
+
+TOOLS = {4: ("iptables", "iptables-restore"), 6: ("ip6tables", "ip6tables-restore")}
 
 
 def _hex(n: int) -> str:
@@ -106,6 +124,7 @@ class Censor:
     probe_iface: str = "ce-is"
     internet_iface: str = "ce-in"
     ready_timeout: float = 20.0
+    ipv6: bool = False  # also install the IPv6 ruleset (ip6tables)
     _children: dict[str, subprocess.Popen] = field(default_factory=dict, init=False, repr=False)
     _installed: bool = field(default=False, init=False, repr=False)
     _shaped: bool = field(default=False, init=False, repr=False)
@@ -146,7 +165,8 @@ class Censor:
             if r.action == "throttle":
                 mark = self.throttle_mark(self.throttles.index(r))
             rules.append({"action": r.action, "domain": r.domain, "answer": r.answer, "page": r.page,
-                          "status": getattr(r, "status", None) or 200, "mark": mark})
+                          "status": getattr(r, "status", None) or 200, "mark": mark,
+                          "family": getattr(r, "family", None)})
         return {"queue": QUEUE_NUM, "rules": rules, "drop_mark": DROP_MARK, "inject_mark": INJECT_MARK,
                 "log": str(self.workdir / "dpi.log"), "ready": str(self.workdir / "dpi.ready")}
 
@@ -155,14 +175,20 @@ class Censor:
                 "ca_dir": str(self.rogue_ca.directory), "cert_dir": str(self.workdir / "mitm-certs"),
                 "log": str(self.workdir / "mitm.log"), "ready": str(self.workdir / "mitm.ready")}
 
-    def iptables_rules(self) -> str:
-        """The whole ruleset as iptables-restore input (applied with --noflush)."""
-        actions = {r.action for r in self.rules}
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return (4, 6) if self.ipv6 else (4,)
+
+    def iptables_rules(self, version: int = 4) -> str:
+        """The whole ruleset for IP ``version`` as iptables-restore (or
+        ip6tables-restore) input, applied with --noflush."""
+        actions = {r.action for r in self.rules if _applies(r, version)}
         q = f"-j NFQUEUE --queue-num {QUEUE_NUM} --queue-bypass"
         # Data-carrying packets early in the flow only: not SYNs (nothing to
         # see), not tiny packets (pure ACKs without options), not the bulk.
+        # (-m length counts the IP header: 20 bytes in IPv4, 40 in IPv6.)
         early = (f"! --syn -m connbytes --connbytes 0:{INSPECT_PACKETS} --connbytes-dir original "
-                 f"--connbytes-mode packets -m length --length 41:65535")
+                 f"--connbytes-mode packets -m length --length {41 if version == 4 else 61}:65535")
         out: dict[str, list[str]] = {t: [] for t in CHAINS}
         out["raw"].append(f"-A VTG-OUT -m mark --mark {INJECT_MARK:#x} -j CT --notrack")
         out["mangle"].append("-A VTG-PRE -j CONNMARK --restore-mark")
@@ -183,14 +209,17 @@ class Censor:
         out["filter"].append("-A VTG-FILTER -m mark ! --mark 0 -j CONNMARK --save-mark")
         out["filter"].append(f"-A VTG-FILTER -m mark --mark {DROP_MARK:#x} -j DROP")
         for r in self.rules:
+            if not _applies(r, version):
+                continue
+            addresses = [a for a in _addresses(r, self.site_addresses) if _version(a) == version] if r.action in IP_ACTIONS | {"tls-mitm"} else []
             if r.action == "ip-blackhole":
-                for a in _addresses(r, self.site_addresses):
+                for a in addresses:
                     out["filter"].append(f"-A VTG-FILTER -d {_cidr(a)} -j DROP")
             elif r.action == "ip-reject":
-                for a in _addresses(r, self.site_addresses):
+                for a in addresses:
                     out["filter"].append(f"-A VTG-FILTER -d {_cidr(a)} -p tcp --syn -j REJECT --reject-with tcp-reset")
             elif r.action == "tls-mitm":
-                for a in _addresses(r, self.site_addresses):
+                for a in addresses:
                     out["nat"].append(f"-A VTG-NAT -i {self.probe_iface} -d {_cidr(a)} -p tcp --dport 443 "
                                       f"-j REDIRECT --to-ports {MITM_PORT}")
         lines = []
@@ -240,7 +269,8 @@ class Censor:
 
     def _start(self) -> None:
         self._installed = True
-        self._exec("iptables-restore", "-w", "--noflush", input=self.iptables_rules())
+        for version in self.versions:
+            self._exec(TOOLS[version][1], "-w", "--noflush", input=self.iptables_rules(version))
         if self.throttles:
             self._shaped = True
             for cmd in self.tc_commands():
@@ -294,13 +324,15 @@ class Censor:
                     proc.wait(timeout=3)
             del self._children[name]
         if self._installed:
-            for table, chains in CHAINS.items():
-                for chain, builtin in chains:
-                    # Repeat in case a failed start left the jump twice.
-                    while self._exec("iptables", "-w", "-t", table, "-D", builtin, "-j", chain, check=False).returncode == 0:
-                        pass
-                    self._exec("iptables", "-w", "-t", table, "-F", chain, check=False)
-                    self._exec("iptables", "-w", "-t", table, "-X", chain, check=False)
+            for version in self.versions:
+                tool = TOOLS[version][0]
+                for table, chains in CHAINS.items():
+                    for chain, builtin in chains:
+                        # Repeat in case a failed start left the jump twice.
+                        while self._exec(tool, "-w", "-t", table, "-D", builtin, "-j", chain, check=False).returncode == 0:
+                            pass
+                        self._exec(tool, "-w", "-t", table, "-F", chain, check=False)
+                        self._exec(tool, "-w", "-t", table, "-X", chain, check=False)
             self._installed = False
         if self._shaped:
             for iface in (self.probe_iface, self.internet_iface):

@@ -1,8 +1,9 @@
 """The lab's DNS: one authoritative server and three forwarding resolvers.
 
-- authoritative (198.18.53.1, internet ns): answers for every scenario domain;
-  for ``geo_dns`` sites it gives queries from the control network a different
-  (equally valid) set of addresses than everybody else.
+- authoritative (198.18.53.1, internet ns): answers for every scenario domain
+  (A, and AAAA for ipv6 sites; NODATA for AAAA of IPv4-only sites); for
+  ``geo_dns`` and ``cdn`` sites it gives queries from the control network a
+  different (equally valid) set of addresses than everybody else.
 - public resolver (198.18.53.8, internet ns): forwards to the authoritative.
 - ISP resolver (198.18.1.1, isp ns): the probe's system resolver. It forwards
   ACROSS THE CENSOR, so on-path injection and drops affect it as they affect a
@@ -42,7 +43,9 @@ from . import plan
 
 TTL = 60
 FORWARD_TIMEOUT = 2.5  # then SERVFAIL, as a real resolver gives up on a silent upstream
-CONTROL_NETWORK = ipaddress.ip_network("198.18.4.0/24")
+CONTROL_NETWORKS = [ipaddress.ip_network(n) for n in plan.CONTROL_NETWORKS]
+# A rule's `family` limits it to the queries of that family's record type.
+FAMILY_RDTYPE = {"ipv4": dns.rdatatype.A, "ipv6": dns.rdatatype.AAAA}
 
 
 def _matches(qname: str, domain: str) -> bool:
@@ -51,7 +54,8 @@ def _matches(qname: str, domain: str) -> bool:
 
 @dataclass
 class Zone:
-    """domain -> addresses; ``control`` overrides for geo_dns sites."""
+    """domain -> addresses (IPv4 and IPv6 mixed); ``control`` overrides for
+    geo_dns and cdn sites."""
 
     default: dict[str, list[str]] = field(default_factory=dict)
     control: dict[str, list[str]] = field(default_factory=dict)
@@ -59,7 +63,7 @@ class Zone:
     def lookup(self, qname: str, client_ip: str) -> list[str] | None:
         if qname not in self.default:
             return None
-        if qname in self.control and ipaddress.ip_address(client_ip) in CONTROL_NETWORK:
+        if qname in self.control and any(ipaddress.ip_address(client_ip) in n for n in CONTROL_NETWORKS):
             return self.control[qname]
         return self.default[qname]
 
@@ -83,12 +87,14 @@ def authoritative_answer(zone: Zone, query: dns.message.Message, client_ip: str)
         parent = next((d for d in zone.default if qname.endswith("." + d)), None)
         resp.authority.append(_soa(parent or qname.split(".", 1)[-1]))
         return resp
-    if q.rdtype == dns.rdatatype.A:
-        resp.answer.append(dns.rrset.from_text_list(q.name, TTL, "IN", "A", addresses))
+    wanted = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 6}.get(q.rdtype)
+    matching = [a for a in addresses if wanted and ipaddress.ip_address(a).version == wanted]
+    if matching:
+        resp.answer.append(dns.rrset.from_text_list(q.name, TTL, "IN", dns.rdatatype.to_text(q.rdtype), matching))
     elif q.rdtype == dns.rdatatype.SOA:
         resp.answer.append(_soa(qname))
     else:
-        resp.authority.append(_soa(qname))  # NODATA: the lab is IPv4-only
+        resp.authority.append(_soa(qname))  # NODATA (e.g. AAAA of an IPv4-only site)
     return resp
 
 
@@ -97,6 +103,10 @@ class Rule:
     action: str
     domain: str
     answer: str | None = None
+    family: str | None = None  # None: A and AAAA (and every other type) alike
+
+    def applies(self, rdtype: int) -> bool:
+        return self.family is None or FAMILY_RDTYPE[self.family] == rdtype
 
 
 class Forwarder:
@@ -107,9 +117,9 @@ class Forwarder:
         self.rules = rules or []
         self.name = name
 
-    def rule_for(self, qname: str) -> Rule | None:
+    def rule_for(self, qname: str, rdtype: int = dns.rdatatype.A) -> Rule | None:
         for r in self.rules:
-            if _matches(qname, r.domain):
+            if _matches(qname, r.domain) and r.applies(rdtype):
                 return r
         return None
 
@@ -123,7 +133,7 @@ class Forwarder:
             return None
         q = query.question[0]
         qname = q.name.to_text(omit_final_dot=True).lower()
-        rule = self.rule_for(qname)
+        rule = self.rule_for(qname, q.rdtype)
         if rule is not None:
             log(f"{self.name}: {rule.action} {qname} {dns.rdatatype.to_text(q.rdtype)}")
             if rule.action == "dns-drop":
@@ -132,8 +142,12 @@ class Forwarder:
             resp.flags |= dns.flags.RA
             if rule.action == "dns-nxdomain":
                 resp.set_rcode(dns.rcode.NXDOMAIN)
-            elif rule.action == "dns-redirect" and q.rdtype == dns.rdatatype.A and rule.answer:
-                resp.answer.append(dns.rrset.from_text_list(q.name, TTL, "IN", "A", [rule.answer]))
+            elif rule.action == "dns-redirect" and rule.answer:
+                # The forged address answers the query of its own family; the
+                # other family's query gets an empty answer (NODATA).
+                rdtype = dns.rdatatype.A if ipaddress.ip_address(rule.answer).version == 4 else dns.rdatatype.AAAA
+                if q.rdtype == rdtype:
+                    resp.answer.append(dns.rrset.from_text_list(q.name, TTL, "IN", dns.rdatatype.to_text(rdtype), [rule.answer]))
             return resp.to_wire()
         upstream_wire = await self.forward(query)
         if upstream_wire is None:

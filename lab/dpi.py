@@ -20,6 +20,11 @@ Forged packets (DNS answers, TCP RSTs, block pages) go out through a raw
 socket whose SO_MARK lets the Censor exempt them from connection tracking, so
 they neither disturb the tracked flow nor clash with the held query's entry.
 
+Both IP versions: the parsers read IPv4 and IPv6 (a fixed header; packets
+with extension headers are not ours to judge and pass), forged packets are
+built with the version of the packet they answer, and a rule with a
+``family`` only matches packets of that version.
+
 The packet parsers below are pure functions so they can be tested without root.
 """
 
@@ -50,7 +55,7 @@ DEFAULT_HOLD_MS = 80
 
 @dataclass
 class Packet:
-    """The IPv4/TCP/UDP fields the rules look at."""
+    """The IPv4/IPv6 and TCP/UDP fields the rules look at."""
 
     src: str
     dst: str
@@ -61,10 +66,42 @@ class Packet:
     seq: int = 0
     ack: int = 0
     flags: int = 0
+    version: int = 4
+
+
+def _transport(src: str, dst: str, proto: int, body: bytes, version: int) -> Packet | None:
+    if proto == 6:
+        if len(body) < 20:
+            return None
+        sport, dport, seq, ack, off_flags = struct.unpack_from("!HHIIH", body)
+        doff = (off_flags >> 12) * 4
+        if doff < 20 or doff > len(body):
+            return None
+        return Packet(src, dst, proto, sport, dport, body[doff:], seq, ack, off_flags & 0x1FF, version)
+    if proto == 17:
+        if len(body) < 8:
+            return None
+        sport, dport, length = struct.unpack_from("!HHH", body)
+        return Packet(src, dst, proto, sport, dport, body[8:max(8, min(length, len(body)))], version=version)
+    return None
+
+
+def parse_ip6(raw: bytes) -> Packet | None:
+    """IPv6 TCP/UDP whose next header follows the fixed header; None otherwise."""
+    if len(raw) < 40 or raw[0] >> 4 != 6:
+        return None
+    payload_length = struct.unpack_from("!H", raw, 4)[0]
+    if len(raw) < 40 + payload_length:
+        return None
+    src = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    dst = socket.inet_ntop(socket.AF_INET6, raw[24:40])
+    return _transport(src, dst, raw[6], raw[40:40 + payload_length], 6)
 
 
 def parse_ip(raw: bytes) -> Packet | None:
-    """IPv4 TCP/UDP only; None for anything else or anything malformed."""
+    """IPv4 or IPv6, TCP/UDP only; None for anything else or anything malformed."""
+    if len(raw) >= 1 and raw[0] >> 4 == 6:
+        return parse_ip6(raw)
     if len(raw) < 20 or raw[0] >> 4 != 4:
         return None
     ihl = (raw[0] & 0x0F) * 4
@@ -76,21 +113,7 @@ def parse_ip(raw: bytes) -> Packet | None:
         return None
     proto = raw[9]
     src, dst = socket.inet_ntoa(raw[12:16]), socket.inet_ntoa(raw[16:20])
-    body = raw[ihl:total]
-    if proto == 6:
-        if len(body) < 20:
-            return None
-        sport, dport, seq, ack, off_flags = struct.unpack_from("!HHIIH", body)
-        doff = (off_flags >> 12) * 4
-        if doff < 20 or doff > len(body):
-            return None
-        return Packet(src, dst, proto, sport, dport, body[doff:], seq, ack, off_flags & 0x1FF)
-    if proto == 17:
-        if len(body) < 8:
-            return None
-        sport, dport, length = struct.unpack_from("!HHH", body)
-        return Packet(src, dst, proto, sport, dport, body[8:max(8, min(length, len(body)))])
-    return None
+    return _transport(src, dst, proto, raw[ihl:total], 4)
 
 
 def matches(name: str | None, domain: str) -> bool:
@@ -174,19 +197,31 @@ def qname_of(msg) -> str:
 # Forging (scapy computes the checksums)
 
 
+def _ip(src: str, dst: str):
+    """An IPv4 or IPv6 header (scapy layer) from ``src`` to ``dst``."""
+    if ":" in src:
+        from scapy.layers.inet6 import IPv6
+
+        return IPv6(src=src, dst=dst, hlim=64)
+    from scapy.layers.inet import IP
+
+    return IP(src=src, dst=dst, ttl=64)
+
+
 def forge_dns_answer(query_pkt: Packet, query, answer: str) -> bytes:
     """A response to ``query`` that looks as if it came from the queried server."""
     import dns.message
     import dns.rdataclass
     import dns.rdatatype
     import dns.rrset
-    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet import UDP
 
     response = dns.message.make_response(query)
     response.flags |= 0x0080  # recursion available, like the resolver it impersonates
-    rrset = dns.rrset.from_text(query.question[0].name, 300, dns.rdataclass.IN, dns.rdatatype.A, answer)
+    rdtype = dns.rdatatype.AAAA if ":" in answer else dns.rdatatype.A
+    rrset = dns.rrset.from_text(query.question[0].name, 300, dns.rdataclass.IN, rdtype, answer)
     response.answer.append(rrset)
-    return bytes(IP(src=query_pkt.dst, dst=query_pkt.src, ttl=64)
+    return bytes(_ip(query_pkt.dst, query_pkt.src)
                  / UDP(sport=query_pkt.dport, dport=query_pkt.sport) / response.to_wire())
 
 
@@ -195,12 +230,12 @@ def forge_resets(p: Packet) -> list[bytes]:
     drops): one to the client as if from the server, one to the server as if
     from the client. The sequence numbers are exactly what each end expects
     next, so neither treats the RST as out of window."""
-    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet import TCP
 
     next_client_seq = (p.seq + len(p.payload)) & 0xFFFFFFFF
-    to_client = IP(src=p.dst, dst=p.src, ttl=64) / TCP(sport=p.dport, dport=p.sport, seq=p.ack, ack=next_client_seq, flags="RA", window=0)
+    to_client = _ip(p.dst, p.src) / TCP(sport=p.dport, dport=p.sport, seq=p.ack, ack=next_client_seq, flags="RA", window=0)
     # The request is dropped, so the server still expects p.seq.
-    to_server = IP(src=p.src, dst=p.dst, ttl=64) / TCP(sport=p.sport, dport=p.dport, seq=p.seq, flags="R", window=0)
+    to_server = _ip(p.src, p.dst) / TCP(sport=p.sport, dport=p.dport, seq=p.seq, flags="R", window=0)
     return [bytes(to_client), bytes(to_server)]
 
 
@@ -222,7 +257,7 @@ def forge_blockpage(p: Packet, page: str, status: int) -> list[bytes]:
     """The censor's answer to request ``p`` as the server's next segments: the
     response (split to fit one MSS), then a FIN, then a RST to the server so it
     forgets the connection whose request it never saw."""
-    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet import TCP
 
     data = blockpage_response(page, status)
     ack = (p.seq + len(p.payload)) & 0xFFFFFFFF
@@ -230,10 +265,10 @@ def forge_blockpage(p: Packet, page: str, status: int) -> list[bytes]:
     out = []
     for i in range(0, len(data), 1200):
         chunk = data[i:i + 1200]
-        out.append(bytes(IP(src=p.dst, dst=p.src, ttl=64) / TCP(sport=p.dport, dport=p.sport, seq=seq, ack=ack, flags="PA", window=65535) / chunk))
+        out.append(bytes(_ip(p.dst, p.src) / TCP(sport=p.dport, dport=p.sport, seq=seq, ack=ack, flags="PA", window=65535) / chunk))
         seq = (seq + len(chunk)) & 0xFFFFFFFF
-    out.append(bytes(IP(src=p.dst, dst=p.src, ttl=64) / TCP(sport=p.dport, dport=p.sport, seq=seq, ack=ack, flags="FA", window=65535)))
-    out.append(bytes(IP(src=p.src, dst=p.dst, ttl=64) / TCP(sport=p.sport, dport=p.dport, seq=p.seq, flags="R", window=0)))
+    out.append(bytes(_ip(p.dst, p.src) / TCP(sport=p.dport, dport=p.sport, seq=seq, ack=ack, flags="FA", window=65535)))
+    out.append(bytes(_ip(p.src, p.dst) / TCP(sport=p.sport, dport=p.dport, seq=p.seq, flags="R", window=0)))
     return out
 
 
@@ -258,6 +293,7 @@ class Rule:
     page: str | None = None
     status: int | None = None
     mark: int | None = None
+    family: str | None = None  # None: both IP versions
 
 
 class Inspector:
@@ -266,9 +302,9 @@ class Inspector:
         self.drop_mark = drop_mark
         self.hold_ms = hold_ms
 
-    def _first(self, actions: tuple[str, ...], name: str | None) -> Rule | None:
+    def _first(self, actions: tuple[str, ...], name: str | None, version: int = 4) -> Rule | None:
         for rule in self.rules:
-            if rule.action in actions and matches(name, rule.domain):
+            if rule.action in actions and matches(name, rule.domain) and rule.family in (None, f"ipv{version}"):
                 return rule
         return None
 
@@ -296,7 +332,7 @@ class Inspector:
         if query is None:
             return Decision()
         qname = qname_of(query)
-        rule = self._first(("dns-drop", "dns-inject"), qname)
+        rule = self._first(("dns-drop", "dns-inject"), qname, p.version)
         if rule is None:
             return Decision()
         if rule.action == "dns-drop":
@@ -307,14 +343,16 @@ class Inspector:
         # dns-inject: UDP only (an on-path injector cannot easily win a TCP race).
         if p.proto != 17:
             return Decision()
-        if query.question[0].rdtype not in (1, 255):  # A, ANY
-            return Decision(reason=f"dns-inject {qname}: not an A query, passed")
+        # The forged address answers queries of its own type (A for an IPv4
+        # answer, AAAA for an IPv6 one; ANY either way).
+        if query.question[0].rdtype not in ((28 if ":" in (rule.answer or "") else 1), 255):
+            return Decision(reason=f"dns-inject {qname}: not a query for the answer's type, passed")
         forged = forge_dns_answer(p, query, rule.answer or "")
         return Decision(hold_ms=self.hold_ms, inject=[forged], reason=f"dns-inject {qname} -> {rule.answer}")
 
     def _http(self, p: Packet) -> Decision:
         host = parse_http_host(p.payload)
-        rule = self._first(("http-reset", "http-blockpage", "throttle"), host)
+        rule = self._first(("http-reset", "http-blockpage", "throttle"), host, p.version)
         if rule is None:
             return Decision()
         if rule.action == "throttle":
@@ -326,7 +364,7 @@ class Inspector:
 
     def _tls(self, p: Packet) -> Decision:
         sni = parse_sni(p.payload)
-        rule = self._first(("tls-reset", "tls-drop", "throttle"), sni)
+        rule = self._first(("tls-reset", "tls-drop", "throttle"), sni, p.version)
         if rule is None:
             return Decision()
         if rule.action == "throttle":
@@ -354,11 +392,23 @@ class Worker:
         self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         # The Censor exempts packets carrying this mark from conntrack.
         self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, config["inject_mark"])
+        self.raw6 = None
+        try:
+            # IPPROTO_RAW on an IPv6 socket means "header included", as for IPv4.
+            self.raw6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self.raw6.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, config["inject_mark"])
+        except OSError as exc:  # a kernel without IPv6: IPv4 forging still works
+            log.warning("no IPv6 raw socket: %s", exc)
 
     def send(self, packet: bytes) -> None:
-        dst = socket.inet_ntoa(packet[16:20])
+        if packet[0] >> 4 == 6:
+            sock, dst = self.raw6, socket.inet_ntop(socket.AF_INET6, packet[24:40])
+        else:
+            sock, dst = self.raw, socket.inet_ntoa(packet[16:20])
         try:
-            self.raw.sendto(packet, (dst, 0))
+            if sock is None:
+                raise OSError("no IPv6 raw socket")
+            sock.sendto(packet, (dst, 0))
         except OSError as exc:
             log.warning("sending forged packet to %s failed: %s", dst, exc)
 
@@ -436,9 +486,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for rule in config["rules"]:
         if rule.get("answer"):
-            ipaddress.IPv4Address(rule["answer"])  # fail at start, not per packet
+            ipaddress.ip_address(rule["answer"])  # fail at start, not per packet
     # Import scapy before declaring readiness so the first forged packet is fast.
     import scapy.layers.inet  # noqa: F401
+    import scapy.layers.inet6  # noqa: F401
 
     try:
         Worker(config).run()

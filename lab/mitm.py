@@ -30,10 +30,16 @@ from lab.pki import CA
 log = logging.getLogger("vantage.lab.mitm")
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
+SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
     """Where the client meant to connect before REDIRECT rewrote it."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)  # struct sockaddr_in6
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port = struct.unpack_from("!H", raw, 2)[0]
     return socket.inet_ntoa(raw[4:8]), port
@@ -81,7 +87,7 @@ class Proxy:
 
     async def handle(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        peer = sock.getpeername()
+        peer = sock.getpeername()[:2]
         writers: list[asyncio.StreamWriter] = []
         try:
             dest = original_destination(sock)
@@ -125,14 +131,30 @@ class Proxy:
     async def serve(self, port: int, ready: Path) -> None:
         for domain in self.domains:
             self.context_for(domain)  # issue up front so the first handshake is quick
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("0.0.0.0", port))
-        listener.listen(128)
-        listener.setblocking(False)
-        loop = asyncio.get_running_loop()
+        listeners = [self._listen(socket.AF_INET, "0.0.0.0", port)]
+        try:
+            # IPv6 on a listener of its own (not dual-stack): the original
+            # destination is read with each family's own socket option.
+            listeners.append(self._listen(socket.AF_INET6, "::", port))
+        except OSError as exc:
+            log.info("no IPv6 listener: %s", exc)
         ready.write_text("ready\n")
         log.info("listening on port %d for %s", port, ", ".join(self.domains))
+        await asyncio.gather(*(self._accept(listener) for listener in listeners))
+
+    @staticmethod
+    def _listen(family: int, host: str, port: int) -> socket.socket:
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+        listener.setblocking(False)
+        return listener
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         tasks = set()
         while True:
             conn, _ = await loop.sock_accept(listener)

@@ -47,3 +47,35 @@ GEO_CONTROL_NETWORK = "198.18.110.0/24"  # geo_dns: addresses given to the contr
 BLOCKPAGE_SERVER = "198.18.250.10"   # where a dns-redirect may point to a censor blockpage
 
 LAB_NETWORK = "198.18.0.0/15"        # the probe and analysis treat it as public
+
+# --- IPv6 (2001:2::/48, RFC 5180, the IPv6 benchmarking range) ------------------
+# One /64 per link, the same numbering as IPv4: 198.18.N.x is 2001:2:0:N::x.
+# Namespaces get IPv6 only when a scenario needs it (a site with ipv6 = true or
+# probe_ipv6 other than "none"); the probe's network gets it per probe_ipv6.
+LINKS6 = (
+    ("probe", "isp", "2001:2:0:1::2", "2001:2:0:1::1"),
+    ("isp", "censor", "2001:2:0:2::1", "2001:2:0:2::2"),
+    ("censor", "internet", "2001:2:0:3::1", "2001:2:0:3::2"),
+    ("internet", "control", "2001:2:0:4::1", "2001:2:0:4::2"),
+)
+PROBE_ADDRESS6 = "2001:2:0:1::2"
+CONTROL_ADDRESS6 = "2001:2:0:4::2"
+PROBE_NETWORKS = ("198.18.1.0/24", "198.18.2.0/24", "2001:2:0:1::/64", "2001:2:0:2::/64")  # the probe's and its ISP's
+CONTROL_NETWORKS = ("198.18.4.0/24", "2001:2:0:4::/64")
+SITE_NETWORK6 = "2001:2:0:100::/64"
+GEO_CONTROL_NETWORK6 = "2001:2:0:110::/64"
+LAB_NETWORK6 = "2001:2::/48"
+PUBLIC_NETWORKS = (LAB_NETWORK, LAB_NETWORK6)  # what --public-network / --allow get
+
+# --- CDN sites and the lab's IP-to-ASN database -----------------------------------
+# cdn = true: the probe's side gets addresses from one prefix, the control's
+# from another, both announced by one autonomous system (the lab's CDN).
+CDN_PROBE_NETWORK = "198.18.120.0/24"
+CDN_CONTROL_NETWORK = "198.18.121.0/24"
+CDN_PROBE_NETWORK6 = "2001:2:0:120::/64"
+CDN_CONTROL_NETWORK6 = "2001:2:0:121::/64"
+CDN_ASN, CDN_ORG = 64600, "Vantage Lab CDN"
+PROBE_ASN, PROBE_ORG = 64500, "Vantage Lab ISP"
+CONTROL_ASN, CONTROL_ORG = 64501, "Vantage Lab Data Centre"
+SITE_ASN_BASE = 64512  # + site index: every other site is hosted by a network of its own
+GEO_CC = "ZZ"          # country of every lab address (the probe runs with --probe-cc ZZ)

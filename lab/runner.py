@@ -10,6 +10,7 @@ lab/dnsservers.py); on-path actions are lab/censor.py's real packet processing.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -19,17 +20,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import plan
+from . import geodb, plan
 from .dnsservers import Rule, Zone, config_for as dns_config
 from .pki import CA
 from .scenario import RESOLVER_ACTIONS, Expectation, Scenario, load
 from .sites import assign_addresses, config_for as sites_config
-from .topology import Lab, LabError, in_netns
+from .topology import Lab, LabError, check_prerequisites, in_netns
 
 VANTAGE = [sys.executable, "-m", "cli.main"]
 PROBE_CC, PROBE_ASN = "ZZ", "AS0"
 # Actions the ISP resolver applies; dns-drop also goes to the censor (on the wire).
 RESOLVER_ONLY = {"dns-nxdomain", "dns-redirect"}
+FLAKY_MARK = 0x7602  # connmark of a flaky site's connection that is being dropped
+
+
+def flaky_rules(scenario: Scenario, addresses: dict[str, list[str]], control: dict[str, list[str]], version: int) -> str:
+    """iptables-restore input for the internet namespace: a flaky site drops
+    the share ``loss`` of new connections, for everyone. The decision is taken
+    on a connection's first SYN (statistic match) and kept in its conntrack
+    mark, and the site's answers on a marked connection are dropped, so SYN
+    retransmissions meet the same fate and the connect times out, as on a
+    lossy path that lost the connection. (Dropping the SYN itself would not
+    do: a dropped packet leaves no conntrack entry, so every retransmission
+    would draw again and the connect would only be delayed.)"""
+    lines = ["*mangle"]
+    for site in scenario.sites:
+        if site.behaviour != "flaky" or not site.loss:
+            continue
+        for a in addresses.get(site.domain, []) + control.get(site.domain, []):
+            if (":" in a) == (version == 6):
+                lines.append(f"-A PREROUTING -d {a} -p tcp --syn -m conntrack --ctstate NEW "
+                             f"-m statistic --mode random --probability {site.loss:.4f} -j CONNMARK --set-mark {FLAKY_MARK:#x}")
+    if len(lines) == 1:
+        return ""
+    lines += ["COMMIT", "*filter", f"-A OUTPUT -m connmark --mark {FLAKY_MARK:#x} -j DROP", "COMMIT"]
+    return "\n".join(lines) + "\n"
 
 
 def _say(progress, message: str) -> None:
@@ -62,6 +87,11 @@ class ScenarioLab:
     helper_running: bool = False
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    geo_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.lab.ipv6 = self.scenario.needs_ipv6
+        self.lab.probe_ipv6 = self.scenario.probe_ipv6
 
     def __enter__(self) -> "ScenarioLab":
         self.lab.__enter__()
@@ -89,6 +119,8 @@ class ScenarioLab:
     def start(self) -> None:
         sc = self.scenario
         t0 = time.monotonic()
+        if sc.needs_ipv6 or any(s.behaviour == "flaky" and s.ipv6 for s in sc.sites):
+            check_prerequisites(("ip6tables", "ip6tables-restore"))
         self.lab.extra = {"scenario": sc.name, "scenario_path": str(sc.path) if sc.path else None}
         self.lab.save_state()
         pki = self.workdir / "pki"
@@ -98,11 +130,13 @@ class ScenarioLab:
         self.addresses, self.control_addresses = assign_addresses(sc)
         every = [ip for ips in self.addresses.values() for ip in ips] + [ip for ips in self.control_addresses.values() for ip in ips]
         self.lab.add_internet_addresses(every)
+        self._flaky()
+        self.geo_dir = geodb.write(self.workdir / "geo", self.addresses, self.control_addresses, {s.domain for s in sc.sites if s.cdn})
         self._timed("topology", t0)
 
         t1 = time.monotonic()
         zone = Zone(self.addresses, self.control_addresses)
-        rules = [Rule(r.action, r.domain, r.answer) for r in sc.censor if r.action in RESOLVER_ACTIONS and r.domain]
+        rules = [Rule(r.action, r.domain, r.answer, r.family) for r in sc.censor if r.action in RESOLVER_ACTIONS and r.domain]
         dns_file = self.workdir / "dns.json"
         dns_file.write_text(json.dumps(dns_config(zone, rules)))
         for role in ("internet", "isp", "control"):
@@ -123,6 +157,15 @@ class ScenarioLab:
         self.lab.extra["env"] = self.probe_env()
         self.lab.save_state()
 
+    def _flaky(self) -> None:
+        for version, tool in ((4, "iptables-restore"), (6, "ip6tables-restore")):
+            rules = flaky_rules(self.scenario, self.addresses, self.control_addresses, version)
+            if not rules:
+                continue
+            proc = self.lab.run("internet", [tool, "-w", "--noflush"], input=rules)
+            if proc.returncode != 0:
+                raise LabError(f"flaky sites: {tool} failed in the internet namespace: {(proc.stderr or proc.stdout).strip()}")
+
     def _start_censor(self) -> None:
         on_path = [r for r in self.scenario.censor if r.action not in RESOLVER_ONLY]
         if not on_path:
@@ -132,7 +175,8 @@ class ScenarioLab:
         except ImportError as exc:
             raise LabError(f"the scenario needs on-path censor actions but lab.censor cannot be imported: {exc}") from None
         site_addresses = {d: ips + self.control_addresses.get(d, []) for d, ips in self.addresses.items()}
-        self.censor = Censor(ns=self.ns("censor"), rules=on_path, site_addresses=site_addresses, workdir=self.workdir / "censor", rogue_ca=self.rogue_ca)
+        self.censor = Censor(ns=self.ns("censor"), rules=on_path, site_addresses=site_addresses, workdir=self.workdir / "censor", rogue_ca=self.rogue_ca,
+                             ipv6=self.scenario.needs_ipv6 or any(":" in (r.ip or "") for r in on_path))
         (self.workdir / "censor").mkdir(exist_ok=True)
         _say(self.progress, f"censor: {len(on_path)} on-path rule(s)")
         try:
@@ -143,7 +187,11 @@ class ScenarioLab:
 
     def _start_helper(self) -> None:
         argv = [*VANTAGE, "helper", "serve", "--listen", f"{plan.CONTROL_ADDRESS}:{plan.HELPER_PORT}",
-                "--allow", plan.LAB_NETWORK, "--ca-file", str(self.ca.cert_path), "--resolver", plan.CONTROL_RESOLVER]
+                "--ca-file", str(self.ca.cert_path), "--resolver", plan.CONTROL_RESOLVER]
+        for network in plan.PUBLIC_NETWORKS:
+            argv += ["--allow", network]
+        if self.geo_dir is not None:
+            argv += ["--asn-db", str(self.geo_dir)]
         proc = self.lab.spawn("control", argv, "helper", ready=False, env=self._child_env())
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -161,6 +209,8 @@ class ScenarioLab:
         # A throw-away config so the researcher's own settings never leak into the lab.
         env["VANTAGE_CONFIG"] = str(self.workdir / "vantage.toml")
         env["XDG_CACHE_HOME"] = str(self.workdir / "cache")
+        if self.geo_dir is not None:
+            env["VANTAGE_GEO_DB"] = str(self.geo_dir)
         return env
 
     def probe_env(self) -> dict[str, str]:
@@ -174,6 +224,8 @@ class ScenarioLab:
             "VANTAGE_PROBE_ASN": PROBE_ASN,
             "VANTAGE_LAB": self.lab.prefix,
         }
+        if self.geo_dir is not None:
+            env["VANTAGE_GEO_DB"] = str(self.geo_dir)
         if self.helper_running:
             env["VANTAGE_HELPERS"] = plan.HELPER_URL
         return env
@@ -191,8 +243,10 @@ class ScenarioLab:
 
     def run_probe(self, test: str, urls: list[str], db: Path, timeout: float = 240.0) -> tuple[int, str]:
         argv = [*VANTAGE, "run", test, "--yes", "--quiet", "--db", str(db), "--ca-file", str(self.ca.cert_path),
-                "--resolver", plan.PUBLIC_RESOLVER, "--no-doh", "--public-network", plan.LAB_NETWORK,
+                "--resolver", plan.PUBLIC_RESOLVER, "--no-doh",
                 "--probe-cc", PROBE_CC, "--probe-asn", PROBE_ASN]
+        for network in plan.PUBLIC_NETWORKS:
+            argv += ["--public-network", network]
         if self.helper_running:
             argv += ["--helper", plan.HELPER_URL]
         for u in urls:
@@ -304,7 +358,7 @@ def run_scenario(path: Path | str, progress=None, *, keep: bool = False) -> dict
         t = time.monotonic()
         if db.exists():
             try:
-                verdicts = analyze_db(db)
+                verdicts = analyze_db(db, slab.geo_dir)
             except Exception as exc:
                 errors.append(f"analysis failed: {type(exc).__name__}: {exc}")
         else:
@@ -323,14 +377,22 @@ def run_scenario(path: Path | str, progress=None, *, keep: bool = False) -> dict
     return result
 
 
-def analyze_db(db: Path) -> dict[str, dict[str, dict]]:
+def analyze_db(db: Path, geo_dir: Path | None = None) -> dict[str, dict[str, dict]]:
     import duckdb
 
     from analysis.engine import analyze
 
+    kwargs = {}
+    if geo_dir is not None:
+        # The lab's IP-to-ASN database, under whichever name the analysis takes it.
+        names = inspect.signature(analyze).parameters
+        for name in ("geo_db", "geo_dir", "asn_db"):
+            if name in names:
+                kwargs[name] = geo_dir
+                break
     con = duckdb.connect(str(db))
     try:
-        analyze(con, public_networks=[plan.LAB_NETWORK])
+        analyze(con, public_networks=list(plan.PUBLIC_NETWORKS), **kwargs)
     finally:
         con.close()
     return read_verdicts(db)

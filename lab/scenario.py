@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from core.errors import VantageError
 
-BEHAVIOURS = ("normal", "down", "dynamic", "slow", "server-block", "redirect")
+BEHAVIOURS = ("normal", "down", "dynamic", "slow", "server-block", "redirect", "flaky")
 ACTIONS = (
     "dns-nxdomain",
     "dns-redirect",
@@ -44,7 +44,9 @@ ACTIONS = (
 RESOLVER_ACTIONS = ("dns-nxdomain", "dns-redirect", "dns-drop")
 STATUSES = ("ok", "blocked", "throttled", "down", "server_side", "inconclusive")
 LAYERS = ("dns", "tcp", "tls", "http")
-BLOCK_FROM = ("probe",)
+BLOCK_FROM = ("probe", "control")
+PROBE_IPV6 = ("none", "broken", "working")
+FAMILIES = ("ipv4", "ipv6")
 
 DEFAULT_TITLE_SUFFIX = "home page"
 DEFAULT_SIZE = 20000
@@ -66,6 +68,9 @@ class Site:
     redirect_to: str | None = None
     rate_kbit: int | None = None
     block_from: str | None = None
+    loss: float | None = None
+    ipv6: bool = False
+    cdn: bool = False
     line: int = 0
 
 
@@ -78,6 +83,7 @@ class CensorRule:
     page: str | None = None
     status: int = 200
     rate_kbit: int | None = None
+    family: str | None = None  # None: both address families
     line: int = 0
 
 
@@ -98,6 +104,12 @@ class Scenario:
     censor: list[CensorRule] = field(default_factory=list)
     expect: list[Expectation] = field(default_factory=list)
     path: Path | None = None
+    probe_ipv6: str = "none"
+
+    @property
+    def needs_ipv6(self) -> bool:
+        """Whether any namespace needs IPv6 (dual-stack sites, or a probe network with IPv6)."""
+        return self.probe_ipv6 != "none" or any(s.ipv6 for s in self.sites)
 
     def site(self, domain: str) -> Site | None:
         for s in self.sites:
@@ -163,7 +175,7 @@ class _Lines:
 
 # --- parsing --------------------------------------------------------------------
 
-_TYPES = {str: "a string", int: "an integer", bool: "a boolean"}
+_TYPES = {str: "a string", int: "an integer", bool: "a boolean", float: "a number"}
 
 
 class _Parser:
@@ -189,6 +201,8 @@ class _Parser:
             want = spec[key]
             # bool is a subclass of int in Python: `size = true` must not pass as 1.
             ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                ok, value = True, float(value)  # `loss = 1` is a number too
             if not ok:
                 self.fail(self.where.key(kind, index, key), f"'{key}' in {label} must be {_TYPES[want]}, not {type(value).__name__}")
             out[key] = value
@@ -200,14 +214,18 @@ class _Parser:
         except tomllib.TOMLDecodeError as exc:
             m = re.search(r"line (\d+)", str(exc))
             raise ScenarioError(f"{self.path.name}:{m.group(1) if m else 1}: invalid TOML: {exc}") from None
-        top_spec = {"name": str, "description": str, "sites": list, "censor": list, "expect": list}
+        top_spec = {"name": str, "description": str, "probe_ipv6": str, "sites": list, "censor": list, "expect": list}
         for key in data:
             if key not in top_spec:
                 self.fail(self.where.key(None, 0, key) if not isinstance(data[key], dict) else self._header_line(key), f"unknown key '{key}' at the top level")
         for key in ("sites", "censor", "expect"):
             if key in data and (not isinstance(data[key], list) or not all(isinstance(t, dict) for t in data[key])):
                 self.fail(self.where.key(None, 0, key), f"'{key}' must be an array of tables ([[{key}]])")
-        top = self.take({k: v for k, v in data.items() if k in ("name", "description")}, None, 0, {"name": str, "description": str}, ("name",))
+        top = self.take({k: v for k, v in data.items() if k in ("name", "description", "probe_ipv6")}, None, 0,
+                        {"name": str, "description": str, "probe_ipv6": str}, ("name",))
+        probe_ipv6 = top.get("probe_ipv6", "none")
+        if probe_ipv6 not in PROBE_IPV6:
+            self.fail(self.where.key(None, 0, "probe_ipv6"), f"unknown probe_ipv6 '{probe_ipv6}' at the top level (expected one of: {', '.join(PROBE_IPV6)})")
         sites = [self.site(t, i) for i, t in enumerate(data.get("sites", []))]
         domains = {}
         for s in sites:
@@ -223,7 +241,11 @@ class _Parser:
                 target = urlsplit(s.redirect_to).hostname
                 if target not in domains:
                     self.fail(self.where.key("sites", sites.index(s), "redirect_to"), f"redirect_to host '{target}' is not a site of this scenario")
-        return Scenario(top["name"], top.get("description", ""), sites, censor, expect, self.path)
+        for r in censor:
+            site = next((s for s in sites if s.domain == r.domain), None)
+            if r.family == "ipv6" and r.ip is None and site is not None and not site.ipv6 and not r.action.startswith("dns-"):
+                self.fail(self.where.key("censor", censor.index(r), "family"), f"family = \"ipv6\" in [[censor]]: site '{r.domain}' has no IPv6 addresses (set ipv6 = true on it)")
+        return Scenario(top["name"], top.get("description", ""), sites, censor, expect, self.path, probe_ipv6)
 
     def _header_line(self, key: str) -> int:
         for name, i in self.where.headers:
@@ -232,7 +254,8 @@ class _Parser:
         return 1
 
     def site(self, table: dict, i: int) -> Site:
-        spec = {"domain": str, "behaviour": str, "title": str, "size": int, "addresses": int, "geo_dns": bool, "redirect_to": str, "rate_kbit": int, "block_from": str}
+        spec = {"domain": str, "behaviour": str, "title": str, "size": int, "addresses": int, "geo_dns": bool, "redirect_to": str,
+                "rate_kbit": int, "block_from": str, "loss": float, "ipv6": bool, "cdn": bool}
         t = self.take(table, "sites", i, spec, ("domain",))
         line = self.where.table("sites", i)
         key = lambda k: self.where.key("sites", i, k)  # noqa: E731
@@ -268,11 +291,24 @@ class _Parser:
                 self.fail(key("block_from"), f"unknown block_from '{block_from}' in [[sites]] (expected: {', '.join(BLOCK_FROM)})")
         if behaviour == "server-block":
             block_from = block_from or "probe"
+        if behaviour == "flaky" and "loss" not in t:
+            self.fail(line, "behaviour 'flaky' in [[sites]] needs 'loss'")
+        if "loss" in t:
+            if behaviour != "flaky":
+                self.fail(key("loss"), "'loss' in [[sites]] is only valid with behaviour = \"flaky\"")
+            if not 0 < t["loss"] < 1:
+                self.fail(key("loss"), "'loss' in [[sites]] must be a share between 0 and 1 (exclusive), e.g. 0.3")
+        if t.get("cdn"):
+            if t.get("addresses", 1) < 2:
+                self.fail(key("cdn"), "'cdn' in [[sites]] needs 'addresses' of 2 or more")
+            if t.get("geo_dns"):
+                self.fail(key("cdn"), "'cdn' and 'geo_dns' in [[sites]] exclude each other (a CDN site already answers per side)")
         title = t.get("title") or f"{domain} {DEFAULT_TITLE_SUFFIX}"
-        return Site(domain, behaviour, title, t.get("size", DEFAULT_SIZE), t.get("addresses", 1), t.get("geo_dns", False), t.get("redirect_to"), t.get("rate_kbit"), block_from, line)
+        return Site(domain, behaviour, title, t.get("size", DEFAULT_SIZE), t.get("addresses", 1), t.get("geo_dns", False), t.get("redirect_to"),
+                    t.get("rate_kbit"), block_from, t.get("loss"), t.get("ipv6", False), t.get("cdn", False), line)
 
     def rule(self, table: dict, i: int, domains: dict) -> CensorRule:
-        spec = {"action": str, "domain": str, "ip": str, "answer": str, "page": str, "status": int, "rate_kbit": int}
+        spec = {"action": str, "domain": str, "ip": str, "answer": str, "page": str, "status": int, "rate_kbit": int, "family": str}
         t = self.take(table, "censor", i, spec, ("action",))
         line = self.where.table("censor", i)
         key = lambda k: self.where.key("censor", i, k)  # noqa: E731
@@ -299,9 +335,11 @@ class _Parser:
             if "answer" not in t:
                 self.fail(line, f"action '{action}' in [[censor]] needs 'answer'")
             try:
-                ipaddress.IPv4Address(t["answer"])
+                answer_ip = ipaddress.ip_address(t["answer"])
             except ValueError:
-                self.fail(key("answer"), f"'answer' in [[censor]] must be an IPv4 address: {t['answer']!r}")
+                self.fail(key("answer"), f"'answer' in [[censor]] must be an IPv4 or IPv6 address: {t['answer']!r}")
+            if t.get("family") and t["family"] in FAMILIES and f"ipv{answer_ip.version}" != t["family"]:
+                self.fail(key("answer"), f"'answer' in [[censor]] is an IPv{answer_ip.version} address but family = \"{t['family']}\"")
         elif "answer" in t:
             self.fail(key("answer"), f"'answer' in [[censor]] is only valid with dns-redirect or dns-inject, not '{action}'")
         if "page" in t and action != "http-blockpage":
@@ -318,10 +356,16 @@ class _Parser:
                 self.fail(key("rate_kbit"), "'rate_kbit' in [[censor]] must be positive")
         elif "rate_kbit" in t:
             self.fail(key("rate_kbit"), f"'rate_kbit' in [[censor]] is only valid with throttle, not '{action}'")
+        family = t.get("family")
+        if family is not None:
+            if family not in FAMILIES:
+                self.fail(key("family"), f"unknown family '{family}' in [[censor]] (expected one of: {', '.join(FAMILIES)})")
+            if ip is not None and f"ipv{ipaddress.ip_network(ip, strict=False).version}" != family:
+                self.fail(key("family"), f"family = \"{family}\" in [[censor]] does not match ip {ip!r}")
         page = t.get("page")
         if action == "http-blockpage" and page is None:
             page = "Access to this site is restricted."
-        return CensorRule(action, domain, ip, t.get("answer"), page, t.get("status", 200), t.get("rate_kbit"), line)
+        return CensorRule(action, domain, ip, t.get("answer"), page, t.get("status", 200), t.get("rate_kbit"), family, line)
 
     def expectation(self, table: dict, i: int, domains: dict) -> Expectation:
         spec = {"url": str, "status": str, "layer": str, "method": str}

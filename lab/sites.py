@@ -17,6 +17,15 @@ Behaviours (LAB.md), all "for everyone" unless said otherwise:
 - server-block: HTTP 403 "Access denied in your region" to clients from the
   probe's networks, the normal page to everybody else (a geo-block).
 - redirect: HTTP 301 to ``redirect_to``.
+- server-block with ``block_from = "control"``: the 403 goes to the control
+  network instead (many sites refuse data-centre addresses, where helpers live).
+- flaky: the normal page; the share ``loss`` of new connections is dropped by
+  iptables in the internet namespace (lab/runner.py, ``flaky_rules``), for everyone.
+
+``ipv6 = true`` sites get as many IPv6 addresses (from plan.SITE_NETWORK6) as
+IPv4 ones and are served on both. ``cdn = true`` sites get their probe-side
+addresses from plan.CDN_PROBE_NETWORK(6) and their control-side ones from
+plan.CDN_CONTROL_NETWORK(6): two prefixes of one autonomous system (lab/geodb.py).
 
 Each response is held back 20-50 ms to emulate distance (tc here has no netem).
 
@@ -42,23 +51,34 @@ from aiohttp import web
 from . import plan
 from .scenario import Scenario
 
-# The probe's side of the lab: its own network and its ISP's.
-PROBE_NETWORKS = [ipaddress.ip_network(plan.LINKS[0][2] + "/24", strict=False), ipaddress.ip_network(plan.LINKS[1][2] + "/24", strict=False)]
+# The probe's side of the lab (its own network and its ISP's), and the control's.
+PROBE_NETWORKS = [ipaddress.ip_network(n) for n in plan.PROBE_NETWORKS]
+CONTROL_NETWORKS = [ipaddress.ip_network(n) for n in plan.CONTROL_NETWORKS]
+BLOCKED_NETWORKS = {"probe": PROBE_NETWORKS, "control": CONTROL_NETWORKS}
 DELAY = (0.02, 0.05)
 BLOCKED_TEXT = "Access denied in your region"
 
 
 def assign_addresses(scenario: Scenario) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(addresses every resolver but the control's gets, control-side addresses
-    of geo_dns sites). Deterministic: the same scenario gets the same plan."""
-    pool = ipaddress.ip_network(plan.SITE_NETWORK).hosts()
-    geo_pool = ipaddress.ip_network(plan.GEO_CONTROL_NETWORK).hosts()
+    of geo_dns and cdn sites). Each list holds the IPv4 addresses, then the
+    IPv6 ones of an ipv6 site. Deterministic: the same scenario gets the same plan."""
+    pools = {name: ipaddress.ip_network(getattr(plan, name)).hosts() for name in (
+        "SITE_NETWORK", "GEO_CONTROL_NETWORK", "CDN_PROBE_NETWORK", "CDN_CONTROL_NETWORK",
+        "SITE_NETWORK6", "GEO_CONTROL_NETWORK6", "CDN_PROBE_NETWORK6", "CDN_CONTROL_NETWORK6")}
+
+    def take(pool: str, site) -> list[str]:
+        v4 = [str(next(pools[pool])) for _ in range(site.addresses)]
+        return v4 + ([str(next(pools[pool + "6"])) for _ in range(site.addresses)] if site.ipv6 else [])
+
     default: dict[str, list[str]] = {}
     control: dict[str, list[str]] = {}
     for site in scenario.sites:
-        default[site.domain] = [str(next(pool)) for _ in range(site.addresses)]
+        default[site.domain] = take("CDN_PROBE_NETWORK" if site.cdn else "SITE_NETWORK", site)
         if site.geo_dns:
-            control[site.domain] = [str(next(geo_pool)) for _ in range(site.addresses)]
+            control[site.domain] = take("GEO_CONTROL_NETWORK", site)
+        elif site.cdn:
+            control[site.domain] = take("CDN_CONTROL_NETWORK", site)
     return default, control
 
 
@@ -96,7 +116,7 @@ class SiteServer:
         for s in config["sites"]:
             for ip in s["addresses"] + s.get("control_addresses", []):
                 self.by_address[ip] = s
-        self.bodies = {d: page(s["title"], s["size"], d) for d, s in self.sites.items() if s["behaviour"] in ("normal", "slow", "server-block")}
+        self.bodies = {d: page(s["title"], s["size"], d) for d, s in self.sites.items() if s["behaviour"] in ("normal", "slow", "server-block", "flaky")}
 
     def site_for(self, request: web.Request) -> dict | None:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
@@ -113,7 +133,8 @@ class SiteServer:
         behaviour = site["behaviour"]
         if behaviour == "redirect":
             return web.Response(status=301, headers={"Location": site["redirect_to"]}, text=f"Moved to {site['redirect_to']}\n")
-        if behaviour == "server-block" and request.remote and any(ipaddress.ip_address(request.remote) in n for n in PROBE_NETWORKS):
+        blocked = BLOCKED_NETWORKS.get(site.get("block_from") or "probe", PROBE_NETWORKS)
+        if behaviour == "server-block" and request.remote and any(ipaddress.ip_address(request.remote) in n for n in blocked):
             body = f"<!DOCTYPE html><html><head><title>403 Forbidden</title></head><body><h1>{BLOCKED_TEXT}</h1></body></html>\n"
             return web.Response(status=403, text=body, content_type="text/html")
         if behaviour == "dynamic":
@@ -200,6 +221,8 @@ def config_for(scenario: Scenario, default: dict[str, list[str]], control: dict[
                 "control_addresses": control.get(s.domain, []),
                 "redirect_to": s.redirect_to,
                 "rate_kbit": s.rate_kbit,
+                "block_from": s.block_from,
+                "loss": s.loss,
                 "cert": str(certs[s.domain][0]) if s.domain in certs else None,
                 "key": str(certs[s.domain][1]) if s.domain in certs else None,
             }

@@ -90,6 +90,13 @@ class Lab:
     workdir: Path | None = None
     processes: list[Process] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # saved in the state file (scenario, shell env)
+    # IPv6 (lab/plan.py LINKS6): off everywhere unless ``ipv6``; then on in every
+    # namespace but the probe's, which follows ``probe_ipv6`` (LAB.md): "none"
+    # (no IPv6 at all), "broken" (an address and a default route, but the isp
+    # has no IPv6 route beyond itself: connects fail with network unreachable)
+    # or "working".
+    ipv6: bool = False
+    probe_ipv6: str = "none"
     _up: bool = False
     _old_handlers: dict = field(default_factory=dict)
 
@@ -174,9 +181,19 @@ class Lab:
         for role in plan.ROLES:
             _run(["ip", "netns", "add", self.ns(role)])
             self._sysctl(role, "net.ipv4.ip_forward", "1" if role in ("isp", "censor", "internet") else "0")
-            # IPv6 off: the lab is IPv4-only and DAD/router solicitations would add noise.
-            self._sysctl(role, "net.ipv6.conf.all.disable_ipv6", "1")
-            self._sysctl(role, "net.ipv6.conf.default.disable_ipv6", "1")
+            if self.has_ipv6(role):
+                # No router advertisements, no DAD (addresses usable at once),
+                # and no ICMPv6 rate limit: every failed connect gets its error.
+                for key, value in (("conf.all.accept_ra", "0"), ("conf.default.accept_ra", "0"),
+                                   ("conf.all.accept_dad", "0"), ("conf.default.accept_dad", "0"),
+                                   ("conf.all.forwarding", "1" if role in ("isp", "censor", "internet") else "0"),
+                                   ("icmp.ratelimit", "0"),
+                                   ("conf.all.disable_ipv6", "0"), ("conf.default.disable_ipv6", "0")):
+                    self._sysctl(role, f"net.ipv6.{key}", value)
+            else:
+                # IPv6 off where the scenario has none: DAD/router solicitations would add noise.
+                self._sysctl(role, "net.ipv6.conf.all.disable_ipv6", "1")
+                self._sysctl(role, "net.ipv6.conf.default.disable_ipv6", "1")
             # Loose-mode-free forwarding: asymmetric paths do not exist here, but
             # rp_filter's defaults differ between kernels; make them explicit.
             self._sysctl(role, "net.ipv4.conf.all.rp_filter", "0")
@@ -195,6 +212,12 @@ class Lab:
             for role, name, ip in ((left, a, left_ip), (right, b, right_ip)):
                 _run(["ip", "-n", self.ns(role), "addr", "add", f"{ip}/24", "dev", name])
                 _run(["ip", "-n", self.ns(role), "link", "set", name, "up"])
+        for left, right, left_ip, right_ip in plan.LINKS6:
+            if not self._link6(left, right):
+                continue
+            a, b = plan.iface(left, right), plan.iface(right, left)
+            for role, name, ip in ((left, a, left_ip), (right, b, right_ip)):
+                _run(["ip", "-n", self.ns(role), "addr", "add", f"{ip}/64", "dev", name, "nodad"])
         # The internet's own addresses (DNS servers; sites are added by add_internet_addresses).
         self.add_internet_addresses([plan.AUTHORITATIVE_DNS, plan.PUBLIC_RESOLVER])
         self._routes()
@@ -218,12 +241,38 @@ class Lab:
         ip("internet", "add", "198.18.1.0/24", "via", censor_internet[2])
         ip("internet", "add", "198.18.2.0/24", "via", censor_internet[2])
         ip("control", "add", "default", "via", internet_control[2])
+        if not self.ipv6:
+            return
+        ip6 = lambda role, *args: _run(["ip", "-6", "-n", self.ns(role), "route", *args])  # noqa: E731
+        probe_isp, isp_censor, censor_internet, internet_control = plan.LINKS6
+        if self.probe_ipv6 != "none":
+            ip6("probe", "add", "default", "via", probe_isp[3])
+        reaches = self.probe_ipv6 == "working"  # "broken": nothing routes beyond the isp
+        if reaches:
+            ip6("isp", "add", "default", "via", isp_censor[3])
+            ip6("censor", "add", "2001:2:0:1::/64", "via", isp_censor[2])
+            ip6("internet", "add", "2001:2:0:1::/64", "via", censor_internet[2])
+            ip6("internet", "add", "2001:2:0:2::/64", "via", censor_internet[2])
+        ip6("censor", "add", "default", "via", censor_internet[3])
+        ip6("control", "add", "default", "via", internet_control[2])
+
+    def has_ipv6(self, role: str) -> bool:
+        if not self.ipv6:
+            return False
+        return role != "probe" or self.probe_ipv6 != "none"
+
+    def _link6(self, left: str, right: str) -> bool:
+        """Whether the link gets IPv6 addresses: both ends have IPv6, and a broken
+        probe IPv6 stops at the isp (its link to the censor stays IPv4-only)."""
+        if not (self.has_ipv6(left) and self.has_ipv6(right)):
+            return False
+        return not ((left, right) == ("isp", "censor") and self.probe_ipv6 != "working")
 
     def add_internet_addresses(self, addresses: list[str]) -> None:
         """Put addresses (sites, resolvers) on the internet namespace's loopback."""
         if not addresses:
             return
-        batch = "".join(f"addr add {a}/32 dev {DUMMY}\n" for a in addresses)
+        batch = "".join(f"addr add {a}/{128 if ':' in a else 32} dev {DUMMY}\n" for a in addresses)
         _run(["ip", "-n", self.ns("internet"), "-batch", "-"], input=batch)
 
     # --- processes -----------------------------------------------------------------
