@@ -21,8 +21,13 @@ from .common import cell, console, db_option, json_option, resolve_db, safe, to_
 @json_option
 def analyze(db_path, public_networks, fingerprints_dir, only_missing, as_json):
     """Compute verdicts (ok, blocked, throttled, down, server_side, inconclusive) for stored measurements."""
+    from probes import store
+
+    path = resolve_db(db_path)
+    # The measurement schema is the probe's: refuse a newer one, migrate an older one, before the analysis reads it.
+    store.connect(path, read_only=True).close()
     # Memory: VANTAGE_ANALYZE_MEMORY, else 1 GB (analysis/db.py says what that costs).
-    con = connect(resolve_db(db_path))
+    con = connect(path)
     try:
         count = run_analysis(con, public_networks=public_networks, fingerprints_dir=fingerprints_dir, only_missing=only_missing)
         rows = summary(con)

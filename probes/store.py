@@ -65,12 +65,12 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False, memo
     an older one is migrated, also when opened read-only (briefly read-write)."""
     target = Path(path) if path else default_db_path()
     if str(target) != ":memory:":
+        if read_only and not target.exists():  # before mkdir: a mistyped path must create nothing
+            raise StoreError(f"no database at {target} (run `vantage run` first, or pass --db)")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the directory for the database {target}: {exc.strerror}") from None
-        if read_only and not target.exists():
-            raise StoreError(f"no database at {target} (run `vantage run` first, or pass --db)")
         if not read_only and target.exists() and not os.access(target, os.W_OK):
             raise StoreError(f"the database {target} is not writable")
         if not read_only and not target.exists() and not os.access(target.parent, os.W_OK):

@@ -149,7 +149,7 @@ def test_run_summary_escapes_outcomes(capsys, wide80):
 
     summary = runner.RunSummary(run_id=R.new_id(), status="finished", measured=1, total=1,
                                 outcomes=collections.Counter({EVIL: 1}), seconds=1.0)
-    _print_summary([summary], as_json=False)
+    _print_summary([summary], as_json=False, db_file="v.duckdb")
     out = capsys.readouterr().out
     assert_inert(out)
     assert "[bold red]x[/]" in out
@@ -190,7 +190,7 @@ def test_run_summary_title_is_one_line_at_80_columns(capsys, wide80):
     run_id = R.new_id()
     summary = runner.RunSummary(run_id=run_id, status="interrupted", measured=1234, total=10000,
                                 outcomes=collections.Counter({"fetched": 1000, "dns failure": 234}), seconds=3723.4)
-    _print_summary([summary], as_json=False)
+    _print_summary([summary], as_json=False, db_file="v.duckdb")
     lines = capsys.readouterr().out.splitlines()
     [title] = [line for line in lines if run_id in line]
     assert "interrupted" in title and "1234/10000 measured in 3723.4 s" in title

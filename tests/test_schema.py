@@ -375,3 +375,23 @@ def test_results_import_rescue_command_stores_a_rescue_file_once(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "cli.main", "results", "import-rescue", str(tmp_path / "none.jsonl"),
                               "--db", str(db)], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["analyze"], ["results", "list"]])
+def test_commands_refuse_a_newer_schema_and_create_nothing_for_a_typo(tmp_path, command):
+    """Issue 10: a newer database was opened and written to, and `analyze` failed with an internal error."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "v.duckdb"
+    con = store.connect(path)
+    con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, 'from the future')", [store.SCHEMA_VERSION + 1])
+    con.close()
+    newer = subprocess.run([sys.executable, "-m", "cli.main", *command, "--db", str(path)], capture_output=True, text=True,
+                           timeout=120)
+    assert newer.returncode == 2 and len(newer.stderr.strip().splitlines()) == 1 and "newer" in newer.stderr
+    typo = tmp_path / "typo" / "x.duckdb"
+    missing = subprocess.run([sys.executable, "-m", "cli.main", *command, "--db", str(typo)], capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 2 and str(typo) in missing.stderr
+    assert not typo.parent.exists()
