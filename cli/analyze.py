@@ -18,8 +18,11 @@ from .common import cell, console, db_option, json_option, resolve_db, safe, to_
 @click.option("--fingerprints-dir", type=click.Path(file_okay=False), envvar="VANTAGE_FINGERPRINTS_DIR",
               help="Fingerprint files (default: the cache filled by `vantage fingerprints update`).")
 @click.option("--only-missing", is_flag=True, help="Analyse only measurements that have no verdict yet.")
+@click.option("--asn-db", type=click.Path(exists=True), metavar="PATH",
+              help="IP-to-ASN database (.mmdb, or a directory with asn.mmdb; default: the geo_db setting's, "
+                   "when `vantage geo update` installed it): answers in the control's AS are consistent.")
 @json_option
-def analyze(db_path, public_networks, fingerprints_dir, only_missing, as_json):
+def analyze(db_path, public_networks, fingerprints_dir, only_missing, asn_db, as_json):
     """Compute verdicts (ok, blocked, throttled, down, server_side, inconclusive) for stored measurements."""
     from probes import store
 
@@ -29,7 +32,8 @@ def analyze(db_path, public_networks, fingerprints_dir, only_missing, as_json):
     # Memory: VANTAGE_ANALYZE_MEMORY, else 1 GB (analysis/db.py says what that costs).
     con = connect(path)
     try:
-        count = run_analysis(con, public_networks=public_networks, fingerprints_dir=fingerprints_dir, only_missing=only_missing)
+        count = run_analysis(con, public_networks=public_networks, fingerprints_dir=fingerprints_dir, only_missing=only_missing,
+                             asn_db=asn_db or _default_asn_db())
         rows = summary(con)
         version = fp.load(fingerprints_dir).version
     finally:
@@ -48,6 +52,16 @@ def analyze(db_path, public_networks, fingerprints_dir, only_missing, as_json):
     console().print(table)
     if version == "none":
         click.echo("note: no fingerprints found; run `vantage fingerprints update` to confirm blockpages", err=True)
+
+
+def _default_asn_db():
+    """The ASN database `vantage geo update` installed (geo_db setting), if any."""
+    from pathlib import Path
+
+    from probes.config import load_config
+
+    candidate = Path(load_config().geo_db) / "asn.mmdb"
+    return candidate if candidate.is_file() else None
 
 
 @click.group("fingerprints")

@@ -389,6 +389,64 @@ def test_one_success_among_retries_clears_the_path():
     assert (v["status"], v["method"]) == ("blocked", "tcp.reset"), v
 
 
+def _asn_db(path, networks: dict[str, tuple[int, str]]):
+    """A MaxMind-format ASN database (GeoLite2-ASN keys), as `vantage geo update` installs it."""
+    writer_mod = pytest.importorskip("mmdb_writer")
+    from netaddr import IPSet
+
+    writer = writer_mod.MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoLite2-ASN")
+    for network, (number, org) in networks.items():
+        writer.insert_network(IPSet([network]), {"autonomous_system_number": writer_mod.MmdbU32(number),
+                                                 "autonomous_system_organization": org})
+    path.mkdir(exist_ok=True)
+    writer.to_db_file(str(path / "asn.mmdb"))
+    return path
+
+
+def test_an_answer_in_the_controls_autonomous_system_is_consistent(tmp_path):
+    # A CDN: the probe's resolver gives a node in one prefix, the control's in
+    # another, one AS announces both. The probe's connect to its node timed
+    # out where the control's connect to it worked: TCP, not DNS.
+    host, mine, theirs = "cdn.example", "198.18.60.1", "198.18.70.1"
+    url = f"http://{host}/"
+
+    def record():
+        return web(url, queries=[q(host, mine)], tcps=[tcp(mine, 80, "generic_timeout_error", attempt=a) for a in range(2)],
+                   ctl=control(addrs=(theirs,), port=80, body=NEWS, title="Daily News", tcp_ok={theirs: None, mine: None}))
+
+    one_as = _asn_db(tmp_path / "one", {"198.18.60.0/24": (64600, "Lab CDN"), "198.18.70.0/24": (64600, "Lab CDN")})
+    two_as = _asn_db(tmp_path / "two", {"198.18.60.0/24": (64666, "Elsewhere"), "198.18.70.0/24": (64600, "Lab CDN")})
+    same_org = _asn_db(tmp_path / "org", {"198.18.60.0/24": (64601, "Lab CDN"), "198.18.70.0/24": (64600, "Lab CDN")})
+    assert one(record())["method"] == "dns.inconsistent"  # nothing says the answers belong together
+    assert one(record(), asn_db=one_as)["method"] == "tcp.timeout"
+    assert one(record(), asn_db=same_org / "asn.mmdb")["method"] == "tcp.timeout"
+    assert one(record(), asn_db=two_as)["method"] == "dns.inconsistent"
+    # the helper's ip_info ASNs count without a database
+    r = record()
+    r["test_keys"]["control"]["ip_info"] = {mine: {"asn": 64600, "flags": 1}, theirs: {"asn": 64600, "flags": 2}}
+    assert one(r)["method"] == "tcp.timeout"
+
+
+def test_a_page_from_the_controls_autonomous_system_is_not_a_foreign_address(tmp_path):
+    host, mine, theirs = "geo-cdn.example", "198.18.60.1", "198.18.70.1"
+    url = f"http://{host}/"
+    r = web(url, queries=[q(host, mine)], tcps=[tcp(mine, 80)], requests=[http(url, mine, body=page("Local Edition", 3000))],
+            ctl=control(addrs=(theirs,), port=80, body=NEWS, title="Daily News"))
+    db = _asn_db(tmp_path, {"198.18.60.0/24": (64600, "Lab CDN"), "198.18.70.0/24": (64600, "Lab CDN")})
+    assert one(r)["evidence"]["rule"] == "dns_page_from_foreign_address"
+    assert one(r, asn_db=db)["evidence"]["rule"] == "http_page_differs"
+
+
+def test_an_unreadable_asn_database_is_a_clear_error(tmp_path):
+    from analysis.engine import AnalysisError
+
+    with pytest.raises(AnalysisError, match="no ASN database"):
+        one(ok_https(), asn_db=tmp_path)
+    (tmp_path / "asn.mmdb").write_text("not a database")
+    with pytest.raises(AnalysisError, match="cannot read the ASN database"):
+        one(ok_https(), asn_db=tmp_path)
+
+
 def test_only_missing_and_replacement():
     from analysis.engine import analyze
 

@@ -6,17 +6,32 @@
 --   _a_ans (one per probe system/UDP first-response address), _a_inject (one
 --   per measurement with differing late responses), _a_dns_m (one per
 --   measurement).
--- Caveats: see 20_dns.
+-- Caveats: see 20_dns. An answer is consistent with the control (vouched)
+--   when it is the same address, in the same autonomous system or
+--   organisation as one the control resolved, or serves a certificate valid
+--   for the host to the probe (the strongest peers' rule: OONI's, Censored
+--   Planet's).
+-- Probe answers in the autonomous system (or organisation) of an address the
+-- control resolved: a CDN's or geo-DNS's other prefix, not a censor's server
+-- (_a_asn: the helper's ip_info ASNs and the ASN database's, by the engine).
+CREATE OR REPLACE TEMP TABLE _a_same_as AS
+SELECT DISTINCT p.measurement_id, p.ip
+FROM (SELECT DISTINCT d.measurement_id, d.ip, a.asn, a.org FROM _a_dns d JOIN _a_asn a ON a.ip = d.ip
+      WHERE d.side = 'probe') p
+JOIN (SELECT DISTINCT d.measurement_id, a.asn, a.org FROM _a_dns d JOIN _a_asn a ON a.ip = d.ip
+      WHERE d.side = 'control') c
+  ON c.measurement_id = p.measurement_id AND (c.asn = p.asn OR (c.org IS NOT NULL AND c.org = p.org));
+
 CREATE OR REPLACE TEMP TABLE _a_valid AS
 SELECT measurement_id, ip FROM _a_dns
 WHERE ip IS NOT NULL AND (side = 'control' OR (engine = 'doh' AND response_index = 0))
 UNION
 SELECT t.measurement_id, lower(t.ip) FROM tls_handshakes t JOIN _a_m m USING (measurement_id)
 WHERE t.side = 'probe' AND t.success AND coalesce(t.cert_valid, true)
-  AND (t.server_name IS NULL OR lower(rtrim(t.server_name, '.')) IN (m.host, m.host_u));
+  AND (t.server_name IS NULL OR lower(rtrim(t.server_name, '.')) IN (m.host, m.host_u))
+UNION
+SELECT measurement_id, ip FROM _a_same_as;
 
--- Control-resolved addresses alone (no TLS vouching): used to tell whether a
--- page came from where the control would have gone.
 CREATE OR REPLACE TEMP TABLE _a_ctl_ip AS
 SELECT DISTINCT measurement_id, ip FROM _a_dns WHERE side = 'control' AND ip IS NOT NULL;
 

@@ -72,12 +72,13 @@ SELECT f.measurement_id, f.url AS f_url, f.hop_scheme AS f_scheme, f.ip AS f_ip,
             ELSE least(f.body_length, k.c_len) / greatest(f.body_length, k.c_len) END AS len_ratio,
        k.c_sha IS NOT NULL AND f.body_sha256 = k.c_sha AS same_body,
        false AS captcha_like,
-       f.ip IS NOT NULL AND ci.ip IS NULL AND coalesce(k.c_addrs, 0) > 0 AS f_ip_foreign,
+       f.ip IS NOT NULL AND ci.ip IS NULL AND sa.ip IS NULL AND coalesce(k.c_addrs, 0) > 0 AS f_ip_foreign,
        coalesce(flow.bytes > 0 AND f.f_t - flow.last_byte_t < 2.0, false) AS f_still_flowing
 FROM f
 LEFT JOIN flow USING (measurement_id)
 LEFT JOIN _a_ctl k USING (measurement_id)
-LEFT JOIN _a_ctl_ip ci ON ci.measurement_id = f.measurement_id AND ci.ip = f.ip;
+LEFT JOIN _a_ctl_ip ci ON ci.measurement_id = f.measurement_id AND ci.ip = f.ip
+LEFT JOIN _a_same_as sa ON sa.measurement_id = f.measurement_id AND sa.ip = f.ip;
 
 -- Challenge pages only matter for refusals (403/429/503): look at those bodies alone.
 UPDATE _a_http_m SET captcha_like = true
