@@ -24,7 +24,7 @@ import tomli_w
 
 from core import paths
 from core.errors import VantageError
-from core.net import parse_host_port
+from core.net import endpoint, parse_host_port
 
 RESOLV_CONF = "/etc/resolv.conf"
 
@@ -120,7 +120,7 @@ def default_resolver(resolv_conf: str | os.PathLike = RESOLV_CONF) -> str:
                 ip = ipaddress.ip_address(fields[1])
             except ValueError:
                 continue
-            return f"[{ip}]:53" if ip.version == 6 else str(ip)
+            return endpoint(str(ip), 53) if ip.version == 6 else str(ip)
     return ""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 import servers
+from core import failures
 from probes.records import Clock, Transactions
 
 
@@ -71,3 +72,19 @@ expired_server = _raw_server("tls", "TLS with an expired certificate from the te
 unknown_ca_server = _raw_server("tls", "TLS with a certificate from the rogue (untrusted) CA.", "unknown_authority")
 wrong_host_server = _raw_server("tls", "TLS with a test-CA certificate for another name.", "wrong_host")
 good_tls_server = _raw_server("tls", "TLS with a valid test-CA certificate for localhost / 127.0.0.1.", "good")
+
+
+@pytest.fixture(
+    params=[
+        ("expired", failures.SSL_INVALID_CERTIFICATE),
+        ("unknown_authority", failures.SSL_UNKNOWN_AUTHORITY),
+        ("wrong_host", failures.SSL_INVALID_HOSTNAME),
+    ],
+    ids=lambda p: p[0],
+)
+async def bad_cert_case(request, pki):
+    """A TLS server presenting one kind of bad certificate: (server, leaf, the failure a client must report)."""
+    name, failure = request.param
+    leaf = getattr(pki, name)
+    async with servers.RawServer("tls", pki.server_context(leaf)) as server:
+        yield server, leaf, failure

@@ -210,22 +210,8 @@ async def test_https_unknown_authority_without_extra_ca(https_server):
     assert entry["failure"] == failures.SSL_UNKNOWN_AUTHORITY
 
 
-@pytest.fixture(
-    params=[
-        ("expired", failures.SSL_INVALID_CERTIFICATE),
-        ("unknown_authority", failures.SSL_UNKNOWN_AUTHORITY),
-        ("wrong_host", failures.SSL_INVALID_HOSTNAME),
-    ],
-    ids=lambda p: p[0],
-)
-async def bad_cert_case(request, pki):
-    name, failure = request.param
-    async with servers.RawServer("tls", pki.server_context(getattr(pki, name))) as server:
-        yield server, failure
-
-
 async def test_https_certificate_failures(bad_cert_case, pki):
-    server, failure = bad_cert_case
+    server, _leaf, failure = bad_cert_case
     [entry] = await get(f"https://localhost:{server.port}/", context=tls.make_context(pki.ca_file))
     assert entry["failure"] == failure
     assert entry["response"] == {}

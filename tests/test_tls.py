@@ -58,21 +58,6 @@ async def test_without_extra_ca_unknown_authority(good_tls_server):
     assert entry["failure"] == failures.SSL_UNKNOWN_AUTHORITY
 
 
-@pytest.fixture(
-    params=[
-        ("expired", failures.SSL_INVALID_CERTIFICATE),
-        ("unknown_authority", failures.SSL_UNKNOWN_AUTHORITY),
-        ("wrong_host", failures.SSL_INVALID_HOSTNAME),
-    ],
-    ids=lambda p: p[0],
-)
-async def bad_cert_case(request, pki):
-    name, failure = request.param
-    leaf = getattr(pki, name)
-    async with servers.RawServer("tls", pki.server_context(leaf)) as server:
-        yield server, leaf, failure
-
-
 async def test_certificate_failures_capture_presented_cert(bad_cert_case, context):
     server, leaf, failure = bad_cert_case
     entry = await shake(server.port, context)
