@@ -54,9 +54,9 @@ def _load(path: Path) -> list[dict]:
             continue
         if "test_keys" not in item and "queries" in item and "requests" in item:
             # test keys alone: the envelope is rebuilt from what they say
-            urls = [(r.get("request") or {}).get("url") for r in item.get("requests") or [] if isinstance(r, dict)]
-            item = {"test_name": "web_connectivity", "measurement_uid": uid, "input": urls[-1] if urls else None,
-                    "test_keys": item}
+            asked = ((item.get("x_control_request") or {}).get("http_request")
+                     if isinstance(item.get("x_control_request"), dict) else None)
+            item = {"test_name": "web_connectivity", "measurement_uid": uid, "input": asked, "test_keys": item}
         if item.get("test_name") == "web_connectivity" and "test_keys" in item:
             out.append(item)
     return out
