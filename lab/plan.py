@@ -79,3 +79,39 @@ PROBE_ASN, PROBE_ORG = 64500, "Vantage Lab ISP"
 CONTROL_ASN, CONTROL_ORG = 64501, "Vantage Lab Data Centre"
 SITE_ASN_BASE = 64512  # + site index: every other site is hosted by a network of its own
 GEO_CC = "ZZ"          # country of every lab address (the probe runs with --probe-cc ZZ)
+
+# --- routers between the isp and the censor (a scenario's ``hops = N``) -----------
+# With hops = N the chain isp ── r1 ── ... ── rN ── censor replaces the isp ──
+# censor link: the isp keeps 198.18.2.1 (its uplink is still ``is-ce``), r1
+# gets 198.18.2.2, link k (r_k ── next) is 198.18.(60+k).0/24 (.1 left, .2
+# right), and the censor's probe-side interface (still ``ce-is``) gets .2 of
+# the last one. Each router forwards and answers ICMP time-exceeded (IPv4).
+# Seen from the probe: hop 1 is the isp, hops 2..N+1 the routers, hop N+2 the
+# censor, hop N+3 the internet (sites, DNS servers).
+MAX_HOPS = 8
+ROUTER_ROLES = tuple(f"r{i}" for i in range(1, MAX_HOPS + 1))
+ROUTER_LINK_BASE = 60
+
+
+def router_chain(hops: int) -> list[tuple[str, str, str, str, str, str]]:
+    """(left role, right role, left address, right address, left iface, right
+    iface) of each link from the isp to the censor, ``hops`` routers between."""
+    nodes = ["isp", *ROUTER_ROLES[:hops], "censor"]
+    out = []
+    for k in range(len(nodes) - 1):
+        net = "198.18.2" if k == 0 else f"198.18.{ROUTER_LINK_BASE + k}"
+        left_if = "is-ce" if k == 0 else f"{nodes[k]}-up"
+        right_if = "ce-is" if k == len(nodes) - 2 else f"{nodes[k + 1]}-dn"
+        out.append((nodes[k], nodes[k + 1], f"{net}.1", f"{net}.2", left_if, right_if))
+    return out
+
+
+def censor_probe_side(hops: int = 0) -> str:
+    """The censor's address towards the probe (CENSOR_PROBE_SIDE when hops = 0)."""
+    return router_chain(hops)[-1][3]
+
+
+def hop_addresses(hops: int = 0) -> list[str]:
+    """The address each hop answers time-exceeded from, hop 1 (the isp) first,
+    up to the censor (hop hops + 2)."""
+    return [plan_link[3] if i else "198.18.1.1" for i, plan_link in enumerate([None, *router_chain(hops)])]

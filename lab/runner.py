@@ -92,6 +92,7 @@ class ScenarioLab:
     def __post_init__(self) -> None:
         self.lab.ipv6 = self.scenario.needs_ipv6
         self.lab.probe_ipv6 = self.scenario.probe_ipv6
+        self.lab.hops = self.scenario.hops
 
     def __enter__(self) -> "ScenarioLab":
         self.lab.__enter__()

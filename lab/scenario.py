@@ -51,6 +51,7 @@ FAMILIES = ("ipv4", "ipv6")
 DEFAULT_TITLE_SUFFIX = "home page"
 DEFAULT_SIZE = 20000
 MAX_ADDRESSES = 8
+MAX_HOPS = 8  # lab/plan.py MAX_HOPS
 
 
 class ScenarioError(VantageError):
@@ -105,6 +106,7 @@ class Scenario:
     expect: list[Expectation] = field(default_factory=list)
     path: Path | None = None
     probe_ipv6: str = "none"
+    hops: int = 0  # routers between the isp and the censor (LAB.md `hops = N`)
 
     @property
     def needs_ipv6(self) -> bool:
@@ -214,15 +216,15 @@ class _Parser:
         except tomllib.TOMLDecodeError as exc:
             m = re.search(r"line (\d+)", str(exc))
             raise ScenarioError(f"{self.path.name}:{m.group(1) if m else 1}: invalid TOML: {exc}") from None
-        top_spec = {"name": str, "description": str, "probe_ipv6": str, "sites": list, "censor": list, "expect": list}
+        top_spec = {"name": str, "description": str, "probe_ipv6": str, "hops": int, "sites": list, "censor": list, "expect": list}
         for key in data:
             if key not in top_spec:
                 self.fail(self.where.key(None, 0, key) if not isinstance(data[key], dict) else self._header_line(key), f"unknown key '{key}' at the top level")
         for key in ("sites", "censor", "expect"):
             if key in data and (not isinstance(data[key], list) or not all(isinstance(t, dict) for t in data[key])):
                 self.fail(self.where.key(None, 0, key), f"'{key}' must be an array of tables ([[{key}]])")
-        top = self.take({k: v for k, v in data.items() if k in ("name", "description", "probe_ipv6")}, None, 0,
-                        {"name": str, "description": str, "probe_ipv6": str}, ("name",))
+        top = self.take({k: v for k, v in data.items() if k in ("name", "description", "probe_ipv6", "hops")}, None, 0,
+                        {"name": str, "description": str, "probe_ipv6": str, "hops": int}, ("name",))
         probe_ipv6 = top.get("probe_ipv6", "none")
         if probe_ipv6 not in PROBE_IPV6:
             self.fail(self.where.key(None, 0, "probe_ipv6"), f"unknown probe_ipv6 '{probe_ipv6}' at the top level (expected one of: {', '.join(PROBE_IPV6)})")
@@ -245,7 +247,21 @@ class _Parser:
             site = next((s for s in sites if s.domain == r.domain), None)
             if r.family == "ipv6" and r.ip is None and site is not None and not site.ipv6 and not r.action.startswith("dns-"):
                 self.fail(self.where.key("censor", censor.index(r), "family"), f"family = \"ipv6\" in [[censor]]: site '{r.domain}' has no IPv6 addresses (set ipv6 = true on it)")
-        return Scenario(top["name"], top.get("description", ""), sites, censor, expect, self.path, probe_ipv6)
+        scenario = Scenario(top["name"], top.get("description", ""), sites, censor, expect, self.path, probe_ipv6)
+        scenario.hops = self._hops(top, scenario)
+        return scenario
+
+    # --- hops = N (routers between the isp and the censor) -------------------------
+
+    def _hops(self, top: dict, scenario: Scenario) -> int:
+        hops = top.get("hops", 0)
+        if not 0 <= hops <= MAX_HOPS:
+            self.fail(self.where.key(None, 0, "hops"), f"'hops' at the top level must be between 0 and {MAX_HOPS}")
+        if hops and scenario.needs_ipv6:
+            self.fail(self.where.key(None, 0, "hops"), "'hops' needs an IPv4-only scenario (the routers have no IPv6)")
+        return hops
+
+    # --- end of hops ----------------------------------------------------------------
 
     def _header_line(self, key: str) -> int:
         for name, i in self.where.headers:

@@ -35,7 +35,7 @@ from . import plan
 
 RUN_DIR = Path("/run/vantage-lab")
 NETNS_ETC = Path("/etc/netns")
-NS_PATTERN = re.compile(r"^(vl[0-9a-f]{6})-(" + "|".join(plan.ROLES) + r")$")
+NS_PATTERN = re.compile(r"^(vl[0-9a-f]{6})-(" + "|".join(plan.ROLES + plan.ROUTER_ROLES) + r")$")
 REQUIRED_TOOLS = ("ip", "iptables", "tc")
 # The internet's own addresses (sites, DNS servers) live on its loopback: the
 # `dummy` link type needs a kernel module that containers often lack, and /32
@@ -97,19 +97,20 @@ class Lab:
     # or "working".
     ipv6: bool = False
     probe_ipv6: str = "none"
+    hops: int = 0  # routers between the isp and the censor (lab/plan.py router_chain)
     _up: bool = False
     _old_handlers: dict = field(default_factory=dict)
 
     # --- names ---------------------------------------------------------------------
 
     def ns(self, role: str) -> str:
-        if role not in plan.ROLES:
+        if role not in plan.ROLES and role not in plan.ROUTER_ROLES[:self.hops]:
             raise ValueError(f"unknown lab role {role!r}")
         return f"{self.prefix}-{role}"
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.ns(r) for r in plan.ROLES]
+        return [self.ns(r) for r in plan.ROLES + plan.ROUTER_ROLES[:self.hops]]
 
     @property
     def state_file(self) -> Path:
@@ -221,6 +222,7 @@ class Lab:
         # The internet's own addresses (DNS servers; sites are added by add_internet_addresses).
         self.add_internet_addresses([plan.AUTHORITATIVE_DNS, plan.PUBLIC_RESOLVER])
         self._routes()
+        self._add_routers()
         self.save_state()
 
     def _sysctl(self, role: str, key: str, value: str) -> None:
@@ -255,6 +257,46 @@ class Lab:
             ip6("internet", "add", "2001:2:0:2::/64", "via", censor_internet[2])
         ip6("censor", "add", "default", "via", censor_internet[3])
         ip6("control", "add", "default", "via", internet_control[2])
+
+    # --- hops = N: routers between the isp and the censor -----------------------------
+
+    def _add_routers(self) -> None:
+        """Replace the isp ── censor link by isp ── r1 ── ... ── rN ── censor
+        (lab/plan.py router_chain), each router forwarding and answering ICMP
+        time-exceeded. ICMP errors are not rate-limited anywhere on the path,
+        so a traceroute gets an answer from every hop. IPv4 only."""
+        for role in ("isp", "censor", "internet", *plan.ROUTER_ROLES[:self.hops]):
+            if role in plan.ROUTER_ROLES:
+                _run(["ip", "netns", "add", self.ns(role)])
+                self.save_state()
+                for key, value in (("net.ipv4.ip_forward", "1"), ("net.ipv6.conf.all.disable_ipv6", "1"),
+                                   ("net.ipv6.conf.default.disable_ipv6", "1"), ("net.ipv4.conf.all.rp_filter", "0"),
+                                   ("net.ipv4.conf.default.rp_filter", "0")):
+                    self._sysctl(role, key, value)
+                _run(["ip", "-n", self.ns(role), "link", "set", "lo", "up"])
+            self._sysctl(role, "net.ipv4.icmp_ratelimit", "0")
+        if not self.hops:
+            return
+        _run(["ip", "-n", self.ns("isp"), "link", "del", "is-ce"])  # its peer ce-is goes with it
+        chain = plan.router_chain(self.hops)
+        for left, right, left_ip, right_ip, a, b in chain:
+            _run(["ip", "-n", self.ns(left), "link", "add", a, "type", "veth", "peer", "name", b, "netns", self.ns(right)])
+            for role, name, address in ((left, a, left_ip), (right, b, right_ip)):
+                _run(["ip", "-n", self.ns(role), "addr", "add", f"{address}/24", "dev", name])
+                _run(["ip", "-n", self.ns(role), "link", "set", name, "up"])
+        ip = lambda role, *args: _run(["ip", "-n", self.ns(role), "route", *args])  # noqa: E731
+        ip("isp", "replace", "default", "via", chain[0][3])
+        for k, (left, right, left_ip, right_ip, _, _) in enumerate(chain):
+            if right == "censor":
+                ip("censor", "replace", "198.18.1.0/24", "via", left_ip)
+                ip("censor", "replace", "198.18.2.0/24", "via", left_ip)
+            else:  # a router: the probe side back down the chain, everything else up
+                ip(right, "add", "default", "via", chain[k + 1][3])
+                ip(right, "replace", "198.18.1.0/24", "via", left_ip)
+                if k:
+                    ip(right, "replace", "198.18.2.0/24", "via", left_ip)
+
+    # --- end of hops ---------------------------------------------------------------
 
     def has_ipv6(self, role: str) -> bool:
         if not self.ipv6:
@@ -438,7 +480,7 @@ def _in_lab(pid: int, prefix: str) -> bool:
         ino = os.stat(f"/proc/{pid}/ns/net").st_ino
     except OSError:
         return False
-    for role in plan.ROLES:
+    for role in plan.ROLES + plan.ROUTER_ROLES:
         try:
             if os.stat(f"/run/netns/{prefix}-{role}").st_ino == ino:
                 return True
@@ -477,7 +519,7 @@ def teardown_prefix(prefix: str, keep_workdir: bool = False) -> None:
         # only kill those that still live in one of this lab's namespaces.
         if pid != os.getpid() and _in_lab(pid, prefix):
             _kill_group(pid, grace=1.0)
-    for role in plan.ROLES:
+    for role in plan.ROLES + plan.ROUTER_ROLES:
         ns = f"{prefix}-{role}"
         if Path("/run/netns", ns).exists():
             # Anything started in the namespace by other means (a shell, the censor's workers).
