@@ -1,0 +1,167 @@
+"""Ingestion: ready spool segments into the central DuckDB, apart from the
+request path, in batches, through the one writer (probes.store).
+
+One thread owns the database connection. For each ready segment, in order:
+read its lines, convert each measurement with probes.ooni_import's
+``record_from_ooni`` (the collector stores OONI's envelope, Vantage's ``x_``
+keys included, exactly as ``vantage import ooni`` would), write them with
+``probes.store.write_each`` (each batch one transaction; a measurement the
+database refuses even alone goes to ``rejected.jsonl``), and only then delete
+the segment. A crash anywhere in between leaves the segment in place; the
+next start ingests it again and the store skips the measurements already
+committed (ids are primary keys, and rows of a stored measurement are never
+written twice): ingestion is idempotent.
+
+When there is nothing to ingest for ``idle_close`` seconds the connection is
+closed, so an analyst can open the database (`vantage analyze`) between
+bursts; if the database is busy the spool simply waits.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from probes import store
+from probes.ooni_import import record_from_ooni
+
+from .spool import REJECTED, Spool, fsync_dir
+
+MEMORY_LIMIT = "256MB"
+THREADS = 2
+
+
+class Ingestor:
+    def __init__(self, db_path: str | os.PathLike, spool: Spool, batch_size: int = 500, idle_close: float = 5.0,
+                 log=None):
+        self.db_path = str(db_path)
+        self.spool = spool
+        self.batch_size = batch_size
+        self.idle_close = idle_close
+        self.log = log or (lambda message: None)
+        self.ingested = 0       # new measurements committed
+        self.duplicates = 0     # already stored (retries, re-sent files, re-ingested segments)
+        self.torn = 0           # unreadable lines (a crash's torn tail)
+        self.rejected = 0       # refused by the database even alone
+        self.segments = 0
+        self.errors = 0
+        self.busy = False
+        self.last_error: str | None = None
+        self._con = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="vantage-ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ingest everything ready, then stop (the caller rotated the spool's
+        open segment first)."""
+        self._stop.set()
+        self.spool.ready.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._close()
+
+    def _loop(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            stopping = self._stop.is_set()
+            self.spool.ready.clear()
+            segments = self.spool.ready_segments()
+            if segments:
+                try:
+                    for path in segments:
+                        self.ingest_segment(path)
+                    idle_since = time.monotonic()
+                except Exception as exc:  # the database is busy or failing: the spool keeps everything
+                    self.errors += 1
+                    self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                    self.log(f"ingestion paused: {self.last_error}")
+                    self._close()
+                    if stopping:
+                        return
+                    self._stop.wait(1.0)
+                    continue
+            if stopping and not self.spool.ready_segments():
+                return
+            if self._con is not None and time.monotonic() - idle_since >= self.idle_close:
+                self._close()
+            self.spool.ready.wait(0.5)
+
+    def _connection(self):
+        if self._con is None:
+            self._con = store.connect(self.db_path, memory_limit=MEMORY_LIMIT, threads=THREADS)
+        return self._con
+
+    def _close(self) -> None:
+        if self._con is not None:
+            try:
+                self._con.close()
+            except Exception:
+                pass
+            self._con = None
+
+    def ingest_segment(self, path: Path) -> None:
+        con = self._connection()
+        self.busy = True
+        try:
+            batch: list[tuple[dict[str, Any], str | None]] = []
+            seen: set[str] = set()
+            with open(path, "rb") as fh:
+                for line in fh:
+                    item = self._parse(line)
+                    if item is None:
+                        continue
+                    if item[0]["measurement_id"] in seen:
+                        self.duplicates += 1
+                        continue
+                    seen.add(item[0]["measurement_id"])
+                    batch.append(item)
+                    if len(batch) >= self.batch_size:
+                        self._write(con, batch)
+                        batch = []
+            if batch:
+                self._write(con, batch)
+            # Committed: only now may the segment go.
+            path.unlink()
+            fsync_dir(path.parent)
+            self.segments += 1
+        finally:
+            self.busy = False
+
+    def _parse(self, line: bytes) -> tuple[dict[str, Any], str | None] | None:
+        if not line.strip():
+            return None
+        try:
+            entry = orjson.loads(line)
+            record = record_from_ooni(entry["r"])
+            record["measurement_id"] = entry["m"]
+        except Exception:  # a torn line: written by a crash, acknowledged to nobody
+            self.torn += 1
+            return None
+        return record, None
+
+    def _write(self, con, batch: list) -> None:
+        refused: list = []
+        stored = store.write_each(con, batch, lambda item, exc: refused.append((item, exc)), columnar=True)
+        if refused:
+            con.execute("SELECT 1").fetchall()  # the database itself failing: raise, keep the segment
+        self.ingested += stored
+        self.duplicates += len(batch) - stored - len(refused)
+        if refused:
+            self._reject(refused)
+
+    def _reject(self, refused: list) -> None:
+        with open(self.spool.dir / REJECTED, "a", encoding="utf-8") as fh:
+            for (record, category), exc in refused:
+                fh.write(store.rescue_line(record, category, exc))
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.rejected += len(refused)
