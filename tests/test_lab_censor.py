@@ -144,6 +144,91 @@ def test_censor_queues_only_what_it_needs(tmp_path):
     assert "connbytes" in http
 
 
+def tcp6_packet(payload: bytes, dport: int, seq=1000, ack=5000) -> bytes:
+    from scapy.layers.inet6 import IPv6
+
+    return bytes(IPv6(src="2001:2:0:2::1", dst="2001:2:0:100::1") / TCP(sport=40000, dport=dport, seq=seq, ack=ack, flags="PA") / payload)
+
+
+def test_ipv6_packets_parse_decide_and_forge_as_ipv6():
+    from scapy.layers.inet6 import IPv6
+
+    p = dpi.parse_ip(tcp6_packet(b"GET / HTTP/1.1\r\nHost: Reset.Example\r\n\r\n", 80, seq=7, ack=9))
+    assert (p.version, p.src, p.dst, p.dport, p.seq, p.ack) == (6, "2001:2:0:2::1", "2001:2:0:100::1", 80, 7, 9)
+    inspector = dpi.Inspector([dpi.Rule("http-reset", "reset.example"), dpi.Rule("tls-reset", "v4only.example", family="ipv4"),
+                               dpi.Rule("tls-drop", "v6only.example", family="ipv6")], drop_mark=DROP_MARK)
+    d = inspector.decide(tcp6_packet(b"GET / HTTP/1.1\r\nHost: reset.example\r\n\r\n", 80, seq=7, ack=9))
+    assert d.mark == DROP_MARK and len(d.inject) == 2
+    to_client = IPv6(d.inject[0])
+    assert (to_client.src, to_client.dst, to_client[TCP].flags, to_client[TCP].seq) == ("2001:2:0:100::1", "2001:2:0:2::1", "RA", 9)
+    # A rule's family: IPv4-only rules pass IPv6 packets, and the other way round.
+    assert inspector.decide(tcp6_packet(client_hello("v4only.example"), 443)).mark is None
+    assert inspector.decide(tcp_packet(client_hello("v4only.example"), 443)).mark == DROP_MARK
+    assert inspector.decide(tcp6_packet(client_hello("v6only.example"), 443)).mark == DROP_MARK
+    assert inspector.decide(tcp_packet(client_hello("v6only.example"), 443)).mark is None
+    # Truncated or extension-header packets are not judged.
+    assert dpi.parse_ip(tcp6_packet(b"x", 80)[:50]) is None
+    assert dpi.parse_ip(bytes(IPv6(src="2001:2::1", dst="2001:2::2", nh=0)) + b"\x06\x00" + b"\x00" * 30) is None
+
+
+def test_ipv6_dns_injection_answers_in_kind():
+    from scapy.layers.inet6 import IPv6
+
+    query = dns.message.make_query("inject.test", "AAAA")
+    wire = bytes(IPv6(src="2001:2:0:2::1", dst="2001:2:0:53::1") / UDP(sport=5353, dport=53) / query.to_wire())
+    v6 = dpi.Inspector([dpi.Rule("dns-inject", "inject.test", answer="2001:2::bad")], drop_mark=DROP_MARK).decide(wire)
+    forged = IPv6(v6.inject[0])
+    answer = dns.message.from_wire(bytes(forged[UDP].payload))
+    assert forged.src == "2001:2:0:53::1" and [r.to_text() for rr in answer.answer for r in rr] == ["2001:2::bad"]
+    # An IPv4 answer forges nothing for an AAAA query.
+    assert not dpi.Inspector([dpi.Rule("dns-inject", "inject.test", answer="198.18.250.7")], drop_mark=DROP_MARK).decide(wire).inject
+
+
+def test_censor_writes_each_family_its_own_ruleset(tmp_path):
+    ca = CA("rogue", tmp_path)
+    sites = {"dual.example": ["198.18.100.1", "2001:2:0:100::1"], "other.example": ["198.18.100.2", "2001:2:0:100::2"]}
+    rules = [CensorRule("ip-blackhole", "dual.example", family="ipv6"), CensorRule("ip-reject", "other.example"),
+             CensorRule("tls-mitm", "other.example"), CensorRule("http-reset", "dual.example", family="ipv4")]
+    censor = Censor("ns", rules, sites, tmp_path, ca, ipv6=True)
+    assert censor.versions == (4, 6)
+    v4, v6 = censor.iptables_rules(4), censor.iptables_rules(6)
+    assert "-d 2001:2:0:100::1/128 -j DROP" in v6 and "198.18.100.1/32 -j DROP" not in v4 and "2001:2" not in v4
+    assert "-d 198.18.100.2/32 -p tcp --syn -j REJECT" in v4 and "-d 2001:2:0:100::2/128 -p tcp --syn -j REJECT" in v6
+    assert "-d 2001:2:0:100::2/128 -p tcp --dport 443 -j REDIRECT" in v6
+    assert "--dport 80" in v4 and "--dport 80" not in v6  # the http rule is IPv4-only
+    assert Censor("ns", rules, sites, tmp_path, ca).versions == (4,)
+
+
+def test_flaky_rules_and_geo_database(tmp_path):
+    import maxminddb
+
+    from lab import geodb, plan
+    from lab.runner import FLAKY_MARK, flaky_rules
+    from lab.scenario import parse_text
+    from lab.sites import assign_addresses
+
+    sc = parse_text("""name = "x"\nprobe_ipv6 = "working"\n[[sites]]\ndomain = "f.example"\nbehaviour = "flaky"\nloss = 0.25\nipv6 = true
+[[sites]]\ndomain = "c.example"\ncdn = true\naddresses = 2\nipv6 = true\n[[sites]]\ndomain = "g.example"\ngeo_dns = true
+[[expect]]\nurl = "https://f.example/"\nstatus = "ok"\n""", "x.toml")
+    default, control = assign_addresses(sc)
+    assert default["f.example"] == ["198.18.100.1", "2001:2:0:100::1"]
+    assert default["c.example"][:2] == ["198.18.120.1", "198.18.120.2"] and control["c.example"][2:] == ["2001:2:0:121::1", "2001:2:0:121::2"]
+    v4, v6 = flaky_rules(sc, default, control, 4), flaky_rules(sc, default, control, 6)
+    assert "-d 198.18.100.1 -p tcp --syn -m conntrack --ctstate NEW -m statistic --mode random --probability 0.2500" in v4
+    assert "2001:2:0:100::1" in v6 and "198.18" not in v6 and f"-A OUTPUT -m connmark --mark {FLAKY_MARK:#x} -j DROP" in v4
+    geo = geodb.write(tmp_path / "geo", default, control, {"c.example"})
+    with maxminddb.open_database(str(geo / "asn.mmdb")) as db:
+        asn = lambda ip: db.get(ip)["autonomous_system_number"]  # noqa: E731
+        assert {asn(a) for a in default["c.example"] + control["c.example"]} == {plan.CDN_ASN}
+        assert asn(default["g.example"][0]) == asn(control["g.example"][0]) != plan.CDN_ASN
+        assert asn("198.18.1.2") == plan.PROBE_ASN and asn("2001:2:0:4::2") == plan.CONTROL_ASN
+        assert db.get("192.0.2.1") is None
+    from probes.geo import GeoDB
+
+    with GeoDB(geo) as both:
+        assert both.lookup("2001:2:0:120::1") == (plan.GEO_CC, f"AS{plan.CDN_ASN}", plan.CDN_ORG)
+
+
 # ---------------------------------------------------------------------------
 # Lab tests
 

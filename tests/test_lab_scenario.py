@@ -128,3 +128,92 @@ def test_invalid_toml_has_line():
 def test_unreadable_file(tmp_path):
     with pytest.raises(ScenarioError, match="cannot read"):
         load(tmp_path / "nope.toml")
+
+
+# --- issue 11: IPv6, CDNs, controls the site refuses, flaky sites -----------------
+
+AWKWARD = """\
+name = "awkward"
+probe_ipv6 = "broken"
+
+[[sites]]
+domain = "dual.example"
+ipv6 = true
+
+[[sites]]
+domain = "cdn.example"
+cdn = true
+addresses = 2
+
+[[sites]]
+domain = "picky.example"
+behaviour = "server-block"
+block_from = "control"
+
+[[sites]]
+domain = "flaky.example"
+behaviour = "flaky"
+loss = 0.3
+
+[[censor]]
+action = "ip-blackhole"
+domain = "dual.example"
+family = "ipv6"
+
+[[expect]]
+url = "https://dual.example/"
+status = "ok"
+"""
+
+
+def test_awkward_keys_parse():
+    sc = parse_text(AWKWARD, "s.toml")
+    assert sc.probe_ipv6 == "broken" and sc.needs_ipv6
+    dual, cdn, picky, flaky = sc.sites
+    assert dual.ipv6 and not cdn.ipv6 and cdn.cdn and cdn.addresses == 2
+    assert picky.block_from == "control" and flaky.behaviour == "flaky" and flaky.loss == 0.3
+    assert sc.censor[0].family == "ipv6"
+    plain = parse_text(GOOD, "s.toml")
+    assert plain.probe_ipv6 == "none" and not plain.needs_ipv6 and plain.censor[0].family is None
+    assert parse_text(AWKWARD.replace("loss = 0.3", "loss = 0.5"), "s.toml").sites[3].loss == 0.5
+
+
+@pytest.mark.parametrize("old, new, needle, message", [
+    ('probe_ipv6 = "broken"', 'probe_ipv6 = "flaky"', "probe_ipv6", "unknown probe_ipv6 'flaky' at the top level (expected one of: none, broken, working)"),
+    ('probe_ipv6 = "broken"', "probe_ipv6 = true", "probe_ipv6", "'probe_ipv6' in the top level must be a string, not bool"),
+    ("ipv6 = true", 'ipv6 = "yes"', 'ipv6 = "yes"', "'ipv6' in [[sites]] must be a boolean, not str"),
+    ('family = "ipv6"', 'family = "inet6"', "family", "unknown family 'inet6' in [[censor]] (expected one of: ipv4, ipv6)"),
+    ('block_from = "control"', 'block_from = "everyone"', "block_from", "unknown block_from 'everyone' in [[sites]] (expected: probe, control)"),
+    ("loss = 0.3", "loss = 1.5", "loss", "'loss' in [[sites]] must be a share between 0 and 1 (exclusive), e.g. 0.3"),
+    ("loss = 0.3", 'loss = "30%"', "loss", "'loss' in [[sites]] must be a number, not str"),
+    ("addresses = 2", "addresses = 1", "cdn = true", "'cdn' in [[sites]] needs 'addresses' of 2 or more"),
+    ("cdn = true\n", "cdn = true\ngeo_dns = true\n", "cdn = true", "'cdn' and 'geo_dns' in [[sites]] exclude each other (a CDN site already answers per side)"),
+    ('domain = "dual.example"\nipv6 = true', 'domain = "dual.example"', "family", "family = \"ipv6\" in [[censor]]: site 'dual.example' has no IPv6 addresses (set ipv6 = true on it)"),
+    ('domain = "picky.example"', 'domain = "picky.example"\nloss = 0.1', "loss = 0.1", "'loss' in [[sites]] is only valid with behaviour = \"flaky\""),
+])
+def test_awkward_mistakes_name_line_and_key(old, new, needle, message):
+    text = AWKWARD.replace(old, new, 1)
+    assert text != AWKWARD
+    assert err(text) == f"s.toml:{line_of(text, needle)}: {message}"
+
+
+def test_flaky_needs_loss_and_family_matches_ip():
+    text = AWKWARD.replace("loss = 0.3\n", "")
+    header = line_of(text, 'domain = "flaky.example"') - 1
+    assert err(text) == f"s.toml:{header}: behaviour 'flaky' in [[sites]] needs 'loss'"
+    text = GOOD.replace('action = "dns-redirect"\ndomain = "a.example"\nanswer = "10.0.0.1"',
+                        'action = "ip-reject"\nip = "198.18.100.9"\nfamily = "ipv6"')
+    assert err(text) == f"s.toml:{line_of(text, 'family')}: family = \"ipv6\" in [[censor]] does not match ip '198.18.100.9'"
+    text = GOOD.replace('answer = "10.0.0.1"', 'answer = "2001:2::99"\nfamily = "ipv4"')
+    assert err(text) == f"s.toml:{line_of(text, 'answer')}: 'answer' in [[censor]] is an IPv6 address but family = \"ipv4\""
+    assert parse_text(GOOD.replace('"10.0.0.1"', '"2001:2::99"'), "s.toml").censor[0].answer == "2001:2::99"
+
+
+def test_awkward_scenarios_of_the_tests_parse():
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).parent / "scenarios").glob("*.toml"))
+    assert {p.stem for p in paths} >= {"ipv6-none", "ipv6-broken", "ipv6-working", "cdn", "control-refused", "flaky"}
+    for p in paths:
+        sc = load(p)
+        assert sc.expect
