@@ -35,6 +35,9 @@ MIGRATIONS: list[tuple[int, str, str | None]] = [
      "ALTER TABLE tls_handshakes ADD COLUMN IF NOT EXISTS attempt INTEGER; "
      "ALTER TABLE http_transactions ADD COLUMN IF NOT EXISTS attempt INTEGER; "
      "CREATE TABLE IF NOT EXISTS ip_info (measurement_id VARCHAR, side VARCHAR, ip VARCHAR, asn INTEGER, flags INTEGER)"),
+    (5, "uploads: the measurements a collector acknowledged (vantage upload)",
+     "CREATE TABLE IF NOT EXISTS uploads (measurement_id VARCHAR, collector VARCHAR, collector_measurement_id VARCHAR, "
+     "report_id VARCHAR, uploaded_at TIMESTAMP)"),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -164,4 +164,14 @@ CREATE TABLE IF NOT EXISTS ip_info (
     flags INTEGER                -- OONI's bitmask: 1 resolved by the probe, 2 by the helper, 4 bogon, 8 valid TLS for the domain
 );
 
+-- What `vantage upload` sent and a collector acknowledged (migration 5): a
+-- measurement without a row for the configured collector is pending.
+CREATE TABLE IF NOT EXISTS uploads (
+    measurement_id VARCHAR,
+    collector VARCHAR,                 -- the collector's URL
+    collector_measurement_id VARCHAR,  -- the collector's id for it (bk-003 measurement_id)
+    report_id VARCHAR,                 -- the report it was submitted in
+    uploaded_at TIMESTAMP              -- when the collector acknowledged it (UTC); one row per (measurement_id, collector)
+);
+
 -- verdicts: owned and created by the analysis (analysis/sql/00_verdicts.sql).
