@@ -82,6 +82,8 @@ def _interrupted_runs(con, since: dt.datetime, resume_id: str | None) -> list[st
 @click.option("--resolver", help="UDP DNS resolver to query directly, IP[:PORT] (default: the system's).")
 @click.option("--doh-url", help="DNS-over-HTTPS resolver URL.")
 @click.option("--no-doh", is_flag=True, help="Do not query a DNS-over-HTTPS resolver.")
+@click.option("--target", help="dns-injection/traceroute: an IPv4 address running no DNS resolver (default: the helper's).")
+@click.option("--control-domain", help="traceroute: the domain control probes carry (default example.com).")
 @click.option("--public-network", "public_networks", multiple=True, help="CIDR to treat as public address space (labs).")
 @click.option("--probe-cc", help="Override the probe's country code.")
 @click.option("--probe-asn", help="Override the probe's ASN (e.g. AS3269).")
@@ -90,7 +92,8 @@ def _interrupted_runs(con, since: dt.datetime, resume_id: str | None) -> list[st
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
 def run(test, list_name, input_file, urls, categories, helpers, db_path, concurrency, max_runtime, resume_id,
-        ca_file, resolver, doh_url, no_doh, public_networks, probe_cc, probe_asn, config_path, assume_yes, quiet, as_json):
+        ca_file, resolver, doh_url, no_doh, public_networks, probe_cc, probe_asn, config_path, assume_yes, quiet, as_json,
+        target=None, control_domain=None):
     """Measure URLs (DNS, TCP, TLS, HTTP) against a control; store results in DuckDB."""
     from probes import runner, store
     from probes.config import load_config
@@ -133,6 +136,7 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
         "no_doh": no_doh, "public_networks": list(public_networks), "probe_cc": probe_cc, "probe_asn": probe_asn,
         # A new run records the concurrency it ran with; --resume reuses it unless given again.
         "concurrency": concurrency or (None if resume_id else config.concurrency),
+        "target": target, "control_domain": control_domain,
     }, recorded)
 
     if resume_id and not ca_file and options.get("ca_file"):
@@ -142,6 +146,7 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
     if not (options.get("helpers") or config.helpers):
         click.echo("vantage: warning: no control helper (--helper): every verdict will be inconclusive", err=True)
     quiet = quiet or as_json
+    packet_lines = _packet_test(options["test"], as_json)
     started = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     work = runner.run_tests(
         con, db_file, runner.experiments(options["test"]), entries, options, config, resume_id=resume_id,
@@ -160,7 +165,8 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
             click.echo(f"interrupted: finished measurements are stored; resume with `vantage run --resume {safe(run_id)}`",
                        err=True)
         sys.exit(130)
-    _print_summary(summaries, as_json, db_file)
+    if not packet_lines:
+        _print_summary(summaries, as_json, db_file)
 
 
 class _Progress:
@@ -205,6 +211,27 @@ class _Progress:
         self.counts[label] = self.counts.get(label, 0) + 1
         if not self.quiet:
             self.progress.update(self.task, advance=1)
+
+
+def _packet_test(test: str, as_json: bool) -> bool:
+    """dns-injection and traceroute need raw sockets (one line, exit 2, without
+    them); with --json they print one JSON object per input as each finishes
+    (the contract), instead of the run summary. True in that case."""
+    from probes import packets, runner
+
+    if test not in runner.PACKET_TESTS:
+        return False
+    packets.require_privileges()
+    if not as_json:
+        return False
+    from probes import dns_injection, traceroute
+
+    lines = {dns_injection.TEST_NAME: dns_injection.json_line, traceroute.TEST_NAME: traceroute.json_line}
+    import json
+
+    packets.LISTENERS.append(lambda name, url, keys: click.echo(
+        json.dumps(lines[name]({"input": url, "test_keys": keys}), default=str, ensure_ascii=True)))
+    return True
 
 
 def _print_summary(summaries, as_json: bool, db_file: str) -> None:

@@ -27,6 +27,9 @@ class ProbeContext:
     # Non-public networks a redirect may lead into (``--public-network``, the
     # lab's ranges); every other loopback/private/link-local target is refused.
     allow: Policy = field(default_factory=Policy)
+    # The packet probes' settings (probes/dns_injection.py, traceroute.py):
+    # target, control_domain, runs, pause, window.
+    packet: dict = field(default_factory=dict)
 
     def tls(self) -> ssl.SSLContext:
         if self.ssl_context is None:

@@ -41,8 +41,11 @@ Row = dict[str, Any]
 # The tables a record fills.
 FLATTENED_TABLES = (
     "measurements", "dns_answers", "tcp_connects", "tls_handshakes", "http_transactions", "network_events",
-    "throughput_samples", "ip_info",
+    "throughput_samples", "ip_info", "packets",
 )
+
+PACKET_KEYS = ("transaction_id", "kind", "flow", "src", "sport", "dport", "proto", "ip_ttl", "ip_id", "tcp_flags", "length",
+               "t", "baseline_ttl", "baseline_ip_id", "injected")
 
 # --- Bounds on what one record writes -----------------------------------------
 BODY_TEXT_CAP = 64 * 1024           # http_transactions.body: the first 64 KiB as text
@@ -408,6 +411,8 @@ def _probe_side(mid: str, keys: dict[str, Any], rows: dict[str, list[Row]]) -> N
         })
     for s in _dicts(keys.get("x_throughput")):
         rows["throughput_samples"].append(_throughput(mid, s, s.get("side", "probe"), s.get("variant")))
+    for p in _dicts(keys.get("x_packets")):  # the packet probes' and the capture's (probes/packets.py)
+        rows["packets"].append({"measurement_id": mid, "side": "probe"} | {k: p.get(k) for k in PACKET_KEYS})
 
 
 def _throughput(mid: str, s: dict[str, Any], side: Any, variant: Any) -> Row:

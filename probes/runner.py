@@ -293,7 +293,8 @@ async def run_inputs(
 # the event loop, the rescue file. The command line parses options and prints;
 # everything it runs is here.
 
-TESTS = ("web", "throttling", "all")
+TESTS = ("web", "throttling", "all", "dns-injection", "traceroute")
+PACKET_TESTS = ("dns-injection", "traceroute")  # need raw sockets (probes/packets.py)
 
 
 def experiments(test: str) -> list[Experiment]:
@@ -303,6 +304,12 @@ def experiments(test: str) -> list[Experiment]:
 
     web = Experiment(wc.TEST_NAME, wc.TEST_VERSION, wc.measure, wc.new_test_keys, wc.outcome_label)
     thr = Experiment(th.TEST_NAME, th.TEST_VERSION, th.measure, th.new_test_keys, th.outcome_label)
+    if test in PACKET_TESTS:
+        from . import dns_injection as di
+        from . import traceroute as tr
+
+        module = di if test == "dns-injection" else tr
+        return [Experiment(module.TEST_NAME, module.TEST_VERSION, module.measure, module.new_test_keys, module.outcome_label)]
     return {"web": [web], "throttling": [thr], "all": [web, thr]}[test]
 
 
@@ -338,7 +345,7 @@ def resume(con, run_id: str) -> Resumed | None:
     row = con.execute("SELECT test_name, options FROM runs WHERE run_id = ?", [run_id]).fetchone()
     if row is None:
         return None
-    by_name = {spec.name: test for test in ("web", "throttling") for spec in experiments(test)}
+    by_name = {spec.name: test for test in ("web", "throttling", *PACKET_TESTS) for spec in experiments(test)}
     return Resumed(run_id, by_name.get(row[0], "web"), json.loads(row[1] or "{}"), remaining_inputs(con, run_id))
 
 
@@ -448,6 +455,7 @@ async def run_tests(
         extra_ca_file=options.get("ca_file") or _setting(config, "extra_ca_file"),
         allow=Policy.from_cidrs(options.get("public_networks") or []),  # where redirects may lead
     )
+    ctx.packet = {k: options[k] for k in ("target", "control_domain") if options.get(k)}  # the packet probes'
     summaries = []
     connector = aiohttp.TCPConnector(limit=concurrency, ssl=ctx.tls())
     async with aiohttp.ClientSession(connector=connector) as session:

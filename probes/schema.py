@@ -38,6 +38,8 @@ MIGRATIONS: list[tuple[int, str, str | None]] = [
     (5, "uploads: the measurements a collector acknowledged (vantage upload)",
      "CREATE TABLE IF NOT EXISTS uploads (measurement_id VARCHAR, collector VARCHAR, collector_measurement_id VARCHAR, "
      "report_id VARCHAR, uploaded_at TIMESTAMP)"),
+    (6, "packets: IP TTL and IP ID of packets the packet probes and the capture read (injected-packet evidence)",
+     "CREATE TABLE IF NOT EXISTS packets (measurement_id VARCHAR, side VARCHAR, transaction_id INTEGER, kind VARCHAR, flow VARCHAR, src VARCHAR, sport INTEGER, dport INTEGER, proto INTEGER, ip_ttl INTEGER, ip_id INTEGER, tcp_flags VARCHAR, length INTEGER, t DOUBLE, baseline_ttl INTEGER, baseline_ip_id INTEGER, injected BOOLEAN)"),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

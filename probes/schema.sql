@@ -174,4 +174,24 @@ CREATE TABLE IF NOT EXISTS uploads (
     uploaded_at TIMESTAMP              -- when the collector acknowledged it (UTC); one row per (measurement_id, collector)
 );
 
+CREATE TABLE IF NOT EXISTS packets (
+    measurement_id VARCHAR,
+    side VARCHAR,                -- probe (packets are read on the volunteer's side only) (migration 6)
+    transaction_id INTEGER,      -- the step (TCP connect) the packet belongs to, when known
+    kind VARCHAR,                -- capture: syn_ack | rst | fin | data; dns_injection: dns_answer | icmp; traceroute_<probe>
+    flow VARCHAR,                -- capture: remote ip:port > local port (the packets of one connection)
+    src VARCHAR,                 -- who sent it (as the IP header says)
+    sport INTEGER,
+    dport INTEGER,
+    proto INTEGER,               -- 6 TCP, 17 UDP, 1 ICMP
+    ip_ttl INTEGER,              -- the IP TTL it arrived with
+    ip_id INTEGER,               -- its IP ID
+    tcp_flags VARCHAR,           -- S A F R P letters
+    length INTEGER,              -- bytes of the IP packet (as captured)
+    t DOUBLE,
+    baseline_ttl INTEGER,        -- capture: the IP TTL of the flow's SYN-ACK (else another flow's from the same server)
+    baseline_ip_id INTEGER,      -- capture: the IP ID of that SYN-ACK
+    injected BOOLEAN             -- capture: the probe's reading (TTL or IP ID off the server's own); analysis re-reads it
+);
+
 -- verdicts: owned and created by the analysis (analysis/sql/00_verdicts.sql).

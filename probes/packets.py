@@ -1,0 +1,324 @@
+"""Packet-level plumbing for the packet probes (dns_injection, traceroute,
+capture): privileges, raw IPv4 receive sockets with a per-flow BPF filter
+attached in the kernel, header parsing, and OONI's df-003 packet entries.
+
+No libpcap: the filters are classic BPF programs assembled here (a handful of
+instructions each), attached with SO_ATTACH_FILTER to a raw socket, so the
+kernel hands us only the packets of one flow, clipped to ``snaplen`` bytes.
+A raw IPv4 socket sees every incoming packet of its protocol from the IP
+header on (outgoing packets never), which is where the filters look.
+
+Reading an arriving packet's IP TTL and IP ID needs a raw socket, hence root
+or CAP_NET_RAW; ``require_privileges`` says so in one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ctypes
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import VantageError
+
+SO_ATTACH_FILTER = 26
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
+FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+SNAPLEN = 1500
+
+NO_PRIVILEGES = ("this test sends and reads raw packets (IP TTL, IP ID, ICMP): run it as root "
+                 "or give Python CAP_NET_RAW (sudo setcap cap_net_raw+ep $(readlink -f $(which python3)))")
+
+
+class PrivilegeError(VantageError):
+    """The packet probes cannot open raw sockets."""
+
+
+def have_privileges() -> bool:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_ICMP).close()
+        return True
+    except (PermissionError, OSError):
+        return False
+
+
+def require_privileges() -> None:
+    if not have_privileges():
+        raise PrivilegeError(NO_PRIVILEGES)
+
+
+def setting(ctx: Any, name: str, default: Any = None) -> Any:
+    """A packet probe's setting from ``ctx.packet`` (target, control_domain, runs, pause, window)."""
+    value = (getattr(ctx, "packet", None) or {}).get(name)
+    return default if value is None else value
+
+
+# Callables ``(test_name, input, test_keys)`` told of each finished packet
+# measurement: how `vantage run ... --json` prints one line per input.
+LISTENERS: list[Any] = []
+
+
+def report(test_name: str, url: str, keys: dict[str, Any]) -> None:
+    for listener in list(LISTENERS):
+        listener(test_name, url, keys)
+
+
+# --- classic BPF -------------------------------------------------------------------
+
+LD_W_ABS, LD_H_ABS, LD_B_ABS = 0x20, 0x28, 0x30
+LD_H_IND, LD_B_IND = 0x48, 0x50
+LDX_B_MSH = 0xB1
+JEQ_K, JSET_K = 0x15, 0x45
+RET_K = 0x06
+
+
+class _Insn(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+
+class _Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_Insn))]
+
+
+def _ip_int(address: str) -> int:
+    return struct.unpack("!I", socket.inet_aton(address))[0]
+
+
+class Program:
+    """A classic BPF program built with symbolic jump targets ``"accept"`` and ``"drop"``."""
+
+    def __init__(self, snaplen: int = SNAPLEN):
+        self.code: list[tuple[int, Any, Any, int]] = []
+        self.snaplen = snaplen
+
+    def op(self, code: int, k: int = 0, jt: Any = 0, jf: Any = 0) -> "Program":
+        self.code.append((code, jt, jf, k))
+        return self
+
+    def assemble(self) -> list[tuple[int, int, int, int]]:
+        body = len(self.code)
+        targets = {"accept": body, "drop": body + 1}
+        out = []
+        for i, (code, jt, jf, k) in enumerate(self.code):
+            resolve = lambda j: (targets[j] - i - 1) if isinstance(j, str) else j  # noqa: E731
+            out.append((code, resolve(jt), resolve(jf), k))
+        out.append((RET_K, 0, 0, self.snaplen))
+        out.append((RET_K, 0, 0, 0))
+        return out
+
+
+def flow_program(remote_ips: list[str], remote_port: int | None, local_port: int | None, *,
+                 flags: int = 0, snaplen: int = SNAPLEN) -> Program:
+    """TCP/UDP packets from one of ``remote_ips`` (from ``remote_port``, to
+    ``local_port`` when given; with ``flags``, only TCP segments carrying one
+    of them)."""
+    p = Program(snaplen)
+    p.op(LD_W_ABS, 12)
+    for n, ip in enumerate(remote_ips):
+        last = n == len(remote_ips) - 1
+        p.op(JEQ_K, _ip_int(ip), len(remote_ips) - n - 1, "drop" if last else 0)
+    p.op(LDX_B_MSH, 0)
+    if remote_port is not None:
+        p.op(LD_H_IND, 0).op(JEQ_K, remote_port, 0, "drop")
+    if local_port is not None:
+        p.op(LD_H_IND, 2).op(JEQ_K, local_port, 0, "drop")
+    if flags:
+        p.op(LD_B_IND, 13).op(JSET_K, flags, "accept", "drop")
+    return p
+
+
+def icmp_program(local_port: int, snaplen: int = 256) -> Program:
+    """ICMP time-exceeded or destination-unreachable quoting a packet sent from
+    ``local_port`` (the quoted header is assumed option-free, as ours are)."""
+    p = Program(snaplen)
+    p.op(LDX_B_MSH, 0)
+    p.op(LD_B_IND, 0)
+    p.op(JEQ_K, 11, 1, 0)
+    p.op(JEQ_K, 3, 0, "drop")
+    p.op(LD_H_IND, 28).op(JEQ_K, local_port, "accept", "drop")
+    return p
+
+
+def attach(sock: socket.socket, program: Program) -> None:
+    insns = program.assemble()
+    array = (_Insn * len(insns))(*[_Insn(c, jt, jf, k) for c, jt, jf, k in insns])
+    prog = _Prog(len(insns), ctypes.cast(array, ctypes.POINTER(_Insn)))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))
+    # Whatever arrived before the filter was attached is not ours.
+    sock.setblocking(False)
+    while True:
+        try:
+            sock.recv(65535)
+        except (BlockingIOError, InterruptedError):
+            break
+
+
+# --- parsing ----------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    """One packet that arrived: the IP header fields we compare, and the transport's."""
+
+    raw: bytes
+    t: float                    # seconds since the probe's clock started
+    src: str
+    dst: str
+    proto: int
+    ip_ttl: int
+    ip_id: int
+    sport: int = 0
+    dport: int = 0
+    seq: int = 0
+    ack: int = 0
+    flags: int = 0
+    payload: bytes = b""
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    quoted: "Seen | None" = None  # the packet an ICMP error quotes
+
+    @property
+    def flag_text(self) -> str:
+        return "".join(ch for bit, ch in ((SYN, "S"), (ACK, "A"), (FIN, "F"), (RST, "R"), (PSH, "P")) if self.flags & bit)
+
+
+def parse(raw: bytes, t: float = 0.0, *, quoted: bool = False) -> Seen | None:
+    if len(raw) < 20 or raw[0] >> 4 != 4:
+        return None
+    ihl = (raw[0] & 0x0F) * 4
+    ip_id = struct.unpack_from("!H", raw, 4)[0]
+    ttl, proto = raw[8], raw[9]
+    s = Seen(raw, t, socket.inet_ntoa(raw[12:16]), socket.inet_ntoa(raw[16:20]), proto, ttl, ip_id)
+    body = raw[ihl:]
+    if proto == IPPROTO_TCP and len(body) >= (8 if quoted else 20):
+        s.sport, s.dport, s.seq = struct.unpack_from("!HHI", body)
+        if len(body) >= 20:
+            s.ack, off_flags = struct.unpack_from("!IH", body, 8)
+            s.flags = off_flags & 0x1FF
+            s.payload = body[(off_flags >> 12) * 4:]
+    elif proto == IPPROTO_UDP and len(body) >= 8:
+        s.sport, s.dport = struct.unpack_from("!HH", body)
+        s.payload = body[8:]
+    elif proto == IPPROTO_ICMP and len(body) >= 8:
+        s.icmp_type, s.icmp_code = body[0], body[1]
+        if s.icmp_type in (3, 11) and not quoted:
+            s.quoted = parse(body[8:], t, quoted=True)
+    return s
+
+
+def _checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def anonymised(raw: bytes, own: str | None, *, sent: bool) -> bytes:
+    """df-003's privacy rule: our address becomes 127.0.0.1 (the source of sent
+    packets, the destination of received ones); the IP checksum is redone."""
+    if len(raw) < 20 or own is None:
+        return raw
+    at = 12 if sent else 16
+    if raw[at:at + 4] != socket.inet_aton(own):
+        return raw
+    head = bytearray(raw[:(raw[0] & 0x0F) * 4])
+    head[at:at + 4] = socket.inet_aton("127.0.0.1")
+    head[10:12] = b"\0\0"
+    head[10:12] = struct.pack("!H", _checksum(bytes(head)))
+    return bytes(head) + raw[len(head):]
+
+
+def summary(raw: bytes) -> str:
+    """A one-line scapy summary (df-003's ``summary``); the bytes' length if scapy is missing."""
+    try:
+        from scapy.layers.inet import IP
+
+        return IP(raw).summary()
+    except Exception:  # scapy missing or a packet it cannot dissect
+        return f"{len(raw)} bytes"
+
+
+def packet_entry(raw: bytes, own: str | None = None, *, sent: bool = False, **extra: Any) -> dict[str, Any]:
+    """A df-003 Packet: ``raw_packet`` (BinaryData) and ``summary``; our additions ``x_``."""
+    data = anonymised(raw, own, sent=sent)
+    return {"raw_packet": {"data": base64.b64encode(data).decode(), "format": "base64"}, "summary": summary(data), **extra}
+
+
+# --- listening --------------------------------------------------------------------
+
+
+@dataclass
+class Listener:
+    """A raw socket with a BPF program, read by the event loop; keeps at most
+    ``max_packets`` packets and ``max_bytes`` bytes (a bounded capture)."""
+
+    proto: int
+    program: Program
+    clock: Any = None
+    max_packets: int = 64
+    max_bytes: int = 64 * 1024
+    packets: list[Seen] = field(default_factory=list)
+    dropped: int = 0
+    _bytes: int = 0
+    _sock: socket.socket | None = None
+    _event: asyncio.Event | None = None
+
+    def __enter__(self) -> "Listener":
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, self.proto)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+            attach(self._sock, self.program)
+            self._event = asyncio.Event()
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._read)
+        except BaseException:
+            self._sock.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._sock is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            except Exception:  # the loop is closing: nothing to unregister
+                pass
+            self._sock.close()
+            self._sock = None
+
+    def now(self) -> float:
+        return self.clock.now() if self.clock is not None else time.monotonic()
+
+    def _read(self) -> None:
+        while self._sock is not None:
+            try:
+                raw = self._sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(self.packets) >= self.max_packets or self._bytes + len(raw) > self.max_bytes:
+                self.dropped += 1
+                continue
+            seen = parse(raw, self.now())
+            if seen is None:
+                continue
+            self._bytes += len(raw)
+            self.packets.append(seen)
+            if self._event is not None:
+                self._event.set()
+
+    async def wait(self, seconds: float) -> None:
+        """Listen for ``seconds`` (packets are collected meanwhile)."""
+        await asyncio.sleep(seconds)
+
+
+def local_address_towards(ip: str) -> str | None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((ip, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
