@@ -14,6 +14,7 @@ if [ "$want_test" = 1 ] && [ "$(id -u)" = 0 ]; then
     command -v tc >/dev/null || need+=(iproute2)
     [ -e /usr/include/libnetfilter_queue/libnetfilter_queue.h ] || need+=(libnetfilter-queue-dev)
     command -v chromium >/dev/null || need+=(chromium)  # tests/test_report_browser.py
+    command -v java >/dev/null || need+=(openjdk-17-jre-headless)  # tests/test_spark.py: Spark runs on Java 17+
     if [ "${#need[@]}" -gt 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
@@ -37,7 +38,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if [ "$want_test" = 1 ]; then
-    .venv/bin/python -m pip install -q -e '.[test,lab]'
+    .venv/bin/python -m pip install -q -e '.[test,lab,spark]'
 else
     .venv/bin/python -m pip install -q -e .
 fi
