@@ -30,6 +30,8 @@ _COMMANDS = {
     "report": ("cli.report", "report"),
     "import": ("cli.imports", "import_group"),
     "export": ("cli.export", "export_group"),
+    "collector": ("cli.collector", "collector"),
+    "upload": ("cli.upload", "upload"),
 }
 
 
