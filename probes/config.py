@@ -159,6 +159,11 @@ SETTINGS: tuple[Setting, ...] = (
             "PEM file of extra trusted CAs (added to the system roots).", _check_path),
     Setting("geo_db", str, lambda: str(paths.cache_dir() / "geo"),
             "Directory holding asn.mmdb and country.mmdb.", _check_path),
+    Setting("collector_url", str, "",
+            "Collector to upload measurements to (OONI bk-003, e.g. https://collector.example.org).",
+            lambda v: _check_url(v) if v else v),
+    Setting("upload_after_run", bool, False,
+            "Upload measurements to collector_url after each run (off until the volunteer agrees)."),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
