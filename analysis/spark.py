@@ -87,11 +87,14 @@ def session(master: str | None = None, app_name: str = "vantage-analyze", conf: 
     if (master or DEFAULT_MASTER).startswith("local"):
         # local workers run this interpreter (its duckdb, its vantage); a cluster's: PYSPARK_PYTHON
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # no "resolves to a loopback address" warning
     if master:
         builder = builder.master(master)
     elif not os.environ.get("SPARK_ENV_LOADED") and "PYSPARK_GATEWAY_PORT" not in os.environ:
         builder = builder.master(DEFAULT_MASTER)
     settings = {
+        # Spark's start-up chatter (log4j INFO/WARN) off the user's terminal: errors only
+        "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile={_quiet_log4j()}",
         "spark.sql.session.timeZone": "UTC",
         # day=2026-12-01 and probe_cc=NA stay text, as the folder names say
         "spark.sql.sources.partitionColumnTypeInference.enabled": "false",
@@ -108,6 +111,21 @@ def session(master: str | None = None, app_name: str = "vantage-analyze", conf: 
         raise AnalysisError(f"cannot start Spark ({master or 'default master'}): {first}") from None
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def _quiet_log4j() -> str:
+    """A log4j2 configuration that prints errors only (a file in the temp folder, written once)."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "vantage-spark-log4j2.properties"
+    text = ("rootLogger.level = error\nrootLogger.appenderRef.stderr.ref = console\n"
+            "appender.console.type = Console\nappender.console.name = console\nappender.console.target = SYSTEM_ERR\n"
+            "appender.console.layout.type = PatternLayout\nappender.console.layout.pattern = spark: %p %c{1}: %m%n\n")
+    if not path.is_file() or path.read_text() != text:
+        temp = path.with_name(f".{path.name}.{os.getpid()}")
+        temp.write_text(text)
+        os.replace(temp, path)
+    return str(path)
 
 
 # --- The plan (driver) -----------------------------------------------------------

@@ -21,10 +21,21 @@ from .common import cell, console, db_option, json_option, resolve_db, safe, to_
 @click.option("--asn-db", type=click.Path(exists=True), metavar="PATH",
               help="IP-to-ASN database (.mmdb, or a directory with asn.mmdb; default: the geo_db setting's, "
                    "when `vantage geo update` installed it): answers in the control's AS are consistent.")
+@click.option("--engine", type=click.Choice(["duckdb", "spark"]), default="duckdb", show_default=True,
+              help="duckdb: the database (--db); spark: the Parquet layout of `vantage export parquet` (--input, --out).")
+@click.option("--input", "input_dir", metavar="DIR", help="--engine spark: the exported Parquet folder (or a Spark URL).")
+@click.option("--out", "out_dir", metavar="DIR", help="--engine spark: where verdicts/ and the agg_* views go, same layout.")
+@click.option("--master", metavar="URL", help="--engine spark: Spark master (default local[N], N = cores; under "
+                                                "spark-submit, its --master).")
 @json_option
-def analyze(db_path, public_networks, fingerprints_dir, only_missing, asn_db, as_json):
+def analyze(db_path, public_networks, fingerprints_dir, only_missing, asn_db, engine, input_dir, out_dir, master, as_json):
     """Compute verdicts (ok, blocked, throttled, down, server_side, inconclusive) for stored measurements."""
     from probes import store
+
+    if engine == "spark" or input_dir or out_dir or master:
+        _analyze_spark(engine, db_path, only_missing, input_dir, out_dir, master, public_networks, fingerprints_dir,
+                       asn_db, as_json)
+        return
 
     path = resolve_db(db_path)
     # The measurement schema is the probe's: refuse a newer one, migrate an older one, before the analysis reads it.
@@ -51,6 +62,49 @@ def analyze(db_path, public_networks, fingerprints_dir, only_missing, asn_db, as
         table.add_row(cell(r["status"]), cell(r["layer"] or ""), cell(r["method"] or ""), cell(r["count"]), cell(r["confirmed"]))
     console().print(table)
     if version == "none":
+        click.echo("note: no fingerprints found; run `vantage fingerprints update` to confirm blockpages", err=True)
+
+
+def _analyze_spark(engine, db_path, only_missing, input_dir, out_dir, master, public_networks, fingerprints_dir,
+                   asn_db, as_json):
+    """`vantage analyze --engine spark`: analysis/spark.py over the Parquet layout (docs/scale.md)."""
+    import sys
+
+    from analysis import spark
+    from probes.schema import SCHEMA_SQL
+
+    if engine != "spark":
+        raise click.UsageError("--input, --out and --master go with --engine spark")
+    if db_path or only_missing:
+        raise click.UsageError("--engine spark reads --input (Parquet), not --db; --only-missing is for the database")
+    if not input_dir or not out_dir:
+        raise click.UsageError("--engine spark needs --input DIR (the Parquet export) and --out DIR")
+    spark.check_environment()  # no pyspark / no Java: one line naming what to install, exit 2
+
+    def progress(done, total):
+        if not as_json:
+            end = "\n" if done == total or not sys.stderr.isatty() else "\r"
+            click.echo(f"spark: {done}/{total} partitions judged", err=True, nl=False)
+            click.echo(end, err=True, nl=False)
+
+    result = spark.run(input_dir, out_dir, master=master, public_networks=public_networks,
+                       fingerprints_dir=fingerprints_dir, asn_db=asn_db or _default_asn_db(), schema_sql=SCHEMA_SQL,
+                       progress=progress)
+    if as_json:
+        click.echo(to_json({"engine": "spark"} | result))
+        return
+    from rich.table import Table
+
+    table = Table(title=cell(f"{result['analysed']} measurements analysed on Spark (fingerprints: "
+                             f"{safe(result['fingerprint_set'])})"))
+    for name in ("status", "layer", "method", "count", "confirmed"):
+        table.add_column(name, justify="right" if name in ("count", "confirmed") else "left")
+    for r in result["verdicts"]:
+        table.add_row(cell(r["status"]), cell(r["layer"] or ""), cell(r["method"] or ""), cell(r["count"]), cell(r["confirmed"]))
+    console().print(table)
+    click.echo(f"{result['partitions']} partitions in {result['tasks']} tasks, {result['seconds']['total']} s; "
+               f"verdicts and views in {safe(result['output'])}", err=True)
+    if result["fingerprint_set"] == "none":
         click.echo("note: no fingerprints found; run `vantage fingerprints update` to confirm blockpages", err=True)
 
 

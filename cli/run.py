@@ -84,6 +84,8 @@ def _interrupted_runs(con, since: dt.datetime, resume_id: str | None) -> list[st
 @click.option("--no-doh", is_flag=True, help="Do not query a DNS-over-HTTPS resolver.")
 @click.option("--target", help="dns-injection/traceroute: an IPv4 address running no DNS resolver (default: the helper's).")
 @click.option("--control-domain", help="traceroute: the domain control probes carry (default example.com).")
+@click.option("--capture", is_flag=True, help="web: keep each connection's SYN-ACK, RSTs, FINs and first response packets "
+                                              "(IP TTL, IP ID) to tell injected packets (root or CAP_NET_RAW).")
 @click.option("--public-network", "public_networks", multiple=True, help="CIDR to treat as public address space (labs).")
 @click.option("--probe-cc", help="Override the probe's country code.")
 @click.option("--probe-asn", help="Override the probe's ASN (e.g. AS3269).")
@@ -93,7 +95,7 @@ def _interrupted_runs(con, since: dt.datetime, resume_id: str | None) -> list[st
 @json_option
 def run(test, list_name, input_file, urls, categories, helpers, db_path, concurrency, max_runtime, resume_id,
         ca_file, resolver, doh_url, no_doh, public_networks, probe_cc, probe_asn, config_path, assume_yes, quiet, as_json,
-        target=None, control_domain=None):
+        target=None, control_domain=None, capture=False):
     """Measure URLs (DNS, TCP, TLS, HTTP) against a control; store results in DuckDB."""
     from probes import runner, store
     from probes.config import load_config
@@ -136,7 +138,7 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
         "no_doh": no_doh, "public_networks": list(public_networks), "probe_cc": probe_cc, "probe_asn": probe_asn,
         # A new run records the concurrency it ran with; --resume reuses it unless given again.
         "concurrency": concurrency or (None if resume_id else config.concurrency),
-        "target": target, "control_domain": control_domain,
+        "target": target, "control_domain": control_domain, "capture": capture,
     }, recorded)
 
     if resume_id and not ca_file and options.get("ca_file"):

@@ -261,7 +261,9 @@ class Listener:
     clock: Any = None
     max_packets: int = 64
     max_bytes: int = 64 * 1024
+    max_per_flow: int | None = None  # packets kept per (source, source port, destination port)
     packets: list[Seen] = field(default_factory=list)
+    _flows: dict = field(default_factory=dict)
     dropped: int = 0
     _bytes: int = 0
     _sock: socket.socket | None = None
@@ -305,6 +307,12 @@ class Listener:
             seen = parse(raw, self.now())
             if seen is None:
                 continue
+            if self.max_per_flow is not None:
+                flow = (seen.src, seen.sport, seen.dport)
+                if self._flows.get(flow, 0) >= self.max_per_flow:
+                    self.dropped += 1
+                    continue
+                self._flows[flow] = self._flows.get(flow, 0) + 1
             self._bytes += len(raw)
             self.packets.append(seen)
             if self._event is not None:

@@ -455,7 +455,7 @@ async def run_tests(
         extra_ca_file=options.get("ca_file") or _setting(config, "extra_ca_file"),
         allow=Policy.from_cidrs(options.get("public_networks") or []),  # where redirects may lead
     )
-    ctx.packet = {k: options[k] for k in ("target", "control_domain") if options.get(k)}  # the packet probes'
+    ctx.packet = {k: options[k] for k in ("target", "control_domain", "capture") if options.get(k)}  # the packet probes'
     summaries = []
     connector = aiohttp.TCPConnector(limit=concurrency, ssl=ctx.tls())
     async with aiohttp.ClientSession(connector=connector) as session:

@@ -28,7 +28,7 @@ from core import failures
 from core.failures import OFFLINE
 from core.net import endpoint, is_ip
 
-from . import dns, http, tcp, tls
+from . import capture, dns, http, tcp, tls
 from .context import ProbeContext
 from .records import Clock, Transactions
 
@@ -97,6 +97,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
             await _collect(background, keys)
             addresses = dns.first_addresses([q for q in keys["queries"] if q["engine"] in ("udp", "tcp")])
     addresses = addresses[:MAX_ADDRESSES]
+    packet_capture = capture.start(ctx, addresses, port, clock)  # --capture: probes/capture.py
 
     # 2. Control, concurrently with everything below.
     control_task = None
@@ -170,7 +171,9 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
                 attempt += 1
     except BaseException:
         _cancel(background + ([control_task] if control_task else []))
+        capture.abandon(packet_capture)
         raise
+    await capture.stop(packet_capture, keys, clock)
     # What is left (late DNS answers, the control) needs no slot of the runner:
     # it is awaited by the finisher while the next input is measured.
     return _finish(background, control_task, keys)

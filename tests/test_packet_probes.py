@@ -123,6 +123,14 @@ domain = "tlsreset.example"
 domain = "tlsdrop.example"
 [[sites]]
 domain = "dnsdrop.example"
+[[sites]]
+domain = "down.example"
+behaviour = "down"
+[[sites]]
+domain = "reject.example"
+[[censor]]
+action = "ip-reject"
+domain = "reject.example"
 [[censor]]
 action = "dns-inject"
 domain = "inject.example"
@@ -206,6 +214,37 @@ def test_traceroute_names_the_censor_hop_and_its_position(lab):
         assert line["runs"] == 3 and 2 <= line["agreeing_runs"] <= 3, line
     free = got["http://free.example/"]
     assert free["interference"] is False and free["censor_hop"] is None and free["position"] is None
+
+
+
+@pytest.mark.lab
+def test_capture_marks_the_censors_resets_injected_and_a_closed_ports_genuine(lab):
+    import duckdb
+
+    from lab import plan
+    from lab.runner import VANTAGE
+
+    db = lab.workdir / "capture.duckdb"
+    argv = [*VANTAGE, "run", "web", "--capture", "--yes", "--quiet", "--db", str(db), "--resolver", plan.PUBLIC_RESOLVER,
+            "--no-doh", "--probe-cc", "ZZ", "--probe-asn", "AS0"]
+    for url in ("http://reset.example/", "http://down.example/", "http://reject.example/", "http://free.example/"):
+        argv += ["--url", url]
+    proc = lab.lab.run("probe", argv, timeout=240, env=lab._child_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    con = duckdb.connect(str(db), read_only=True)
+    rows = con.execute("SELECT m.domain, p.kind, p.ip_ttl, p.baseline_ttl, p.injected FROM packets p "
+                       "JOIN measurements m USING (measurement_id)").fetchall()
+    con.close()
+    by = {}
+    for domain, kind, ttl, baseline, injected in rows:
+        by.setdefault((domain, kind), []).append((ttl, baseline, injected))
+    # The censor's RSTs: after the request (http-reset) and to the SYN (ip-reject).
+    assert by[("reset.example", "rst")] and all(i is True for _, _, i in by[("reset.example", "rst")]), by
+    assert by[("reject.example", "rst")] and all(i is True for _, _, i in by[("reject.example", "rst")]), by
+    # The server's own RSTs from a closed port, and an uncensored site's packets.
+    assert by[("down.example", "rst")] and all(i is False for _, _, i in by[("down.example", "rst")]), by
+    assert all(i is False for (d, k), v in by.items() if d == "free.example" and k != "syn_ack" for _, _, i in v), by
+    assert by[("free.example", "syn_ack")]
 
 
 if __name__ == "__main__":
