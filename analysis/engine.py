@@ -32,7 +32,7 @@ from core.net import SPECIAL_V4, Policy
 from . import fingerprints as fp
 from .db import AnalysisError, ensure_schema  # AnalysisError: raised here, re-exported for callers
 
-RULE_FILES = ("10_scope.sql", "20_dns.sql", "21_dns_signals.sql", "30_transport.sql", "40_http.sql",
+RULE_FILES = ("10_scope.sql", "20_dns.sql", "21_dns_signals.sql", "30_transport.sql", "35_packets.sql", "40_http.sql",
               "60_verdicts.sql")
 AGGREGATE_FILES = ("90_aggregates.sql",)
 

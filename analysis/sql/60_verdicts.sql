@@ -190,6 +190,9 @@ WITH r AS (
 SELECT r.measurement_id, r.input, x.status, x.layer,
        x.method,
        CASE WHEN r.rule = 'http_page_differs' AND r.len_ratio IS NULL THEN 0.4
+            -- 35_packets: an injected RST/FIN/response seen on the wire
+            WHEN x.status = 'blocked' AND x.layer IN ('tcp', 'tls', 'http') AND pk.injected_packets > 0
+                THEN greatest(x.confidence, 0.95)
             ELSE x.confidence END AS confidence,
        x.status = 'blocked' AND (r.dns_fp IS NOT NULL OR r.http_fp IS NOT NULL) AS confirmed,
        json_object(
@@ -226,4 +229,5 @@ SELECT r.measurement_id, r.input, x.status, x.layer,
                END,
            'fingerprint_set', '{{FINGERPRINT_SET}}') AS evidence
 FROM r
-JOIN _a_rules x USING (rule);
+JOIN _a_rules x USING (rule)
+LEFT JOIN _a_packets pk USING (measurement_id);
