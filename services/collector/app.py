@@ -65,7 +65,7 @@ class CollectorConfig:
     max_in_flight: int = 64
     trust_forwarded_for: bool = False
     segment_seconds: float = 1.0
-    segment_bytes: int = 8 << 20
+    segment_bytes: int = 16 << 20
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:

@@ -37,7 +37,7 @@ THREADS = 2
 
 
 class Ingestor:
-    def __init__(self, db_path: str | os.PathLike, spool: Spool, batch_size: int = 500, idle_close: float = 5.0,
+    def __init__(self, db_path: str | os.PathLike, spool: Spool, batch_size: int = 4000, idle_close: float = 5.0,
                  log=None):
         self.db_path = str(db_path)
         self.spool = spool
@@ -77,8 +77,7 @@ class Ingestor:
             segments = self.spool.ready_segments()
             if segments:
                 try:
-                    for path in segments:
-                        self.ingest_segment(path)
+                    self.ingest(segments[:64])
                     idle_since = time.monotonic()
                 except Exception as exc:  # the database is busy or failing: the spool keeps everything
                     self.errors += 1
@@ -108,31 +107,45 @@ class Ingestor:
                 pass
             self._con = None
 
-    def ingest_segment(self, path: Path) -> None:
+    def ingest(self, segments: list[Path]) -> None:
+        """Ingest ``segments`` in order, in batches of ``batch_size`` that may
+        span segments (small segments of a quiet hour still make big, cheap
+        transactions); a segment is deleted once the batch holding its last
+        line has committed."""
         con = self._connection()
         self.busy = True
         try:
             batch: list[tuple[dict[str, Any], str | None]] = []
             seen: set[str] = set()
-            with open(path, "rb") as fh:
-                for line in fh:
-                    item = self._parse(line)
-                    if item is None:
-                        continue
-                    if item[0]["measurement_id"] in seen:
-                        self.duplicates += 1
-                        continue
-                    seen.add(item[0]["measurement_id"])
-                    batch.append(item)
-                    if len(batch) >= self.batch_size:
-                        self._write(con, batch)
-                        batch = []
-            if batch:
-                self._write(con, batch)
-            # Committed: only now may the segment go.
-            path.unlink()
-            fsync_dir(path.parent)
-            self.segments += 1
+            finished: list[Path] = []  # read to the end; deleted after the next commit
+
+            def commit() -> None:
+                if batch:
+                    self._write(con, batch)
+                    batch.clear()
+                    seen.clear()
+                for done in finished:
+                    done.unlink()
+                    self.segments += 1
+                if finished:
+                    fsync_dir(finished[0].parent)
+                finished.clear()
+
+            for path in segments:
+                with open(path, "rb") as fh:
+                    for line in fh:
+                        item = self._parse(line)
+                        if item is None:
+                            continue
+                        if item[0]["measurement_id"] in seen:
+                            self.duplicates += 1
+                            continue
+                        seen.add(item[0]["measurement_id"])
+                        batch.append(item)
+                        if len(batch) >= self.batch_size:
+                            commit()
+                finished.append(path)
+            commit()
         finally:
             self.busy = False
 
