@@ -6,7 +6,6 @@ This module parses options and prints; probes/runner.py runs (run_tests).
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import sys
 
 import click
@@ -54,16 +53,11 @@ def _check_ca_file(path: str, where: str) -> None:
         raise VantageError(f"{where} {path}: not a usable PEM CA certificate ({exc})") from None
 
 
-def _interrupted_runs(con, since: dt.datetime, resume_id: str | None) -> list[str]:
+def _interrupted_runs(runs: dict[str, str], resume_id: str | None) -> list[str]:
     """The runs this command left interrupted (run_tests marked them)."""
     if resume_id:
         return [resume_id]
-    try:
-        rows = con.execute("SELECT run_id FROM runs WHERE status = 'interrupted' AND started_at >= ? ORDER BY started_at",
-                           [since]).fetchall()
-    except Exception:  # the database itself failed; the sink said so
-        return []
-    return [r[0] for r in rows]
+    return [run_id for run_id, status in runs.items() if status == "interrupted"]
 
 
 @click.command()
@@ -92,12 +86,15 @@ def _interrupted_runs(con, since: dt.datetime, resume_id: str | None) -> list[st
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config file (TOML).")
 @click.option("--yes", "-y", "assume_yes", is_flag=True, help="Accept the informed-consent notice (unattended runs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--unattended", is_flag=True,
+              help="A scheduled run (`vantage schedule`): measures only if consent is recorded in the config, never "
+                   "asks; skipped while another run uses the database; uploads afterwards if upload_after_run is set.")
 @json_option
 def run(test, list_name, input_file, urls, categories, helpers, db_path, concurrency, max_runtime, resume_id,
-        ca_file, resolver, doh_url, no_doh, public_networks, probe_cc, probe_asn, config_path, assume_yes, quiet, as_json,
-        target=None, control_domain=None, capture=False):
+        ca_file, resolver, doh_url, no_doh, public_networks, probe_cc, probe_asn, config_path, assume_yes, quiet,
+        unattended, as_json, target=None, control_domain=None, capture=False):
     """Measure URLs (DNS, TCP, TLS, HTTP) against a control; store results in DuckDB."""
-    from probes import runner, store
+    from probes import runner, spool
     from probes.config import load_config
     from core.net import Policy
     from probes.consent import NO_CONSENT_MESSAGE
@@ -105,7 +102,16 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
     from .consent import ensure_consent, print_essentials
 
     config = load_config(config_path)
-    if not ensure_consent(config, assume_yes=assume_yes):
+    if unattended:
+        from probes.schedule import NO_CONSENT_UNATTENDED
+
+        if not config.consent_given:  # never asked, never --yes: the volunteer consents at a terminal
+            raise VantageError(NO_CONSENT_UNATTENDED.format(config=config.path))
+        from probes.schedule import rotate_log
+
+        rotate_log()
+        quiet = True
+    elif not ensure_consent(config, assume_yes=assume_yes):
         raise VantageError(NO_CONSENT_MESSAGE)
 
     # The same checks as the config file (one-line errors, exit 2).
@@ -124,51 +130,101 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
         raise VantageError(f"--public-network: {exc}") from None
 
     db_file = str(db_path or config.db)
-    con = store.connect(db_file, memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
-
-    if resume_id:
-        resumed = runner.resume(con, resume_id)
-        if resumed is None:
-            raise VantageError(f"no run {resume_id} in {db_path or 'the database'}")
-        test, recorded, entries = resumed.test, resumed.options, resumed.inputs
-    else:
-        recorded, entries = {}, _inputs(urls, input_file, list_name, categories)
-    options = runner.run_options({
-        "test": test, "helpers": list(helpers), "ca_file": ca_file, "resolver": resolver, "doh_url": doh_url,
-        "no_doh": no_doh, "public_networks": list(public_networks), "probe_cc": probe_cc, "probe_asn": probe_asn,
-        # A new run records the concurrency it ran with; --resume reuses it unless given again.
-        "concurrency": concurrency or (None if resume_id else config.concurrency),
-        "target": target, "control_domain": control_domain, "capture": capture,
-    }, recorded)
-
-    if resume_id and not ca_file and options.get("ca_file"):
-        _check_ca_file(options["ca_file"], f"the --ca-file run {resume_id} was started with,")
-    if assume_yes:
-        print_essentials(config)
-    if not (options.get("helpers") or config.helpers):
-        click.echo("vantage: warning: no control helper (--helper): every verdict will be inconclusive", err=True)
-    quiet = quiet or as_json
-    packet_lines = _packet_test(options["test"], as_json)
-    started = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    work = runner.run_tests(
-        con, db_file, runner.experiments(options["test"]), entries, options, config, resume_id=resume_id,
-        concurrency=options.get("concurrency"), max_runtime=max_runtime,
-        progress=lambda name, total: _Progress(total, name, quiet),
-        warn=None if quiet else (lambda message: click.echo(f"warning: {safe(message)}", err=True)),
-    )
+    # One run per database at a time; this process never opens the database
+    # itself (probes/spool.py: DuckDB stays out of the measuring process).
+    lock = spool.RunLock(db_file)
+    if not lock.acquire():
+        holder = lock.holder()
+        who = f" (pid {holder})" if holder and holder > 0 else ""
+        if unattended:
+            click.echo(f"vantage: skipped: the previous run{who} is still using {safe(db_file)}", err=True)
+            _record_unattended(db_file, "skipped", [])
+            return
+        raise VantageError(f"another `vantage run`{who} is using {db_file}: wait for it to end, or use another --db")
+    runs: dict[str, str] = {}  # run id -> status, filled by run_tests
     try:
-        summaries = asyncio.run(work)
-    except KeyboardInterrupt:
-        # run_tests stored every finished measurement and marked the run interrupted.
-        ids = _interrupted_runs(con, started, resume_id)
-        if not ids:
-            click.echo("interrupted before a run started: nothing was measured", err=True)
-        for run_id in ids:
-            click.echo(f"interrupted: finished measurements are stored; resume with `vantage run --resume {safe(run_id)}`",
-                       err=True)
-        sys.exit(130)
-    if not packet_lines:
-        _print_summary(summaries, as_json, db_file)
+        prepared = spool.prepare(db_file, resume_id)
+        for found in prepared["recovered"]:
+            if found["stored"] and not quiet:
+                click.echo(f"vantage: stored {found['stored']} measurements that run {safe(found['run_id'])} left in its "
+                           "spool", err=True)
+            if found["status"] == "interrupted" and not found["ended"]:
+                click.echo(f"vantage: run {safe(found['run_id'])} was cut short; finish it with "
+                           f"`vantage run --resume {safe(found['run_id'])}`", err=True)
+
+        if resume_id:
+            resumed = prepared["resume"]
+            if resumed.get("missing"):
+                raise VantageError(f"no run {resume_id} in {db_path or 'the database'}")
+            test, recorded, entries = resumed["test"], resumed["options"], [tuple(i) for i in resumed["inputs"]]
+        else:
+            recorded, entries = {}, _inputs(urls, input_file, list_name, categories)
+        options = runner.run_options({
+            "test": test, "helpers": list(helpers), "ca_file": ca_file, "resolver": resolver, "doh_url": doh_url,
+            "no_doh": no_doh, "public_networks": list(public_networks), "probe_cc": probe_cc, "probe_asn": probe_asn,
+            # A new run records the concurrency it ran with; --resume reuses it unless given again.
+            "concurrency": concurrency or (None if resume_id else config.concurrency),
+            "target": target, "control_domain": control_domain, "capture": capture,
+        }, recorded)
+
+        if resume_id and not ca_file and options.get("ca_file"):
+            _check_ca_file(options["ca_file"], f"the --ca-file run {resume_id} was started with,")
+        if assume_yes and not unattended:
+            print_essentials(config)
+        if not (options.get("helpers") or config.helpers):
+            click.echo("vantage: warning: no control helper (--helper): every verdict will be inconclusive", err=True)
+        quiet = quiet or as_json
+        packet_lines = _packet_test(options["test"], as_json)
+        work = runner.run_tests(
+            None, db_file, runner.experiments(options["test"]), entries, options, config, resume_id=resume_id,
+            concurrency=options.get("concurrency"), max_runtime=max_runtime,
+            progress=lambda name, total: _Progress(total, name, quiet),
+            warn=None if quiet else (lambda message: click.echo(f"warning: {safe(message)}", err=True)),
+            runs=runs,
+        )
+        try:
+            summaries = asyncio.run(work)
+        except KeyboardInterrupt:
+            # run_tests stored every finished measurement and marked the run interrupted.
+            ids = _interrupted_runs(runs, resume_id)
+            if not ids:
+                click.echo("interrupted before a run started: nothing was measured", err=True)
+            for run_id in ids:
+                click.echo(f"interrupted: finished measurements are stored; resume with `vantage run --resume {safe(run_id)}`",
+                           err=True)
+            sys.exit(130)
+        if not packet_lines:
+            _print_summary(summaries, as_json, db_file)
+        if unattended:
+            _after_unattended(config, db_file, summaries)
+        lock.release()
+    except BaseException as exc:
+        if unattended:  # what `vantage schedule status` reports as the last run
+            cut = isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code == 130)
+            _record_unattended(db_file, "interrupted" if cut else "failed",
+                               [{"run_id": r, "status": s} for r, s in runs.items()])
+        raise
+
+
+def _record_unattended(db_file: str, result: str, runs: list[dict], upload: str | None = None) -> None:
+    from probes import schedule
+
+    schedule.record_last_run(result, runs, db_file, upload=upload)
+
+
+def _after_unattended(config, db_file: str, summaries) -> None:
+    """The scheduled run's epilogue: `vantage upload` when the volunteer chose
+    it (probes.schedule.UPLOAD_AFTER_RUN), still under the run's lock; the
+    outcome recorded for `vantage schedule status`."""
+    from probes import schedule
+
+    runs = [{"run_id": s.run_id, "status": s.status, "measured": s.measured, "total": s.total} for s in summaries]
+    upload = None
+    if schedule.upload_after_run(config):
+        upload = schedule.upload(config, db_file)
+        if upload != "ok":
+            click.echo(f"vantage: upload after the run: {safe(upload)}", err=True)
+    schedule.record_last_run("ok", runs, db_file, upload=upload)
 
 
 class _Progress:

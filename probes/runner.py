@@ -428,16 +428,22 @@ async def run_tests(
     max_runtime: float | None = None,
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
+    runs: dict[str, str] | None = None,
 ) -> list[RunSummary]:
     """Run each test over ``inputs`` (a new run per test), or finish the run
     ``resume_id`` (one test; ``inputs`` are its remaining inputs).
 
     Settings come from ``options`` (the run's, see ``run_options``), else from
     ``config``. Every finished measurement is stored; the run is marked
-    finished, timed_out, store_failed or interrupted (Ctrl-C) at the end."""
+    finished, timed_out, store_failed or interrupted (Ctrl-C) at the end.
+
+    ``con`` None (`vantage run`): this process never opens the database;
+    measurements go to a spool and short-lived processes start the run and
+    store it (probes/spool.py). ``runs`` is filled with each run id and its
+    final status, also when the run is cut by Ctrl-C."""
     import aiohttp
 
-    from . import store
+    from . import spool, store
     from core.net import Policy
 
     from .timeouts import Timeouts
@@ -463,8 +469,16 @@ async def run_tests(
         for test in tests:
             this_run = resume_id or new_id()
             if resume_id is None:
-                start_run(con, this_run, test, inputs, options, location)
-            sink = store.Sink(con, rescue_path=rescue_path(db_file, this_run))
+                if con is None:
+                    spool.start(db_file, this_run, test.name, inputs, options, location)
+                else:
+                    start_run(con, this_run, test, inputs, options, location)
+            if runs is not None:
+                runs[this_run] = "interrupted"
+            if con is None:
+                sink = spool.SpoolSink(spool.spool_path(db_file, this_run), rescue_path=rescue_path(db_file, this_run))
+            else:
+                sink = store.Sink(con, rescue_path=rescue_path(db_file, this_run))
             status = "interrupted"
             try:
                 with (progress or _no_progress)(test.name, len(inputs)) as on_result:
@@ -475,17 +489,26 @@ async def run_tests(
                 status = summary.status
                 summaries.append(summary)
             finally:
-                try:
-                    sink.close()
-                finally:
+                if con is None:
+                    # Stores the spool and marks the run; raises StoreError as sink.close does.
+                    _ended(spool.finish(db_file, this_run, sink, status), this_run, summaries, runs)
+                else:
                     try:
-                        final = finish_run(con, this_run, status, sink=sink)
-                        if summaries and summaries[-1].run_id == this_run:
-                            summaries[-1].status = final
-                        con.execute("CHECKPOINT")
-                    except Exception:  # the database already failed; sink.close said so
-                        pass
+                        sink.close()
+                    finally:
+                        try:
+                            _ended(finish_run(con, this_run, status, sink=sink), this_run, summaries, runs)
+                            con.execute("CHECKPOINT")
+                        except Exception:  # the database already failed; sink.close said so
+                            pass
     return summaries
+
+
+def _ended(final: str, run_id: str, summaries: list[RunSummary], runs: dict[str, str] | None) -> None:
+    if runs is not None:
+        runs[run_id] = final
+    if summaries and summaries[-1].run_id == run_id:
+        summaries[-1].status = final
 
 
 @contextlib.contextmanager

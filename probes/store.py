@@ -26,15 +26,21 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
-
-import duckdb
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from core import paths
 from core.errors import VantageError
 
 from . import schema
 from .flatten import STRING_CAP, iter_table_rows
+
+if TYPE_CHECKING:
+    import duckdb
+
+# DuckDB is imported where a database is opened, never at import time: the
+# measuring process of `vantage run` imports this module (Sink) but leaves
+# every database operation to a short-lived process (probes/spool.py), so
+# DuckDB's library and allocator never count against the probe's memory.
 
 MIGRATIONS = schema.MIGRATIONS
 SCHEMA_VERSION = schema.SCHEMA_VERSION
@@ -82,6 +88,8 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False, memo
         if read_only and version is not None and version < SCHEMA_VERSION:
             con.close()
             migrating = _open(target, False)
+            import duckdb
+
             try:
                 migrate(migrating)
             except duckdb.Error as exc:
@@ -103,6 +111,8 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False, memo
 
 
 def _open(target: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    import duckdb
+
     try:
         return duckdb.connect(str(target), read_only=read_only)
     except duckdb.Error as exc:
@@ -441,17 +451,26 @@ class Sink:
     def put(self, record: dict[str, Any], category_code: str | None = None) -> None:
         """Queue a record; after a database error, records still queue and go
         to the rescue file (the runner stops starting new measurements)."""
-        self._queue.put((record, category_code))
+        self._wait_put((record, category_code))
 
     async def aput(self, record: dict[str, Any], category_code: str | None = None) -> None:
         """``put`` for the event loop: waits for room in a thread when the
         queue is full, so measurements in flight are not frozen meanwhile."""
-        try:
-            self._queue.put_nowait((record, category_code))
-        except queue.Full:
+        if not self._offer((record, category_code)):
             import asyncio
 
-            await asyncio.to_thread(self._queue.put, (record, category_code))
+            await asyncio.to_thread(self._wait_put, (record, category_code))
+
+    def _offer(self, item: tuple[dict[str, Any], str | None]) -> bool:
+        """Take ``item`` without blocking, or say no (then ``_wait_put``)."""
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            return False
+        return True
+
+    def _wait_put(self, item: tuple[dict[str, Any], str | None]) -> None:
+        self._queue.put(item)
 
     @property
     def failed(self) -> bool:

@@ -1,0 +1,419 @@
+"""The probe's spool: `vantage run` measures without DuckDB in its process.
+
+DuckDB's library and allocator cost a measuring process ~60 MB it never
+gives back (docs/benchmarks.md). So the process that measures only appends
+finished measurements to a spool file beside the database, and every
+database operation (open and migrate, start a run, resume, store the spool,
+mark the run) runs in a short-lived process (``python -m probes.spool``):
+
+- ``SpoolSink`` is the runner's sink: ``aput`` returns once the record's line
+  is written to ``<db stem>.spool-<run id>.jsonl`` (O_APPEND, from a thread;
+  fsync'd at most once a second and at the end), so a measurement the run has
+  counted survives the process being killed, even with SIGKILL. A spool line
+  is a rescue-file line (``store.rescue_line``): ``vantage results
+  import-rescue`` reads a spool as it is.
+- At the end of a run the runner appends an end line (the run's status and
+  what the spool could not take) and a child process stores the spool
+  through ``store.Sink`` (batches, a record that fails alone goes to the
+  rescue file), marks the run, checkpoints and deletes the spool.
+- Every `vantage run` first stores what an earlier run left in a spool
+  (killed, power cut, the database busy at the end): a spool without its
+  end line is a run cut short, marked ``interrupted`` so ``--resume``
+  finishes it. Storing is idempotent (measurement ids), so a spool stored
+  twice is harmless.
+- ``RunLock``: one `vantage run` per database at a time (fcntl.flock on
+  ``<db>.run.lock``, held by the children too): a second run is refused, a
+  scheduled one (``--unattended``) is skipped; a spool is never read while
+  its run is still writing it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from core.errors import VantageError
+
+from .store import Sink, StoreError, rescue_line
+
+SPOOL_FSYNC_SECONDS = 1.0  # a power cut loses at most this much of a run
+BUSY_WAIT_SECONDS = 60.0  # how long storing waits for a database another program holds open
+
+
+def spool_path(db_file: str | os.PathLike, run_id: str) -> Path:
+    db = Path(db_file)
+    return db.with_name(f"{db.stem}.spool-{run_id}.jsonl")
+
+
+def spools(db_file: str | os.PathLike) -> list[Path]:
+    """Spool files an earlier run left beside the database, oldest first."""
+    db = Path(db_file)
+    found = list(db.parent.glob(f"{db.stem}.spool-*.jsonl")) if db.parent.is_dir() else []
+    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def _run_of(spool: Path, db_file: str | os.PathLike) -> str:
+    return spool.name[len(f"{Path(db_file).stem}.spool-"):-len(".jsonl")]
+
+
+# --------------------------------------------------------------------------
+# One run per database at a time.
+
+class RunLock:
+    """An exclusive, non-blocking flock on ``<db>.run.lock``; the holder's pid
+    is written in the file. The kernel drops the lock when the holder (and
+    every child it passed the descriptor to) is gone: no stale locks."""
+
+    def __init__(self, db_file: str | os.PathLike):
+        self.path = Path(f"{db_file}.run.lock")
+        self.fd: int | None = None
+
+    def acquire(self, wait: bool = False) -> bool:
+        """Take the lock (``wait``: until the holder is done); False when another run holds it.
+        StoreError (one line, as ``store.connect`` words it) when the lock file cannot be made."""
+        db = self.path.with_name(self.path.name[:-len(".run.lock")])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the directory for the database {db}: {exc.strerror}") from None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except PermissionError:
+            raise StoreError(f"cannot write the database in {self.path.parent}: permission denied") from None
+        except OSError as exc:
+            raise StoreError(f"cannot use the database {db}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        _HELD.add(fd)
+        return True
+
+    def holder(self) -> int | None:
+        """The pid of the run holding the lock, or None when nobody does."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 32).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            _HELD.discard(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# Lock descriptors this process holds: passed to the database children, so a
+# child storing a spool keeps the database locked even if its parent dies.
+_HELD: set[int] = set()
+
+
+# --------------------------------------------------------------------------
+# The measuring side.
+
+class SpoolSink(Sink):
+    """``store.Sink`` for the measuring process: the same interface (``put``,
+    ``aput``, ``failed``, ``run_status``, ``close``, the counters), but records
+    go to the spool file. Nothing is stored in the database here: the child
+    that stores the spool does (``finish``)."""
+
+    def __init__(self, path: str | os.PathLike, rescue_path: str | os.PathLike | None = None):
+        # No writer thread: writes happen in the thread that hands the record over.
+        self.con = None
+        self.path = Path(path)
+        self.rescue_path = Path(rescue_path) if rescue_path else None
+        self.rescued = self.not_stored = self.written = 0
+        self.last_failure = self.error = None
+        self._failing = 0
+        self._lock = threading.Lock()
+        self._synced = time.monotonic()
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def _offer(self, item) -> bool:
+        return False  # never write on the event loop: aput hands every record to a thread
+
+    def _wait_put(self, item) -> None:
+        record, category = item
+        try:
+            line = rescue_line(record, category).encode("utf-8")
+        except Exception as exc:  # unserialisable: a bug, but lose nothing else
+            self._not_stored(item, exc)
+            return
+        with self._lock:
+            if self.error is not None or self._fd is None:
+                self._not_stored(item, self.error or StoreError("the spool is closed"))
+                return
+            try:
+                _write_all(self._fd, line)
+                if time.monotonic() - self._synced >= SPOOL_FSYNC_SECONDS:
+                    os.fsync(self._fd)
+                    self._synced = time.monotonic()
+            except OSError as exc:  # disk full, I/O error: the run stops (store_failed)
+                self.error = exc
+                self._not_stored(item, exc)
+                return
+            self.written += 1
+
+    def call(self, fn, *args) -> None:
+        raise TypeError("a spool takes records only")
+
+    def end(self, status: str) -> None:
+        """Close the spool with its end line: the runner's status and what the
+        spool could not take (the child adds it to the run's outcome)."""
+        with self._lock:
+            if self._fd is None:
+                return
+            entry = {"end": {"status": status, "not_stored": self.not_stored, "rescued": self.rescued,
+                             "error": _first_line(self.error) if self.error else None}}
+            try:
+                _write_all(self._fd, (json.dumps(entry) + "\n").encode())
+            except OSError:
+                pass  # the child then takes the run for one cut short: still nothing lost
+            self._close_fd()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+# --------------------------------------------------------------------------
+# Calls into the database process.
+
+def _child(task: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run ``task`` in ``python -m probes.spool``; its VantageError comes back
+    as a StoreError (one line), anything else as an internal error."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-m", "probes.spool", task], input=json.dumps(payload), capture_output=True,
+                          text=True, env=env, pass_fds=tuple(_HELD), start_new_session=True)
+    try:
+        answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise RuntimeError(f"the database process failed ({proc.returncode}): "
+                           f"{(proc.stderr.strip().splitlines() or [''])[-1]}") from None
+    if "error" in answer:
+        raise StoreError(answer["error"])
+    if "internal" in answer:
+        raise RuntimeError(answer["internal"])
+    return answer
+
+
+def prepare(db_file: str, resume_id: str | None = None) -> dict[str, Any]:
+    """Open (create, migrate) the database, store what earlier runs left in
+    spools, and with ``resume_id`` say what that run has left to do:
+    ``{"recovered": [{"run_id", "stored", "status"}], "resume": None | {"test",
+    "options", "inputs"}}``; ``resume`` has ``"missing": true`` when the
+    database has no such run."""
+    return _child("prepare", {"db": db_file, "resume": resume_id})
+
+
+def start(db_file: str, run_id: str, test_name: str, inputs, options: dict, location) -> None:
+    _child("start", {"db": db_file, "run_id": run_id, "test": test_name, "inputs": list(inputs), "options": options,
+                     "location": {"probe_cc": location.probe_cc, "probe_asn": location.probe_asn}})
+
+
+def finish(db_file: str, run_id: str, sink: SpoolSink, status: str) -> str:
+    """End the spool and store it; the sink's counters become the run's
+    (stored, not stored, rescued). Returns the run's final status; raises
+    StoreError as ``Sink.close`` does when the database refused writes, or
+    when it could not be opened (the spool then waits for the next run)."""
+    sink.end(status)
+    _give_back_memory()  # the measuring is over: what it freed need not sit beside the database process
+    try:
+        answer = _child("finish", {"db": db_file, "run_id": run_id})
+    except StoreError as exc:  # the database could not be opened: the spool keeps every measurement
+        raise StoreError(f"{exc}; the {sink.written} measurements of this run are kept in {sink.path} and the next "
+                         "`vantage run` stores them") from None
+    sink.written, sink.not_stored, sink.rescued = answer["stored"], answer["not_stored"], answer["rescued"]
+    if answer.get("failed"):
+        sink.error = StoreError(answer["failed"])
+        raise StoreError(answer["failed"])
+    return answer["status"]
+
+
+def _give_back_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+# --------------------------------------------------------------------------
+# The database process: each task opens the database, does its work, exits.
+
+def _connect(db_file: str):
+    """``store.connect`` for the probe, waiting a while for a database another
+    program (an analysis, an upload) holds open."""
+    from . import store
+
+    deadline = time.monotonic() + BUSY_WAIT_SECONDS
+    while True:
+        try:
+            return store.connect(db_file, memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
+        except StoreError as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def store_spool(con, db_file: str, spool: Path) -> dict[str, Any]:
+    """Store one spool through ``store.Sink`` and mark its run: the status of
+    its end line, or ``interrupted`` for a run cut short. The spool is
+    deleted once every record in it is stored or in the rescue file."""
+    from . import runner
+    from .store import Sink
+
+    run_id = _run_of(spool, db_file)
+    sink = Sink(con, rescue_path=runner.rescue_path(db_file, run_id))
+    end: dict[str, Any] | None = None
+    with open(spool, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash: its measurement never counted as finished
+            if isinstance(entry, dict) and isinstance(entry.get("end"), dict):
+                end = entry["end"]
+            elif isinstance(entry, dict) and isinstance(entry.get("record"), dict):
+                category = entry.get("category_code")
+                sink.put(entry["record"], category if isinstance(category, str) else None)
+    failed = None
+    try:
+        sink.close()
+    except StoreError as exc:
+        failed = str(exc)
+    status = (end or {}).get("status") or "interrupted"
+    if end:
+        sink.not_stored += int(end.get("not_stored") or 0)
+        sink.rescued += int(end.get("rescued") or 0)
+        if end.get("error") and sink.error is None:
+            sink.error = StoreError(end["error"])
+            failed = failed or f"writing the measurements failed: {end['error']}"
+    marked = False
+    try:
+        exists = con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        if exists and (end or exists[0] == "running"):
+            status = runner.finish_run(con, run_id, status, sink=sink)
+        elif exists:
+            status = exists[0]
+        con.execute("CHECKPOINT")
+        marked = True
+    except Exception as exc:  # the database failed: the sink said so, the spool stays
+        failed = failed or f"writing to the database failed: {_first_line(exc)}"
+    if marked and sink.not_stored <= sink.rescued:  # every record stored, or in the rescue file
+        spool.unlink(missing_ok=True)
+    return {"run_id": run_id, "stored": sink.written, "not_stored": sink.not_stored, "rescued": sink.rescued,
+            "status": status, "failed": failed, "ended": end is not None}
+
+
+def _task_prepare(payload: dict[str, Any]) -> dict[str, Any]:
+    from . import runner
+
+    db = payload["db"]
+    con = _connect(db)
+    try:
+        recovered = [store_spool(con, db, spool) for spool in spools(db)]
+        answer: dict[str, Any] = {"recovered": recovered, "resume": None}
+        if payload.get("resume"):
+            found = runner.resume(con, payload["resume"])
+            answer["resume"] = {"missing": True} if found is None else {
+                "test": found.test, "options": found.options, "inputs": found.inputs}
+        return answer
+    finally:
+        con.close()
+
+
+def _task_start(payload: dict[str, Any]) -> dict[str, Any]:
+    from . import runner
+
+    con = _connect(payload["db"])
+    try:
+        test = next(t for name in runner.TESTS for t in runner.experiments(name) if t.name == payload["test"])
+        runner.start_run(con, payload["run_id"], test, [tuple(i) for i in payload["inputs"]], payload["options"],
+                         runner.Location(**payload["location"]))
+        return {}
+    finally:
+        con.close()
+
+
+def _task_finish(payload: dict[str, Any]) -> dict[str, Any]:
+    db = payload["db"]
+    con = _connect(db)
+    try:
+        return store_spool(con, db, spool_path(db, payload["run_id"]))
+    finally:
+        con.close()
+
+
+_TASKS = {"prepare": _task_prepare, "start": _task_start, "finish": _task_finish}
+
+
+def main(argv: list[str]) -> int:
+    payload = json.loads(sys.stdin.read())
+    try:
+        answer = _TASKS[argv[0]](payload)
+    except VantageError as exc:
+        answer = {"error": str(exc)}
+    except Exception as exc:
+        if os.environ.get("VANTAGE_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        answer = {"internal": f"{type(exc).__name__}: {_first_line(exc)}"}
+    sys.stdout.write(json.dumps(answer, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

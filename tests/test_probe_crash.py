@@ -1,0 +1,127 @@
+"""The probe killed with SIGKILL mid-run (issue 13): every measurement it
+finished reaches its database — at the latest on the next `vantage run` —
+and `--resume` completes the rest. A real `vantage run` subprocess against
+the loopback servers of tests/servers.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+URLS = 150
+
+
+@pytest.fixture
+def home(tmp_path):
+    env = dict(os.environ, HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "cfg"),
+               XDG_DATA_HOME=str(tmp_path / "data"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("VANTAGE_DB", None)
+    env.pop("VANTAGE_CONFIG", None)
+    return env
+
+
+async def _vantage(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli.main", *args, cwd=ROOT, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 180)
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
+def _spooled(db: Path) -> tuple[str | None, list[dict]]:
+    """The run id and the records of the spool beside ``db`` (complete lines only)."""
+    found = list(db.parent.glob(f"{db.stem}.spool-*.jsonl"))
+    if not found:
+        return None, []
+    run_id = found[0].name[len(f"{db.stem}.spool-"):-len(".jsonl")]
+    records = []
+    for line in found[0].read_bytes().split(b"\n"):
+        try:
+            records.append(json.loads(line)["record"])
+        except (ValueError, KeyError):
+            pass  # a line being written at the kill
+    return run_id, records
+
+
+async def _killed_run(db: Path, urls: list[str], env: dict, after: int) -> tuple[str, list[dict]]:
+    """Start `vantage run` over ``urls`` and SIGKILL it once ``after``
+    measurements are finished (spooled) and before the last one is."""
+    args = ["run", "web", *[a for u in urls for a in ("--url", u)], "--db", str(db), "--yes", "--quiet",
+            "--no-doh", "--probe-cc", "ZZ", "--probe-asn", "AS0", "--concurrency", "1"]
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli.main", *args, cwd=ROOT, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            _, records = _spooled(db)
+            if len(records) >= after:
+                break
+            assert proc.returncode is None, (await proc.stderr.read()).decode()
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the run never got going")
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    run_id, finished = _spooled(db)  # what the killed process had finished: all of it must be kept
+    assert run_id and after <= len(finished) < len(urls), len(finished)
+    return run_id, finished
+
+
+def _stored(db: Path, run_id: str) -> tuple[list[tuple[str, str]], str]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        rows = con.execute("SELECT measurement_id, input FROM measurements WHERE run_id = ?", [run_id]).fetchall()
+        status = con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()[0]
+    finally:
+        con.close()
+    return rows, status
+
+
+async def test_sigkill_mid_run_then_resume_stores_everything_once(tmp_path, home, http_server):
+    db = tmp_path / "v.duckdb"
+    urls = [http_server.url(f"/page?n={i}") for i in range(URLS)]
+    run_id, finished = await _killed_run(db, urls, home, after=10)
+
+    resumed = await _vantage(["run", "--resume", run_id, "--db", str(db), "--yes", "--json"], home)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)[0]["status"] == "finished"
+
+    rows, status = _stored(db, run_id)
+    assert status == "finished"
+    ids = {mid for mid, _ in rows}
+    assert {r["measurement_id"] for r in finished} <= ids  # every measurement finished before the kill
+    assert sorted(url for _, url in rows) == sorted(urls)  # and each input exactly once
+    assert not list(tmp_path.glob("v.spool-*.jsonl"))  # the spool is gone once stored
+
+
+async def test_the_next_run_stores_what_a_killed_run_finished_and_names_it(tmp_path, home, http_server):
+    db = tmp_path / "v.duckdb"
+    urls = [http_server.url(f"/page?n={i}") for i in range(URLS)]
+    run_id, finished = await _killed_run(db, urls, home, after=5)
+
+    other = await _vantage(["run", "web", "--url", http_server.url("/"), "--db", str(db), "--yes", "--json",
+                            "--no-doh", "--probe-cc", "ZZ", "--probe-asn", "AS0"], home)
+    assert other.returncode == 0, other.stderr
+    assert f"vantage run --resume {run_id}" in other.stderr  # the cut-short run is named, with how to finish it
+    rows, status = _stored(db, run_id)
+    assert status == "interrupted"
+    assert {mid for mid, _ in rows} == {r["measurement_id"] for r in finished}
+
+    resumed = await _vantage(["run", "--resume", run_id, "--db", str(db), "--yes", "--json"], home)
+    assert resumed.returncode == 0, resumed.stderr
+    rows, status = _stored(db, run_id)
+    assert status == "finished" and sorted(url for _, url in rows) == sorted(urls)
