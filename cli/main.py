@@ -30,6 +30,7 @@ _COMMANDS = {
     "report": ("cli.report", "report"),
     "import": ("cli.imports", "import_group"),
     "export": ("cli.export", "export_group"),
+    "schedule": ("cli.schedule", "schedule"),
     "collector": ("cli.collector", "collector"),
     "upload": ("cli.upload", "upload"),
 }
