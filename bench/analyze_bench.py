@@ -52,7 +52,7 @@ SELECT mid, 'run' || (i // 1000)::VARCHAR, 'web_connectivity', '0.1.0',
        'vantage', '0.1.0',
        CASE WHEN kind IN ('noctl', 'offline') THEN 'connection_reset' END,
        CASE WHEN kind NOT IN ('noctl', 'offline') THEN 'https://helper.example' END,
-       kind <> 'offline', NULL
+       kind <> 'offline', NULL, NULL, NULL  -- record; ooni_blocking, ooni_accessible
 FROM g;
 
 -- probe DNS: system + udp (A), control th
@@ -72,23 +72,23 @@ FROM g WHERE kind NOT IN ('noctl', 'offline');
 INSERT INTO tcp_connects
 SELECT mid, 'probe', 3, CASE WHEN kind = 'bogon' THEN '10.10.34.34' ELSE ip END,
        CASE WHEN kind = 'blockpage' THEN 80 ELSE 443 END,
-       kind NOT IN ('tcp', 'down', 'bogon'), CASE WHEN kind IN ('tcp', 'down', 'bogon') THEN 'generic_timeout_error' END, 0.03, 0.05
+       kind NOT IN ('tcp', 'down', 'bogon'), CASE WHEN kind IN ('tcp', 'down', 'bogon') THEN 'generic_timeout_error' END, 0.03, 0.05, 0
 FROM g WHERE kind NOT IN ('nx', 'offline');
 
 INSERT INTO tcp_connects
 SELECT mid, 'control', NULL, ip, CASE WHEN kind = 'blockpage' THEN 80 ELSE 443 END, kind <> 'down',
-       CASE WHEN kind = 'down' THEN 'generic_timeout_error' END, NULL, NULL
+       CASE WHEN kind = 'down' THEN 'generic_timeout_error' END, NULL, NULL, NULL
 FROM g WHERE kind NOT IN ('noctl', 'offline');
 
 INSERT INTO tls_handshakes
 SELECT mid, 'probe', 4, ip, 443, host, kind <> 'tls', CASE WHEN kind = 'tls' THEN 'connection_reset' END,
        CASE WHEN kind <> 'tls' THEN 'TLSv1.3' END, NULL, CASE WHEN kind <> 'tls' THEN true END, NULL,
-       'CN=' || host, 'CN=Lab CA', NULL, NULL, 0.05, 0.08
+       'CN=' || host, 'CN=Lab CA', NULL, NULL, 0.05, 0.08, 0
 FROM g WHERE kind IN ('ok', 'dynamic', 'tls', 'noctl');
 
 INSERT INTO tls_handshakes
 SELECT mid, 'control', NULL, ip, 443, host, true, NULL, 'TLSv1.3', NULL, true, NULL, 'CN=' || host, 'CN=Lab CA',
-       NULL, NULL, NULL, NULL
+       NULL, NULL, NULL, NULL, NULL
 FROM g WHERE kind IN ('ok', 'dynamic', 'tls');
 
 INSERT INTO http_transactions
@@ -101,7 +101,7 @@ SELECT mid, 'probe', 5, 0, CASE WHEN kind = 'blockpage' THEN 'http://' ELSE 'htt
        CASE WHEN kind = 'blockpage' THEN '<html><body>Access to this resource has been restricted by decision of the regulator.</body></html>'
             ELSE '<html><head><title>Site ' || (i % 20000)::VARCHAR || '</title></head><body>' || repeat('lorem ipsum ', 28)
                  || CASE WHEN kind = 'dynamic' THEN mid ELSE '' END || '</body></html>' END,
-       0.1, 0.4
+       0.1, 0.4, 0
 FROM g WHERE kind IN ('ok', 'dynamic', 'blockpage', 'noctl');
 
 INSERT INTO http_transactions
@@ -109,7 +109,7 @@ SELECT mid, 'control', NULL, 0, 'https://' || host || '/', 'GET', NULL,
        CASE WHEN kind = 'down' THEN 'generic_timeout_error' END, CASE WHEN kind <> 'down' THEN 200 END,
        '{{"Content-Type": "text/html", "Server": "nginx"}}',
        CASE WHEN kind <> 'down' THEN 'Site ' || (i % 20000)::VARCHAR END, CASE WHEN kind <> 'down' THEN 400 END, false,
-       CASE WHEN kind <> 'down' THEN md5(host) END, NULL, NULL, NULL
+       CASE WHEN kind <> 'down' THEN md5(host) END, NULL, NULL, NULL, NULL
 FROM g WHERE kind NOT IN ('noctl', 'offline');
 
 DROP TABLE g;

@@ -15,7 +15,8 @@ timed out) is tried again, up to ``ATTEMPTS`` times with a backoff, and every
 attempt is recorded (``x_attempt``: 0 for the first try). One success on the
 same path (endpoint, or the fetch) means the path is not blocked; the
 analysis reads the attempts so. A retry is skipped when it could not finish
-before the measurement's deadline. The cost: docs/analysis.md, "Retries".
+within ``RETRY_SHARE`` of the measurement's deadline. The cost:
+docs/analysis.md, "Retries".
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ MAX_ADDRESSES = 8  # every address the system resolver gave, up to a bound (DNS 
 # accidents: they are not retried.
 ATTEMPTS = 3          # tries of one step at most (the first included)
 BACKOFF = 0.5         # seconds before the second try; doubled before each next one
+RETRY_SHARE = 0.6     # retries must end within this share of the measurement's deadline (36 of 60 s):
+                      # a fetch that hangs gets 2 tries (15 s each), a dropped connect 3 (8 s each)
 TCP_RETRY = frozenset({failures.CONNECTION_REFUSED, failures.CONNECTION_RESET, failures.GENERIC_TIMEOUT})
 TLS_RETRY = frozenset({failures.CONNECTION_RESET, failures.GENERIC_TIMEOUT, failures.EOF_ERROR})
 HTTP_RETRY = frozenset({failures.CONNECTION_REFUSED, failures.CONNECTION_RESET, failures.GENERIC_TIMEOUT,
@@ -110,15 +113,15 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
     elif not ctx.helpers:
         keys["control_failure"] = "no_helper_configured"
 
-    deadline = t.measurement
+    retry_until = t.measurement * RETRY_SHARE
 
     async def retry(attempt: int, failure: str | None, retryable: frozenset, step_timeout: float) -> bool:
         """Wait the backoff and say True when the step should be tried again."""
         if failure not in retryable or attempt + 1 >= ATTEMPTS:
             return False
         pause = BACKOFF * 2 ** attempt
-        if clock.now() + pause + step_timeout > deadline:
-            return False  # it could not finish before the measurement's deadline
+        if clock.now() + pause + step_timeout > retry_until:
+            return False  # it could not finish in the time retries may take
         await asyncio.sleep(pause)
         return True
 

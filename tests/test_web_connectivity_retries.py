@@ -101,10 +101,12 @@ async def test_a_fetch_reset_every_time_stops_after_three_attempts():
 
 
 async def test_no_retry_that_would_overrun_the_deadline():
-    # a 1 s connect timeout and a 2 s measurement: the first retry (0.5 s of
-    # backoff, then up to 1 s) fits, the second does not
+    # a 1 s connect timeout and a 5 s measurement, of which retries may take
+    # 60% (3 s): the first retry (0.5 s of backoff, then up to 1 s) fits, the
+    # second (1 s more of backoff, 1 s of connect) does not
+    assert wc.RETRY_SHARE == 0.6
     with servers.Blackhole() as port:
-        keys, elapsed = await _measure(f"http://127.0.0.1:{port}/", Timeouts(connect=1.0, measurement=3.0))
+        keys, elapsed = await _measure(f"http://127.0.0.1:{port}/", Timeouts(connect=1.0, measurement=5.0))
     assert [(c["x_attempt"], c["status"]["failure"]) for c in keys["tcp_connect"]] == [
         (0, "generic_timeout_error"), (1, "generic_timeout_error")]
     assert elapsed < 3.0
