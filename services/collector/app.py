@@ -43,7 +43,7 @@ from core.net import parse_host_port
 from probes.runner import scrub
 
 from . import protocol
-from .ingest import Ingestor
+from .ingest import IngestProcess
 from .limits import InFlight, Metrics, RateLimiter, client_address, read_body
 from .protocol import Reject
 from .spool import Report, Spool
@@ -77,7 +77,7 @@ class Collector:
         self.config = config
         self.log = log or (lambda message: print(f"vantage collector: {message}", file=sys.stderr, flush=True))
         self.spool = Spool(config.spool, config.segment_bytes, config.segment_seconds)
-        self.ingestor = Ingestor(config.db, self.spool, log=self.log)
+        self.ingestor = IngestProcess(config.db, config.spool)
         self.limiter = RateLimiter(config.rate_per_minute)
         self.in_flight = InFlight(config.max_in_flight)
         self.metrics = Metrics()

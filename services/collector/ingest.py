@@ -19,7 +19,10 @@ bursts; if the database is busy the spool simply waits.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -38,7 +41,7 @@ THREADS = 2
 
 class Ingestor:
     def __init__(self, db_path: str | os.PathLike, spool: Spool, batch_size: int = 4000, idle_close: float = 5.0,
-                 log=None):
+                 log=None, stop=None, on_commit=None, poll: float = 0.5):
         self.db_path = str(db_path)
         self.spool = spool
         self.batch_size = batch_size
@@ -53,7 +56,9 @@ class Ingestor:
         self.busy = False
         self.last_error: str | None = None
         self._con = None
-        self._stop = threading.Event()
+        self._stop = stop if stop is not None else threading.Event()
+        self._on_commit = on_commit or (lambda ingestor: None)
+        self._poll = poll
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -83,6 +88,7 @@ class Ingestor:
                     self.errors += 1
                     self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                     self.log(f"ingestion paused: {self.last_error}")
+                    self._on_commit(self)
                     self._close()
                     if stopping:
                         return
@@ -92,7 +98,7 @@ class Ingestor:
                 return
             if self._con is not None and time.monotonic() - idle_since >= self.idle_close:
                 self._close()
-            self.spool.ready.wait(0.5)
+            self.spool.ready.wait(self._poll)
 
     def _connection(self):
         if self._con is None:
@@ -130,6 +136,7 @@ class Ingestor:
                 if finished:
                     fsync_dir(finished[0].parent)
                 finished.clear()
+                self._on_commit(self)
 
             for path in segments:
                 with open(path, "rb") as fh:
@@ -178,3 +185,91 @@ class Ingestor:
             fh.flush()
             os.fsync(fh.fileno())
         self.rejected += len(refused)
+
+
+# --- In a process of its own ------------------------------------------------------
+
+_STATS = ("ingested", "duplicates", "torn", "rejected", "segments", "errors")
+
+
+class _SpoolDir:
+    """What the ingestor needs of the spool in another process: the folder
+    (polled; the segments' names say which are ready)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        self.ready = threading.Event()
+
+    def ready_segments(self) -> list[Path]:
+        return sorted(self.dir.glob("seg-*.ready"))
+
+
+def _die_with_parent() -> None:
+    try:  # Linux: SIGKILL when the collector dies, however it dies (no orphan holding the database)
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _process_main(db_path: str, spool_dir: str, batch_size: int, stats, stop, parent: int) -> None:
+    _die_with_parent()
+    if os.getppid() != parent:
+        return
+    # systemd and terminals signal the whole group: only the collector decides when ingestion stops.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def publish(ingestor: Ingestor) -> None:
+        stats[:] = [float(getattr(ingestor, name)) for name in _STATS]
+
+    def log(message: str) -> None:
+        print(f"vantage collector: {message}", file=sys.stderr, flush=True)
+
+    ingestor = Ingestor(db_path, _SpoolDir(spool_dir), batch_size, log=log, stop=stop, on_commit=publish, poll=0.2)
+    try:
+        ingestor._loop()
+    finally:
+        ingestor._close()
+        publish(ingestor)
+
+
+class IngestProcess:
+    """The Ingestor in a child process: the request path and ingestion each
+    get a core (and a GIL) of their own, and the writer's memory is not the
+    server's. Same counters, read from shared memory."""
+
+    last_error = None
+    busy = False
+
+    def __init__(self, db_path: str | os.PathLike, spool_dir: str | os.PathLike, batch_size: int = 4000):
+        self.db_path = str(db_path)
+        self.spool_dir = str(spool_dir)
+        self.batch_size = batch_size
+        self._proc = None
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._stats = ctx.Array("d", len(_STATS), lock=False)
+        self._stop = ctx.Event()
+        self._proc = ctx.Process(target=_process_main, name="vantage-ingest", daemon=True,
+                                 args=(self.db_path, self.spool_dir, self.batch_size, self._stats, self._stop,
+                                       os.getpid()))
+        self._proc.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def stop(self) -> None:
+        """Ingest everything ready, then stop (the caller closed the spool first)."""
+        if self._proc is None:
+            return
+        self._stop.set()
+        self._proc.join()
+
+    def __getattr__(self, name: str):
+        if name in _STATS:
+            return int(self._stats[_STATS.index(name)]) if self._proc else 0
+        raise AttributeError(name)
