@@ -1,12 +1,17 @@
 """Packet evidence during a web measurement (`vantage run web --capture`, root
 or CAP_NET_RAW): a bounded capture of each connection's telling packets.
 
-One raw TCP socket per measurement with a kernel BPF filter that passes only
-segments from the measurement's addresses and port carrying SYN, FIN, RST or
-PSH (the SYN-ACK, the resets, the closes, the first bytes of a response or a
-block page), clipped to ``SNAPLEN`` bytes; at most ``PER_FLOW`` packets per
-connection and ``MAX_PACKETS`` per measurement are kept, so memory is
-bounded whatever the site sends. The bulk of a body is never copied.
+One raw TCP socket per measurement with a kernel BPF filter that names the
+measurement's own connections: its server addresses and port, and the local
+port of each connection, learnt as it connects (the event loop's
+``sock_connect`` is wrapped: the socket is bound just before its SYN leaves
+and its port added to the filter), so no other flow's packet is ever copied
+to it. Only segments carrying SYN, FIN or RST pass (the SYN-ACK, the
+resets, the closes — a forged block page ends with the forger's FIN),
+clipped to ``SNAPLEN`` bytes; at most ``PER_FLOW`` packets per connection,
+``MAX_FLOWS`` connections and ``MAX_PACKETS`` packets per measurement are
+kept, so memory is bounded whatever the site sends. The bulk of a body is
+never copied.
 
 When the capture ends, each kept packet is compared with the server's own
 packet on that connection, its SYN-ACK (IP TTL and IP ID): a RST or FIN or
@@ -20,6 +25,7 @@ table (``x_packets``); analysis/sql/35_packets.sql reads them.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import socket
 import struct
@@ -31,22 +37,81 @@ from .packets import (FIN, IPPROTO_ICMP, IPPROTO_TCP, JEQ_K, LD_B_IND, LD_H_IND,
 SNAPLEN = 160
 PER_FLOW = 12
 MAX_PACKETS = 96
+MAX_FLOWS = 32   # connections one measurement's filter names (retries, redirects to the same address)
 ECHO_TIMEOUT = 1.0
 
 
-def start(ctx: Any, addresses: list[str], port: int, clock: Any) -> Listener | None:
+_PRIVILEGED: list[bool] = []
+_CURRENT: contextvars.ContextVar["Capture | None"] = contextvars.ContextVar("vantage_capture", default=None)
+
+
+def _privileged() -> bool:
+    if not _PRIVILEGED:
+        _PRIVILEGED.append(have_privileges())
+    return _PRIVILEGED[0]
+
+
+class Capture:
+    """One measurement's capture: its raw socket, whose kernel filter names
+    exactly the measurement's connections (their local ports, learnt as each
+    connects), so no other flow's packet is ever copied to it."""
+
+    def __init__(self, addresses: list[str], port: int, clock: Any):
+        self.addresses, self.port, self.local_ports = addresses, port, []
+        self.listener = Listener(IPPROTO_TCP, self._program(), clock, max_packets=MAX_PACKETS,
+                                 max_bytes=MAX_PACKETS * SNAPLEN, max_per_flow=PER_FLOW)
+
+    def _program(self):
+        return flow_program(self.addresses, self.port, list(self.local_ports), flags=SYN | FIN | RST, snaplen=SNAPLEN)
+
+    def claim(self, sock: socket.socket, address: Any) -> None:
+        """Called just before ``sock`` connects to ``address``: bind it (so its
+        port is known before the SYN leaves) and add its flow to the filter."""
+        if sock.family != socket.AF_INET or not isinstance(address, tuple) or address[0] not in self.addresses \
+                or address[1] != self.port or len(self.local_ports) >= MAX_FLOWS:
+            return
+        if sock.getsockname()[1] == 0:
+            sock.bind(("", 0))
+        self.local_ports.append(sock.getsockname()[1])
+        self.listener.refilter(self._program())
+
+
+def _install(loop: asyncio.AbstractEventLoop) -> None:
+    """Wrap the loop's sock_connect (asyncio.open_connection and aiohttp both
+    connect through it) so a connection made inside a captured measurement
+    is claimed by its capture."""
+    if getattr(loop, "_vantage_capture", False):
+        return
+    original = loop.sock_connect
+
+    async def sock_connect(sock, address):
+        capture = _CURRENT.get()
+        if capture is not None:
+            try:
+                capture.claim(sock, address)
+            except OSError:
+                pass
+        return await original(sock, address)
+
+    loop.sock_connect = sock_connect
+    loop._vantage_capture = True
+
+
+def start(ctx: Any, addresses: list[str], port: int, clock: Any) -> "Capture | None":
     """Start capturing for a measurement (None when not asked for, or not possible)."""
     if not (getattr(ctx, "packet", None) or {}).get("capture"):
         return None
     v4 = [a for a in addresses if ":" not in a][:8]
-    if not v4 or not have_privileges():
+    if not v4 or not _privileged():
         return None
-    listener = Listener(IPPROTO_TCP, flow_program(v4, port, None, flags=SYN | FIN | RST | PSH, snaplen=SNAPLEN), clock,
-                        max_packets=MAX_PACKETS, max_bytes=MAX_PACKETS * SNAPLEN, max_per_flow=PER_FLOW)
+    capture = Capture(v4, port, clock)
     try:
-        return listener.__enter__()
+        capture.listener.__enter__()
     except OSError:
         return None
+    _install(asyncio.get_running_loop())
+    capture.token = _CURRENT.set(capture)
+    return capture
 
 
 def _kind(p) -> str:
@@ -84,11 +149,12 @@ async def _echo_ttl(ip: str, clock: Any) -> tuple[int, int] | None:
     return None
 
 
-async def stop(listener: Listener | None, keys: dict[str, Any], clock: Any = None) -> None:
+async def stop(capture: "Capture | None", keys: dict[str, Any], clock: Any = None) -> None:
     """End the capture; its rows, each with its baseline and reading, go to ``keys["x_packets"]``."""
-    if listener is None:
+    if capture is None:
         return
-    listener.__exit__(None, None, None)
+    abandon(capture)
+    listener = capture.listener
     flows: dict[str, list] = {}
     for p in listener.packets:
         flows.setdefault(f"{p.src}:{p.sport}>{p.dport}", []).append(p)
@@ -102,6 +168,7 @@ async def stop(listener: Listener | None, keys: dict[str, Any], clock: Any = Non
         baseline = syn_ack or by_server.get(packets[0].src)
         if baseline is None and any(p.flags & RST for p in packets):
             baseline = await _echo_ttl(packets[0].src, clock)
+            keys["x_capture_echo"] = keys.get("x_capture_echo", 0) + 1
             if baseline is not None:
                 by_server[packets[0].src] = baseline
         for p in packets:
@@ -119,7 +186,11 @@ async def stop(listener: Listener | None, keys: dict[str, Any], clock: Any = Non
         keys["x_capture_dropped"] = listener.dropped
 
 
-def abandon(listener: Listener | None) -> None:
-    """Close a capture whose measurement was cut short (nothing is kept)."""
-    if listener is not None:
-        listener.__exit__(None, None, None)
+def abandon(capture: "Capture | None") -> None:
+    """Stop capturing (a measurement cut short keeps nothing)."""
+    if capture is not None:
+        capture.listener.__exit__(None, None, None)
+        try:
+            _CURRENT.reset(capture.token)
+        except (ValueError, RuntimeError):  # reset from another context: just forget it
+            _CURRENT.set(None)

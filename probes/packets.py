@@ -111,12 +111,14 @@ class Program:
         return out
 
 
-def flow_program(remote_ips: list[str], remote_port: int | None, local_port: int | None, *,
+def flow_program(remote_ips: list[str], remote_port: int | None, local_port: int | list[int] | None, *,
                  flags: int = 0, snaplen: int = SNAPLEN) -> Program:
     """TCP/UDP packets from one of ``remote_ips`` (from ``remote_port``, to
-    ``local_port`` when given; with ``flags``, only TCP segments carrying one
-    of them)."""
+    ``local_port`` — or one of a list of them, none matching an empty list —
+    when given; with ``flags``, only TCP segments carrying one of them)."""
     p = Program(snaplen)
+    if isinstance(local_port, list) and not local_port:
+        return p.op(RET_K, 0)  # no flow yet: nothing
     p.op(LD_W_ABS, 12)
     for n, ip in enumerate(remote_ips):
         last = n == len(remote_ips) - 1
@@ -124,7 +126,12 @@ def flow_program(remote_ips: list[str], remote_port: int | None, local_port: int
     p.op(LDX_B_MSH, 0)
     if remote_port is not None:
         p.op(LD_H_IND, 0).op(JEQ_K, remote_port, 0, "drop")
-    if local_port is not None:
+    if isinstance(local_port, list):
+        p.op(LD_H_IND, 2)
+        for n, lport in enumerate(local_port):
+            last = n == len(local_port) - 1
+            p.op(JEQ_K, lport, len(local_port) - n - 1, "drop" if last else 0)
+    elif local_port is not None:
         p.op(LD_H_IND, 2).op(JEQ_K, local_port, 0, "drop")
     if flags:
         p.op(LD_B_IND, 13).op(JSET_K, flags, "accept", "drop")
@@ -143,14 +150,14 @@ def icmp_program(local_port: int, snaplen: int = 256) -> Program:
     return p
 
 
-def attach(sock: socket.socket, program: Program) -> None:
+def attach(sock: socket.socket, program: Program, *, drain: bool = True) -> None:
     insns = program.assemble()
     array = (_Insn * len(insns))(*[_Insn(c, jt, jf, k) for c, jt, jf, k in insns])
     prog = _Prog(len(insns), ctypes.cast(array, ctypes.POINTER(_Insn)))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))
-    # Whatever arrived before the filter was attached is not ours.
     sock.setblocking(False)
-    while True:
+    # Whatever arrived before the first filter was attached is not ours.
+    while drain:
         try:
             sock.recv(65535)
         except (BlockingIOError, InterruptedError):
@@ -292,6 +299,12 @@ class Listener:
 
     def now(self) -> float:
         return self.clock.now() if self.clock is not None else time.monotonic()
+
+    def refilter(self, program: Program) -> None:
+        """Replace the kernel filter (what was already received is kept)."""
+        self.program = program
+        if self._sock is not None:
+            attach(self._sock, program, drain=False)
 
     def _read(self) -> None:
         while self._sock is not None:
