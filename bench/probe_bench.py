@@ -48,6 +48,16 @@ def _status_kb(pid: int, field: str) -> int:
     return 0
 
 
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _family(pid: int) -> list[int]:
     """``pid`` and its descendants."""
     found, todo = [], [pid]
@@ -72,7 +82,7 @@ def run_once(ns: str, count: int, concurrency: int | None, workdir: Path) -> dic
         cmd += ["--concurrency", str(concurrency)]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
-    peak_kb = total_kb = 0
+    peak_kb = total_kb = total_pss_kb = 0
     while True:
         # wait4: the rusage of the probe and of every descendant it waited
         # for (the short-lived database processes): ru_maxrss is the largest.
@@ -81,8 +91,11 @@ def run_once(ns: str, count: int, concurrency: int | None, workdir: Path) -> dic
             proc.returncode = os.waitstatus_to_exitcode(status)
             break
         peak_kb = max(peak_kb, _status_kb(proc.pid, "VmHWM"))
-        # What the probe and its children hold at once (sampled).
-        total_kb = max(total_kb, sum(_status_kb(p, "VmRSS") for p in _family(proc.pid)))
+        # What the probe and its children hold at once (sampled): RSS counts the
+        # libraries both map (libc, libpython) twice, PSS shares them out.
+        family = _family(proc.pid)
+        total_kb = max(total_kb, sum(_status_kb(p, "VmRSS") for p in family))
+        total_pss_kb = max(total_pss_kb, sum(_pss_kb(p) for p in family))
         time.sleep(0.05)
     out, err = proc.communicate()
     seconds = time.monotonic() - start
@@ -104,7 +117,7 @@ def run_once(ns: str, count: int, concurrency: int | None, workdir: Path) -> dic
         "urls_per_second": round(count / seconds, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
         # The database processes of `vantage run` (probes/spool.py), when larger than the probe itself.
         "db_process_peak_rss_mb": round(family_peak_kb / 1024, 1) if family_peak_kb > peak_kb else None,
-        "peak_total_rss_mb": round(total_kb / 1024, 1),
+        "peak_total_rss_mb": round(total_kb / 1024, 1), "peak_total_pss_mb": round(total_pss_kb / 1024, 1),
         "stored": stored, "fetched_ok": fetched, "outcomes": summary["outcomes"],
     }
 

@@ -142,15 +142,18 @@ def _systemd_quote(arg: str) -> str:
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def service_unit(p: Plan) -> str:
+def service_unit(p: Plan, system: bool | None = None) -> str:
+    """The oneshot service. ``system`` (default: running as root): a system
+    unit, which may wait for the network; a user instance of systemd cannot
+    see network-online.target (an offline run is recorded as such anyway)."""
+    system = is_root() if system is None else system
     exec_start = " ".join(_systemd_quote(a) for a in p.command)
+    network = "Wants=network-online.target\nAfter=network-online.target\n" if system else ""
     return f"""\
 # Written by `vantage schedule install`; `vantage schedule remove` deletes it.
 [Unit]
 Description=Vantage: a scheduled censorship measurement (list {p.list_name}, at most {p.max_runtime} s)
-Wants=network-online.target
-After=network-online.target
-
+{network}
 [Service]
 Type=oneshot
 Environment={_systemd_quote("VANTAGE_CONFIG=" + str(p.config_path))}

@@ -400,6 +400,11 @@ _TASKS = {"prepare": _task_prepare, "start": _task_start, "finish": _task_finish
 
 
 def main(argv: list[str]) -> int:
+    import signal
+
+    # A stop (Ctrl-C, systemd's KillSignal=SIGINT to the whole cgroup) is for
+    # the measuring process: this one finishes storing, which takes seconds.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     payload = json.loads(sys.stdin.read())
     try:
         answer = _TASKS[argv[0]](payload)

@@ -64,7 +64,7 @@ def test_install_writes_a_timer_and_a_bounded_oneshot_service(tmp_path, home):
     assert f"Environment=VANTAGE_CONFIG={config.resolve()}" in service
     assert "TimeoutStartSec=2100" in service  # the run's budget plus a backstop
     assert "KillSignal=SIGINT" in service  # a stop stores what is measured, like Ctrl-C
-    assert "After=network-online.target" in service
+    assert ("After=network-online.target" in service) == (os.geteuid() == 0)  # a system unit waits for the network
 
     timer = (units / "vantage-measure.timer").read_text()
     assert "OnCalendar=*-*-* 00/6:00:00" in timer
@@ -98,6 +98,15 @@ def test_an_interval_cron_and_systemd_cannot_both_keep_is_one_line(tmp_path, hom
     proc = vantage("schedule", "install", "--unit-dir", str(tmp_path / "u"), "--every", every, "--config", str(config),
                    env=home)
     assert proc.returncode == 2 and len(_lines(proc.stderr)) == 1 and "--every" in proc.stderr
+
+
+def test_user_units_do_not_name_a_system_target_and_system_units_wait_for_the_network(tmp_path):
+    plan = schedule.plan("1h", 600, "default", tmp_path / "config.toml")
+    assert "network-online" not in schedule.service_unit(plan, system=False)
+    assert "After=network-online.target" in schedule.service_unit(plan, system=True)
+    for system in (False, True):
+        text = schedule.service_unit(plan, system=system)
+        assert "[Unit]" in text and "[Service]" in text and "ExecStart=" in text
 
 
 def test_a_budget_longer_than_the_interval_is_refused():
@@ -245,3 +254,21 @@ def test_upload_after_run_only_when_the_setting_is_true(monkeypatch, tmp_path):
     assert calls == [] and json.loads(schedule.last_run_path(db).read_text())["upload"] is None
     cli_run._after_unattended(Config({schedule.UPLOAD_AFTER_RUN: True}), db, [])
     assert calls == [db] and json.loads(schedule.last_run_path(db).read_text())["upload"] == "ok"
+
+
+def test_systemd_accepts_the_units(tmp_path):
+    """systemd-analyze verify parses the files (no system manager needed): it
+    warns about any directive or value it does not take."""
+    import shutil
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")  # the content checks above still ran
+    plan = schedule.plan("30m", 600, "default", tmp_path / "config.toml")
+    for system in (True, False):
+        units = tmp_path / ("system" if system else "user")
+        units.mkdir()
+        (units / f"{schedule.UNIT}.service").write_text(schedule.service_unit(plan, system=system))
+        (units / f"{schedule.UNIT}.timer").write_text(schedule.timer_unit(plan))
+        proc = subprocess.run(["systemd-analyze", "verify", str(units / f"{schedule.UNIT}.service"),
+                               str(units / f"{schedule.UNIT}.timer")], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), proc.stdout + proc.stderr
