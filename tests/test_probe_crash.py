@@ -125,3 +125,95 @@ async def test_the_next_run_stores_what_a_killed_run_finished_and_names_it(tmp_p
     assert resumed.returncode == 0, resumed.stderr
     rows, status = _stored(db, run_id)
     assert status == "finished" and sorted(url for _, url in rows) == sorted(urls)
+
+
+# ---------------------------------------------------------------- the spool, stored in-process
+
+
+def _record(i: int, run: str = "R") -> dict:
+    from probes.records import Measurement, new_id
+
+    m = Measurement(test_name="web_connectivity", test_version="0.5.0", input=f"https://s{i}.example/", run_id=run,
+                    probe_cc="ZZ", probe_asn="AS0", measurement_id=new_id())
+    m.test_keys = {"queries": [], "requests": []}
+    return m.to_dict()
+
+
+def _started(tmp_path, records):
+    from probes import runner, store
+
+    db = tmp_path / "v.duckdb"
+    con = store.connect(db)
+    runner.start_run(con, "R", runner.experiments("web")[0], [(r["input"], None) for r in records], {}, runner.Location())
+    return db, con
+
+
+async def test_a_record_the_database_refuses_fails_alone_and_the_run_is_partial(tmp_path, monkeypatch):
+    from probes import runner, spool, store
+
+    records = [_record(i) for i in range(6)]
+    db, con = _started(tmp_path, records)
+    sink = spool.SpoolSink(spool.spool_path(db, "R"), rescue_path=runner.rescue_path(db, "R"))
+    for r in records:
+        await sink.aput(r, "NEWS")
+    sink.end("finished")
+
+    real = store.insert_rows
+    bad = records[2]["measurement_id"]
+
+    def insert_rows(con, table, rows):
+        if table == "measurements" and any(r.get("measurement_id") == bad for r in rows):
+            raise duckdb.OutOfMemoryException("Out of Memory Error: failed to allocate data of size 32.0 MiB")
+        return real(con, table, rows)
+
+    monkeypatch.setattr(store, "insert_rows", insert_rows)
+    found = spool.store_spool(con, str(db), spool.spool_path(db, "R"))
+    assert (found["stored"], found["not_stored"], found["rescued"], found["status"]) == (5, 1, 1, "partial")
+    assert con.execute("SELECT status, rescued FROM runs WHERE run_id = 'R'").fetchone() == ("partial", 1)
+    [line] = runner.rescue_path(db, "R").read_text().splitlines()
+    assert json.loads(line)["record"]["measurement_id"] == bad
+    assert not spool.spool_path(db, "R").exists()  # every record is stored or in the rescue file
+
+    monkeypatch.undo()
+    assert store.import_rescue(con, runner.rescue_path(db, "R")) == (1, 0)
+    assert con.execute("SELECT status FROM runs WHERE run_id = 'R'").fetchone()[0] == "finished"
+
+
+async def test_a_spool_cut_by_a_crash_is_an_interrupted_run_and_reads_as_a_rescue_file(tmp_path):
+    from probes import runner, spool, store
+
+    records = [_record(i) for i in range(4)]
+    db, con = _started(tmp_path, records)
+    path = spool.spool_path(db, "R")
+    sink = spool.SpoolSink(path)
+    for r in records[:3]:
+        await sink.aput(r, None)
+    sink.close()  # no end line: the process died
+    with path.open("a") as fh:
+        fh.write('{"category_code": null, "record": {"measurement_id": "cut')  # the line being written at the kill
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(path.read_bytes())
+
+    found = spool.store_spool(con, str(db), path)
+    assert found["status"] == "interrupted" and not found["ended"] and found["stored"] == 3
+    assert con.execute("SELECT status FROM runs WHERE run_id = 'R'").fetchone()[0] == "interrupted"
+    assert [i for i, _ in runner.remaining_inputs(con, "R")] == [records[3]["input"]]
+    assert not path.exists()
+    # A spool reads as a rescue file, as it is (`vantage results import-rescue`): stored already, and the cut line.
+    assert store.import_rescue(con, copy) == (0, 4)
+
+
+def test_a_full_disk_stops_the_run_and_loses_nothing_counted(tmp_path):
+    """The spool refuses writes (ENOSPC): the sink fails (the runner stops,
+    store_failed) and the record goes to the rescue file, never counted as
+    spooled."""
+    from probes import runner, spool
+
+    db = tmp_path / "v.duckdb"
+    sink = spool.SpoolSink(spool.spool_path(db, "R"), rescue_path=runner.rescue_path(db, "R"))
+    os.close(sink._fd)
+    sink._fd = os.open("/dev/full", os.O_WRONLY)
+    sink.put(_record(0), None)
+    assert sink.failed and sink.written == 0 and sink.not_stored == 1 and sink.rescued == 1
+    assert sink.run_status("finished") == "store_failed"
+    sink.close()
