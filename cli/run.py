@@ -174,7 +174,7 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
         if not (options.get("helpers") or config.helpers):
             click.echo("vantage: warning: no control helper (--helper): every verdict will be inconclusive", err=True)
         quiet = quiet or as_json
-        packet_lines = _packet_test(options["test"], as_json)
+        packet_lines = _packet_test(options, config, as_json)
         work = runner.run_tests(
             None, db_file, runner.experiments(options["test"]), entries, options, config, resume_id=resume_id,
             concurrency=options.get("concurrency"), max_runtime=max_runtime,
@@ -271,14 +271,25 @@ class _Progress:
             self.progress.update(self.task, advance=1)
 
 
-def _packet_test(test: str, as_json: bool) -> bool:
+def _packet_test(options: dict, config, as_json: bool) -> bool:
     """dns-injection and traceroute need raw sockets (one line, exit 2, without
-    them); with --json they print one JSON object per input as each finishes
-    (the contract), instead of the run summary. True in that case."""
+    them) and an IPv4 target; with --json they print one JSON object per input
+    as each finishes (the contract), instead of the run summary. True in that case."""
+    import ipaddress
+
     from probes import packets, runner
 
+    test = options["test"]
     if test not in runner.PACKET_TESTS:
         return False
+    target = options.get("target")
+    if target:
+        try:
+            ipaddress.IPv4Address(target)
+        except ValueError:
+            raise VantageError(f"--target {target}: not an IPv4 address") from None
+    elif test == "dns-injection" and not (options.get("helpers") or config.helpers):
+        raise VantageError("dns-injection needs an address that runs no DNS resolver: --target IP, or a --helper")
     packets.require_privileges()
     if not as_json:
         return False

@@ -18,6 +18,7 @@ Keys: OONI's dnst ``queries`` (one entry per answer, ``x_ip_ttl``,
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from typing import Any
 from urllib.parse import urlsplit
@@ -98,7 +99,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
     try:
         sock.bind(("", 0))
         port = sock.getsockname()[1]
-        txid = int.from_bytes(__import__("os").urandom(2), "big")
+        txid = int.from_bytes(os.urandom(2), "big")
         wire = build_query(domain, txid)
         with Listener(IPPROTO_UDP, flow_program([target], 53, port), clock, max_packets=32) as answers, \
                 Listener(IPPROTO_ICMP, icmp_program(port), clock, max_packets=8) as icmp:

@@ -150,8 +150,26 @@ def icmp_program(local_port: int, snaplen: int = 256) -> Program:
     return p
 
 
-def attach(sock: socket.socket, program: Program, *, drain: bool = True) -> None:
-    insns = program.assemble()
+def flows_program(flows: list[tuple[str, int, int]], *, flags: int = 0, snaplen: int = SNAPLEN) -> list[tuple[int, int, int, int]]:
+    """Assembled: TCP segments of any of ``flows`` (remote ip, remote port,
+    local port), with one of ``flags`` when given. Seven instructions a flow,
+    every jump short (classic BPF jumps reach 255 instructions): at most
+    ``MAX_FILTER_FLOWS`` flows."""
+    code = [(LDX_B_MSH, 0, 0, 0)]
+    if flags:
+        code += [(LD_B_IND, 0, 0, 13), (JSET_K, 1, 0, flags), (RET_K, 0, 0, 0)]
+    for ip, rport, lport in flows[:MAX_FILTER_FLOWS]:
+        code += [(LD_W_ABS, 0, 0, 12), (JEQ_K, 0, 5, _ip_int(ip)), (LD_H_IND, 0, 0, 0), (JEQ_K, 0, 3, rport),
+                 (LD_H_IND, 0, 0, 2), (JEQ_K, 0, 1, lport), (RET_K, 0, 0, snaplen)]
+    code.append((RET_K, 0, 0, 0))
+    return code
+
+
+MAX_FILTER_FLOWS = 560  # 7 x 560 + 5 < 4096, the kernel's limit
+
+
+def attach(sock: socket.socket, program: "Program | list", *, drain: bool = True) -> None:
+    insns = program if isinstance(program, list) else program.assemble()
     array = (_Insn * len(insns))(*[_Insn(c, jt, jf, k) for c, jt, jf, k in insns])
     prog = _Prog(len(insns), ctypes.cast(array, ctypes.POINTER(_Insn)))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))

@@ -106,6 +106,23 @@ def test_without_privileges_one_line_and_exit_2(tmp_path, monkeypatch, capsys, t
     assert len([line for line in lines if "raw packets" in line]) == 1
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--target", "not-an-ip"], "vantage: --target not-an-ip: not an IPv4 address"),
+    ([], "vantage: dns-injection needs an address that runs no DNS resolver: --target IP, or a --helper"),
+])
+def test_dns_injection_needs_an_ipv4_target_or_a_helper(tmp_path, monkeypatch, capsys, extra, message):
+    from cli import main
+
+    monkeypatch.setenv("VANTAGE_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.delenv("VANTAGE_HELPERS", raising=False)
+    monkeypatch.setattr(sys, "argv", ["vantage", "run", "dns-injection", "--yes", "--url", "http://a.example/", "--db",
+                                      str(tmp_path / "x.duckdb"), "--probe-cc", "ZZ", "--probe-asn", "AS0", *extra])
+    with pytest.raises(SystemExit) as exited:
+        main.main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == message
+
+
 # --- lab -------------------------------------------------------------------------
 
 SCENARIO = """
@@ -161,7 +178,7 @@ def lab():
     from lab.runner import ScenarioLab
     from lab.scenario import parse_text
 
-    with ScenarioLab(parse_text(SCENARIO, "packet-probes.toml"), with_helper=False) as slab:
+    with ScenarioLab(parse_text(SCENARIO, "packet-probes.toml")) as slab:
         yield slab
 
 
@@ -226,7 +243,9 @@ def test_capture_marks_the_censors_resets_injected_and_a_closed_ports_genuine(la
 
     db = lab.workdir / "capture.duckdb"
     argv = [*VANTAGE, "run", "web", "--capture", "--yes", "--quiet", "--db", str(db), "--resolver", plan.PUBLIC_RESOLVER,
-            "--no-doh", "--probe-cc", "ZZ", "--probe-asn", "AS0"]
+            "--no-doh", "--probe-cc", "ZZ", "--probe-asn", "AS0", "--helper", plan.HELPER_URL, "--ca-file", str(lab.ca.cert_path)]
+    for network in plan.PUBLIC_NETWORKS:
+        argv += ["--public-network", network]
     for url in ("http://reset.example/", "http://down.example/", "http://reject.example/", "http://free.example/"):
         argv += ["--url", url]
     proc = lab.lab.run("probe", argv, timeout=240, env=lab._child_env())
@@ -245,6 +264,14 @@ def test_capture_marks_the_censors_resets_injected_and_a_closed_ports_genuine(la
     assert by[("down.example", "rst")] and all(i is False for _, _, i in by[("down.example", "rst")]), by
     assert all(i is False for (d, k), v in by.items() if d == "free.example" and k != "syn_ack" for _, _, i in v), by
     assert by[("free.example", "syn_ack")]
+    # The analysis reads them: blocking verdicts on the wire get >= 0.95.
+    from lab.runner import analyze_db
+
+    verdicts = analyze_db(db, lab.geo_dir)
+    for url, layer in (("http://reset.example/", "http"), ("http://reject.example/", "tcp")):
+        got = verdicts[url]["web_connectivity"]
+        assert (got["status"], got["layer"]) == ("blocked", layer) and got["confidence"] >= 0.95, (url, got)
+    assert verdicts["http://down.example/"]["web_connectivity"]["status"] == "down"
 
 
 if __name__ == "__main__":
