@@ -106,6 +106,7 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
         from probes.schedule import NO_CONSENT_UNATTENDED
 
         if not config.consent_given:  # never asked, never --yes: the volunteer consents at a terminal
+            _record_unattended(str(db_path or config.db), "refused: no consent recorded", [])
             raise VantageError(NO_CONSENT_UNATTENDED.format(config=config.path))
         from probes.schedule import rotate_log
 

@@ -173,6 +173,7 @@ def test_unattended_without_consent_is_one_line_exit_2_and_never_asks(tmp_path, 
     assert proc.returncode == 2, proc.stderr
     assert len(_lines(proc.stderr)) == 1 and "consent" in proc.stderr and proc.stdout == ""
     assert not (tmp_path / "v.duckdb").exists()  # nothing measured
+    assert json.loads(schedule.last_run_path(tmp_path / "v.duckdb").read_text())["result"].startswith("refused")
     # --yes does not stand in for a recorded consent either, and nothing was recorded
     assert "consent_given = false" in (tmp_path / "cfg" / "vantage" / "config.toml").read_text()
 
