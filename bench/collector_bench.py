@@ -15,7 +15,11 @@ window), ingestion throughput (measurements committed to DuckDB per second of
 the run, SIGTERM drain included), request latency percentiles, and the
 collector's peak RSS (VmHWM, /proc).
 
-    python bench/collector_bench.py [--seconds 20] [--uploaders 50] [--batch 100]
+    python bench/collector_bench.py [--seconds 20] [--uploaders 50] [--batch 100] [--rate N] [--label NAME]
+
+docs/benchmarks.md's figures: ``--label max_rate`` (defaults), ``--rate 2000
+--label paced_2000`` (is ingestion keeping up with 2,000/s offered?) and
+``--batch 1 --seconds 10 --label single_submit`` (bk-003's one-per-request).
 
 Writes bench/results/collector.json. Loopback only.
 """
@@ -27,6 +31,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -73,14 +78,19 @@ def template() -> bytes:
     return json.dumps(content).encode()
 
 
-async def uploader(url: str, index: int, batch: int, until: float, stats: dict, blob: bytes) -> None:
+async def uploader(url: str, index: int, batch: int, until: float, stats: dict, blob: bytes,
+                   interval: float | None) -> None:
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         async with s.post(url + "/report", data=json.dumps(OPEN)) as r:
             rid = (await r.json())["report_id"]
         mine = blob.replace(b"UPLOADER", str(index).encode())
         sequence = 0
+        next_at = time.monotonic() + (interval or 0) * random.random()
         while time.monotonic() < until:
+            if interval:  # paced: the offered rate, not as fast as possible
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at += interval
             lines = []
             for _ in range(batch):
                 lines.append(mine.replace(b"SEQUENCE", str(sequence).encode()))
@@ -103,6 +113,16 @@ async def uploader(url: str, index: int, batch: int, until: float, stats: dict, 
             stats["acked"].extend(ids)
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return found + [g for c in found for g in children(c)]
+
+
 def peak_rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -118,9 +138,13 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--uploaders", type=int, default=50)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=0,
+                        help="offered measurements per second in all (0: as fast as the collector answers)")
+    parser.add_argument("--label", default="max_rate", help="the key of this run in the results file")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
 
+    load_at_start = round(os.getloadavg()[0], 2)  # a busy machine (other jobs) lowers every figure
     work = Path(tempfile.mkdtemp(prefix="collector-bench-"))
     port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-c", "from cli.main import main; main()", "collector", "serve",
@@ -138,11 +162,12 @@ async def main() -> None:
                 break
         except OSError:
             time.sleep(0.05)
-    peak = [0.0]
+    peak = {}  # pid -> VmHWM (MB): the server and its children (the ingestor, multiprocessing's tracker)
 
     def sample() -> None:  # VmHWM only grows: the last reading before exit is the peak
         while proc.poll() is None:
-            peak[0] = max(peak[0], peak_rss_mb(proc.pid))
+            for pid in [proc.pid] + children(proc.pid):
+                peak[pid] = max(peak.get(pid, 0.0), peak_rss_mb(pid))
             time.sleep(0.1)
 
     import threading
@@ -152,7 +177,8 @@ async def main() -> None:
     stats = {"acked": [], "latency": [], "errors": {}}
     started = time.monotonic()
     until = started + args.seconds
-    await asyncio.gather(*(uploader(url, i, args.batch, until, stats, blob) for i in range(args.uploaders)))
+    interval = args.batch * args.uploaders / args.rate if args.rate else None
+    await asyncio.gather(*(uploader(url, i, args.batch, until, stats, blob, interval) for i in range(args.uploaders)))
     window = time.monotonic() - started
     stop_at = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -177,14 +203,25 @@ async def main() -> None:
         "request_latency_ms": {"p50": round(1000 * statistics.median(latency), 1),
                                "p99": round(1000 * latency[int(len(latency) * 0.99) - 1], 1)} if latency else None,
         "errors": stats["errors"],
-        "collector_peak_rss_mb": round(peak[0], 1),
+        "offered_per_second": args.rate or None,
+        "collector_peak_rss_mb": round(sum(peak.values()), 1),
+        "server_peak_rss_mb": round(peak.get(proc.pid, 0.0), 1),
+        "ingestor_peak_rss_mb": round(max([v for k, v in peak.items() if k != proc.pid] or [0.0]), 1),
         "collector_exit_code": code,
         "collector_cores": cores,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_1m_at_start": load_at_start},
     }
     print(json.dumps(result, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        runs = json.loads(out.read_text())
+        runs = runs if isinstance(runs, dict) and "uploaders" not in runs else {}
+    except (OSError, ValueError):
+        runs = {}
+    runs[args.label] = result  # one entry per kind of run: max_rate, paced_2000, single_submit
+    out.write_text(json.dumps(runs, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
 
 

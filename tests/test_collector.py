@@ -342,7 +342,7 @@ def _spool_line(content: dict, public: str) -> bytes:
 async def test_a_kill_during_ingestion_loses_nothing(tmp_path):
     proc = CollectorProcess(tmp_path)
     proc.spool.mkdir()
-    total, per_segment = 4500, 250  # ingested in batches of 4000: the kill comes between two commits
+    total, per_segment = 4500, 250  # ingested in batches of 2000: the kill comes between commits
     for seg in range(total // per_segment):
         lines = b"".join(_spool_line(measurement(1000 + seg, n), "20250101T000000Z_AS0_test")
                          for n in range(per_segment))

@@ -1,7 +1,8 @@
 """Ingestion: ready spool segments into the central DuckDB, apart from the
 request path, in batches, through the one writer (probes.store).
 
-One thread owns the database connection. For each ready segment, in order:
+One ingestor owns the database connection, in a child process of the
+collector (``IngestProcess``: requests and ingestion each get a core). For each ready segment, in order:
 read its lines, convert each measurement with probes.ooni_import's
 ``record_from_ooni`` (the collector stores OONI's envelope, Vantage's ``x_``
 keys included, exactly as ``vantage import ooni`` would), write them with
@@ -40,7 +41,7 @@ THREADS = 2
 
 
 class Ingestor:
-    def __init__(self, db_path: str | os.PathLike, spool: Spool, batch_size: int = 4000, idle_close: float = 5.0,
+    def __init__(self, db_path: str | os.PathLike, spool: Spool, batch_size: int = 2000, idle_close: float = 5.0,
                  log=None, stop=None, on_commit=None, poll: float = 0.5):
         self.db_path = str(db_path)
         self.spool = spool
@@ -243,7 +244,7 @@ class IngestProcess:
     last_error = None
     busy = False
 
-    def __init__(self, db_path: str | os.PathLike, spool_dir: str | os.PathLike, batch_size: int = 4000):
+    def __init__(self, db_path: str | os.PathLike, spool_dir: str | os.PathLike, batch_size: int = 2000):
         self.db_path = str(db_path)
         self.spool_dir = str(spool_dir)
         self.batch_size = batch_size
