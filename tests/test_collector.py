@@ -305,7 +305,7 @@ async def _client(url: str, client: int, count: int, acked: dict, stop_after: fl
 async def test_sigkill_twice_while_20_clients_upload_loses_no_acknowledged_measurement(tmp_path):
     proc = CollectorProcess(tmp_path).start()
     acked: dict[str, tuple[int, int]] = {}
-    clients, per_client = 20, 30
+    clients, per_client = 20, 20
     total = clients * per_client
     stop_after = time.monotonic() + 40
     tasks = [asyncio.create_task(_client(proc.url, c, per_client, acked, stop_after)) for c in range(clients)]
@@ -332,6 +332,34 @@ async def test_sigkill_twice_while_20_clients_upload_loses_no_acknowledged_measu
     assert kills == 2
 
 
+async def test_an_ingestor_that_dies_is_started_again(tmp_path):
+    proc = CollectorProcess(tmp_path).start()
+    try:
+        import urllib.request
+
+        health = json.loads(urllib.request.urlopen(proc.metrics_url + "/healthz", timeout=5).read())
+        assert health["ingestor_up"] is True
+        child = [int(c) for c in Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()]
+        ingestors = [pid for pid in child if "vantage-ingest" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+                     or b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert ingestors
+        for pid in ingestors:
+            os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+        async with aiohttp.ClientSession() as s:
+            _, opened = await post(s, proc.url + "/report", OPEN_EXAMPLE | {"test_name": "web_connectivity"})
+            rid = opened["report_id"]
+            assert (await post(s, f"{proc.url}/report/{rid}", {"format": "json", "content": measurement(9, 1)}))[0] == 200
+        deadline = time.monotonic() + 20
+        while proc.metric("vantage_collector_ingested_total") < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert proc.metric("vantage_collector_ingestor_up") == 1
+        assert proc.metric("vantage_collector_ingested_total") == 1
+    finally:
+        assert proc.stop() == 0
+    assert "starting it again" in proc.log.read_text()
+    assert proc.rows("SELECT count(*) FROM measurements") == [(1,)]
+
+
 def _spool_line(content: dict, public: str) -> bytes:
     mid = protocol.measurement_id(content)
     from probes.runner import scrub
@@ -342,7 +370,7 @@ def _spool_line(content: dict, public: str) -> bytes:
 async def test_a_kill_during_ingestion_loses_nothing(tmp_path):
     proc = CollectorProcess(tmp_path)
     proc.spool.mkdir()
-    total, per_segment = 4500, 250  # ingested in batches of 2000: the kill comes between commits
+    total, per_segment = 2500, 125  # ingested in batches of 2000: the kill comes between the two commits
     for seg in range(total // per_segment):
         lines = b"".join(_spool_line(measurement(1000 + seg, n), "20250101T000000Z_AS0_test")
                          for n in range(per_segment))

@@ -108,6 +108,7 @@ class Collector:
                 lambda: sum(1 for r in self.spool.reports.values() if not r.closed))
         m.gauge("vantage_collector_in_flight", "requests being handled", lambda: self.in_flight.count)
         m.gauge("vantage_collector_rate_limited_clients", "clients with a rate-limit bucket", lambda: len(self.limiter))
+        m.gauge("vantage_collector_ingestor_up", "1 while the ingestor process runs", lambda: int(self.ingestor.alive))
         m.gauge("vantage_collector_uptime_seconds", "seconds since start", lambda: time.time() - self.started)
 
     # --- apps ----------------------------------------------------------------------
@@ -265,6 +266,7 @@ class Collector:
         return _json(200 if ok else 503, {
             "status": "ok" if ok else "stopping", "backend_version": protocol.BACKEND_VERSION,
             "spool_ready_segments": len(self.spool.ready_segments()), "ingested": self.ingestor.ingested,
+            "ingestor_up": self.ingestor.alive,
             "ingest_error": self.ingestor.last_error})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
@@ -280,6 +282,7 @@ class Collector:
         self.spool.open()
         self.spool.start()
         self.ingestor.start()
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
         runners, bound = [], []
         for app, listen in ((self.app(), self.config.listen), (self.metrics_app(), self.config.metrics_listen)):
             host, port = _endpoint(listen)
@@ -302,10 +305,21 @@ class Collector:
                 break
         return runners, bound
 
+    async def _supervise(self) -> None:
+        """An ingestor that died (the OOM killer, a bug) is started again:
+        the spool keeps everything meanwhile, and ingestion is idempotent."""
+        while self.accepting:
+            await asyncio.sleep(2.0)
+            if self.accepting and not self.ingestor.alive:
+                self.log("the ingestor stopped unexpectedly; starting it again")
+                self.ingestor = IngestProcess(self.config.db, self.config.spool)
+                self.ingestor.start()
+
     async def stop(self, runners: list[web.AppRunner]) -> None:
         """Stop accepting, finish the requests in flight, make the spool
         durable, ingest everything spooled, close the database."""
         self.accepting = False
+        self._supervisor.cancel()
         await runners[0].cleanup()
         await self.spool.close()
         await asyncio.get_running_loop().run_in_executor(None, self.ingestor.stop)

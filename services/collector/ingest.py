@@ -260,6 +260,10 @@ class IngestProcess:
         self._proc.start()
 
     @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
