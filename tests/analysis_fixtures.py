@@ -12,6 +12,7 @@ import itertools
 import json
 from typing import Any
 
+from core.net import endpoint
 from probes import records as R
 from probes.store import connect, write_all
 from shared import SHARED
@@ -82,8 +83,8 @@ def control(*, addrs=("198.18.0.10",), dns_failure=None, tcp_ok: dict | None = N
         headers["Server"] = server
     return {
         "dns": {"failure": dns_failure, "addrs": list(addrs)},
-        "tcp_connect": {f"{a}:{port}": {"status": f is None, "failure": f} for a, f in tcp_map.items()},
-        "tls_handshake": {f"{a}:{port}": {"server_name": host, "status": f is None, "failure": f,
+        "tcp_connect": {endpoint(a, port): {"status": f is None, "failure": f} for a, f in tcp_map.items()},
+        "tls_handshake": {endpoint(a, port): {"server_name": host, "status": f is None, "failure": f,
                                           "x_cert_valid": f is None} for a, f in tls_map.items()},
         "http_request": {"failure": http_failure, "status_code": status if http_failure is None else -1,
                          "body_length": len(raw) if http_failure is None else -1, "title": title,

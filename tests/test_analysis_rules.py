@@ -502,3 +502,67 @@ def test_an_odd_header_name_does_not_stop_the_analysis():
                                                            "Content-Type": "text/html"}
     r["test_keys"]["requests"][0]["response"]["code"] = 403  # differs from the control: fingerprints are scanned
     assert one(r)["status"] in ("server_side", "blocked")
+
+
+def test_one_blocked_address_family_is_found_only_where_that_family_works():
+    # A censor blackholes a dual-stack site's IPv6 address only: the probe's
+    # IPv6 connects to it time out on every attempt while the control connects
+    # to that very endpoint, and the page arrives over IPv4. Blocked (tcp),
+    # when the probe's IPv6 demonstrably works: another IPv6 connect of the
+    # same run succeeded (here, to another dual-stack site).
+    v4, v6 = IP, "2001:2:0:100::2"
+    host = "v6-blackholed.example"
+    url = f"https://{host}/"
+
+    def blackholed(run_id="run-v6", failure="generic_timeout_error"):
+        return web(url, run_id=run_id, queries=[q(host, v4, v6)],
+                   tcps=[tcp(v4, attempt=0)] + [tcp(v6, failure=failure, attempt=a) for a in range(3)],
+                   tlss=[tls(v4, host)], requests=[http(url, v4, body=NEWS)],
+                   ctl=control(addrs=(v4, v6), body=NEWS, title="Daily News"))
+
+    def other_dual(run_id="run-v6", v6_failure=None):
+        other6 = "2001:2:0:100::1"
+        return web("https://dual.example/", run_id=run_id, queries=[q("dual.example", "198.18.0.11", other6)],
+                   tcps=[tcp("198.18.0.11", attempt=0), tcp(other6, failure=v6_failure, attempt=0)],
+                   tlss=[tls("198.18.0.11", "dual.example")], requests=[http("https://dual.example/", "198.18.0.11", body=NEWS)],
+                   ctl=control(addrs=("198.18.0.11", other6), body=NEWS, title="Daily News"))
+
+    nets = ["198.18.0.0/15", "2001:2::/48"]
+    r = blackholed()
+    con = database([r, other_dual()], public_networks=nets)
+    v = verdict(con, r)
+    assert (v["status"], v["layer"], v["method"]) == ("blocked", "tcp", "tcp.timeout"), v
+    assert v["evidence"]["rule"] == "tcp_family_timeout"
+    assert v["evidence"]["compared"]["family"] == "IPv6"
+    assert v["evidence"]["compared"]["endpoint"] == f"[{v6}]:443"
+    whole = web(url, queries=[q(host, v4)], tcps=[tcp(v4, failure="generic_timeout_error", attempt=a) for a in range(3)],
+                ctl=control(addrs=(v4,), body=NEWS, title="Daily News"))
+    w = verdict(database([whole]), whole)
+    assert w["evidence"]["rule"] == "tcp_timeout" and v["confidence"] < w["confidence"]  # less sure than a whole-site block
+    # refused on every attempt: tcp.reset
+    r = blackholed(failure="connection_refused")
+    v = verdict(database([r, other_dual()], public_networks=nets), r)
+    assert (v["status"], v["method"], v["evidence"]["rule"]) == ("blocked", "tcp.reset", "tcp_family_refused"), v
+
+    # The traps: the same shape without evidence that the probe's IPv6 works.
+    # Alone in its run:
+    r = blackholed()
+    v = verdict(database([r], public_networks=nets), r)
+    assert (v["status"], v["evidence"]["rule"]) == ("ok", "page_matches_control"), v
+    # the IPv6 success was in another run:
+    r = blackholed()
+    v = verdict(database([r, other_dual(run_id="run-elsewhere")], public_networks=nets), r)
+    assert v["status"] == "ok", v
+    # the run's other IPv6 connects failed too (IPv6 silently broken for the probe):
+    r = blackholed()
+    v = verdict(database([r, other_dual(v6_failure="generic_timeout_error")], public_networks=nets), r)
+    assert v["status"] == "ok", v
+    # unroutable IPv6 (no IPv6, or broken at the ISP) is never evidence, even beside a working one:
+    r = blackholed(failure="network_unreachable")
+    v = verdict(database([r, other_dual()], public_networks=nets), r)
+    assert v["status"] == "ok", v
+    # the control could not connect to that endpoint either: not the censor's doing
+    r = blackholed()
+    r["test_keys"]["control"]["tcp_connect"][f"[{v6}]:443"] = {"status": False, "failure": "generic_timeout_error"}
+    v = verdict(database([r, other_dual()], public_networks=nets), r)
+    assert v["status"] == "ok", v

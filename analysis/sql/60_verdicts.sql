@@ -32,6 +32,7 @@ INSERT INTO _a_rules VALUES
     ('http_blockpage_fingerprint', 'blocked',      'http', 'http.blockpage',   0.95),
     ('no_control_https_ok',        'ok',           NULL,   NULL,               0.6),
     ('no_control',                 'inconclusive', NULL,   NULL,               0.0),
+    ('control_failed_probe_https_ok', 'ok',        NULL,   NULL,               0.6),
     ('down_control_dns',           'down',         NULL,   NULL,               0.8),
     ('down_control_tcp',           'down',         NULL,   NULL,               0.8),
     ('down_certificate',           'down',         NULL,   NULL,               0.8),
@@ -43,6 +44,8 @@ INSERT INTO _a_rules VALUES
     ('tls_reset',                  'blocked',      'tls',  'tls.reset',        0.85),
     ('tls_alert',                  'blocked',      'tls',  'tls.reset',        0.6),
     ('tls_timeout',                'blocked',      'tls',  'tls.timeout',      0.75),
+    ('tcp_family_refused',         'blocked',      'tcp',  'tcp.reset',        0.65),
+    ('tcp_family_timeout',         'blocked',      'tcp',  'tcp.timeout',      0.6),
     ('slow_for_everyone',          'ok',           NULL,   NULL,               0.6),
     ('site_broken_redirect',       'down',         NULL,   NULL,               0.5),
     ('down_control_http',          'down',         NULL,   NULL,               0.5),
@@ -78,7 +81,7 @@ SELECT m.measurement_id, m.input, m.host, m.scheme, m.control_failure, m.probe_n
        coalesce(k.c_http_ok, false) AS c_http_ok, k.c_http_failure, k.c_status, k.c_title, k.c_len,
        d.* EXCLUDE (measurement_id),
        coalesce(t.p_tcp_ok, false) AS p_tcp_ok, coalesce(t.p_tcp_unreach, false) AS p_tcp_unreach,
-       t.tcp_reset_ep, t.tcp_timeout_ep,
+       t.tcp_reset_ep, t.tcp_timeout_ep, t.tcp_family_ep, t.tcp_family, coalesce(t.tcp_family_refused, false) AS tcp_family_refused,
        coalesce(s.p_tls_certfail, false) AS p_tls_certfail, s.tls_reset_ep, s.tls_reset_failure, s.tls_alert_ep,
        s.tls_timeout_ep, s.tls_mitm_ep, s.tls_mitm_issuer, s.tls_mitm_error,
        h.measurement_id IS NOT NULL AS p_http_rows,
@@ -134,7 +137,13 @@ WITH r AS (
            -- 5. Without a control only validated TLS can vouch for a page.
            WHEN NOT f.has_control AND f.p_got_page AND f.f_https_valid AND f.f_status < 400 THEN 'no_control_https_ok'
            WHEN NOT f.has_control THEN 'no_control'
-           -- 6. The control could not reach the site either: down, not blocked.
+           -- 6. A page the probe got over validated HTTPS came from the site:
+           -- a control that failed (a lossy path, a helper the site refuses)
+           -- says nothing against it. (One blocked address family of the site,
+           -- rule 7, still counts: the control connected to that endpoint.)
+           WHEN NOT f.c_http_ok AND f.p_got_page AND f.f_https_valid AND f.f_status < 400
+                AND f.tcp_family_ep IS NULL THEN 'control_failed_probe_https_ok'
+           -- The control could not reach the site either: down, not blocked.
            WHEN NOT f.c_http_ok AND f.c_addrs = 0 THEN 'down_control_dns'
            WHEN NOT f.c_http_ok AND NOT f.c_tcp_ok THEN 'down_control_tcp'
            WHEN NOT f.c_http_ok AND f.c_tls_certfail AND NOT f.c_tls_ok THEN 'down_certificate'
@@ -149,6 +158,11 @@ WITH r AS (
            WHEN f.tls_reset_ep IS NOT NULL AND NOT f.p_got_page THEN 'tls_reset'
            WHEN f.tls_alert_ep IS NOT NULL AND NOT f.p_got_page THEN 'tls_alert'
            WHEN f.tls_timeout_ep IS NOT NULL AND NOT f.p_got_page THEN 'tls_timeout'
+           -- One address family of the site blocked (the page perhaps fetched
+           -- over the other): an endpoint the control connected to failed
+           -- every attempt while that family works for the probe in this run.
+           WHEN f.tcp_family_ep IS NOT NULL AND f.tcp_family_refused THEN 'tcp_family_refused'
+           WHEN f.tcp_family_ep IS NOT NULL THEN 'tcp_family_timeout'
            -- 8. Slowness (throughput itself is the throttling test's question,
            -- judged by analysis/throttling.py): a fetch that timed out mid-body
            -- on a site that timed out for the control too.
@@ -211,6 +225,8 @@ SELECT r.measurement_id, r.input, x.status, x.layer,
                WHEN r.rule = 'dns_unvouched_then_failed' THEN json_object('unvouched_answer', r.unvouched_failed, 'probe_answers', r.p_answers)
                WHEN r.rule IN ('http_blockpage_fingerprint', 'dns_blockpage_from_foreign_address') THEN json_object('fingerprint', r.http_fp, 'probe_status', r.f_status, 'probe_title', r.f_title,
                     'address', r.f_ip, 'address_resolved_by_control', NOT r.f_ip_foreign)
+               WHEN r.rule = 'control_failed_probe_https_ok' THEN json_object('url', r.f_url, 'probe_status', r.f_status, 'probe_title', r.f_title,
+                    'validated_https', true, 'control_http_failure', r.c_http_failure, 'control_tcp_ok', r.c_tcp_ok)
                WHEN r.rule IN ('no_control', 'no_control_https_ok') THEN json_object('control_failure', r.control_failure, 'probe_status', r.f_status, 'url', r.f_url)
                WHEN r.rule LIKE 'down_%' THEN json_object('control_http_failure', r.c_http_failure, 'control_dns_failure', r.c_dns_failure,
                     'control_tcp_ok', r.c_tcp_ok, 'control_tls_failure', r.c_tls_certfail_what, 'probe_failure', r.f_failure)
@@ -220,6 +236,11 @@ SELECT r.measurement_id, r.input, x.status, x.layer,
                     'issuer', r.tls_mitm_issuer, 'control', 'valid certificate')
                WHEN r.rule IN ('tls_reset', 'tls_alert') THEN json_object('endpoint', coalesce(r.tls_reset_ep, r.tls_alert_ep),
                     'probe_failure', coalesce(r.tls_reset_failure, 'ssl_failed_handshake'), 'control', 'handshake ok')
+               WHEN r.rule IN ('tcp_family_refused', 'tcp_family_timeout') THEN json_object('endpoint', r.tcp_family_ep,
+                    'family', r.tcp_family,
+                    'probe_failure', CASE WHEN r.tcp_family_refused THEN 'connection_refused' ELSE 'generic_timeout_error' END,
+                    'control', 'connected', 'family_works', 'another ' || r.tcp_family || ' connect of the probe succeeded in this run',
+                    'page_fetched', r.p_got_page, 'address', r.f_ip)
                WHEN r.rule = 'tls_timeout' THEN json_object('endpoint', r.tls_timeout_ep, 'probe_failure', 'generic_timeout_error', 'control', 'handshake ok')
                WHEN r.rule = 'slow_for_everyone' THEN json_object('probe_failure', r.f_failure, 'control_http_failure', r.c_http_failure)
                ELSE json_object('url', r.f_url, 'probe_failure', r.f_failure, 'probe_status', r.f_status, 'control_status', r.c_status,
