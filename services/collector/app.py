@@ -40,6 +40,7 @@ from aiohttp import web
 
 from core.errors import VantageError
 from core.net import parse_host_port
+from probes import store
 from probes.runner import scrub
 
 from . import protocol
@@ -349,6 +350,12 @@ def check(config: CollectorConfig) -> None:
             raise CollectorConfigError(f"--{name} {path}: {parent} is not writable")
     _endpoint(config.listen)
     _endpoint(config.metrics_listen)
+    try:  # create or migrate it now: a database of a newer Vantage is one line, not an ingestor failing forever
+        store.connect(config.db).close()
+    except store.StoreError as exc:
+        if "schema version" in str(exc):
+            raise CollectorConfigError(str(exc)) from None
+        # Busy (an analyst has it open): serve anyway, the spool waits for it.
 
 
 async def serve_forever(config: CollectorConfig, on_ready=None) -> None:
