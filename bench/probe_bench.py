@@ -71,13 +71,13 @@ def _family(pid: int) -> list[int]:
     return found
 
 
-def run_once(ns: str, count: int, concurrency: int | None, workdir: Path) -> dict:
+def run_once(ns: str, count: int, concurrency: int | None, workdir: Path, extra: list[str] | None = None) -> dict:
     urls = workdir / f"urls-{count}.txt"
     urls.write_text("".join(f"http://site{i}.bench.test/page\n" for i in range(count)))
-    db = workdir / f"bench-{count}.duckdb"
+    db = workdir / f"bench-{count}{'-capture' if extra else ''}.duckdb"
     cmd = ["ip", "netns", "exec", ns, "/usr/bin/env", f"HOME={workdir}", *EXTRA_ENV, sys.executable, "-m", "cli.main", "run", "web",
            "--input-file", str(urls), "--db", str(db), "--yes", "--quiet", "--json", "--no-doh",
-           "--resolver", "127.0.0.1", "--probe-cc", "ZZ", "--probe-asn", "AS0"]
+           "--resolver", "127.0.0.1", "--probe-cc", "ZZ", "--probe-asn", "AS0", *(extra or [])]
     if concurrency:
         cmd += ["--concurrency", str(concurrency)]
     start = time.monotonic()
@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--delay", type=float, default=0.1)
     parser.add_argument("--out", default=str(HERE / "results" / "probe.json"))
+    parser.add_argument("--capture", action="store_true",
+                        help="also run each count with `--capture` (docs/packet-probes.md) and report the cost")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the probe benchmark needs root (it creates a network namespace)")
@@ -148,6 +150,12 @@ def main() -> None:
         if servers.stdout.readline().strip() != "ready":
             raise SystemExit(f"benchmark servers did not start: {servers.stderr.read()[-500:]}")
         results = [run_once(ns, n, args.concurrency, workdir) for n in counts]
+        if args.capture:  # alternately, so a busy machine's drift hits both alike
+            for n, plain in zip(counts, results):
+                with_capture = run_once(ns, n, args.concurrency, workdir, ["--capture"])
+                plain["capture"] = {"urls_per_second": with_capture["urls_per_second"],
+                                    "peak_rss_mb": with_capture["peak_rss_mb"],
+                                    "throughput_cost": round(1 - with_capture["urls_per_second"] / plain["urls_per_second"], 3)}
     finally:
         if servers:
             servers.kill()

@@ -1,18 +1,21 @@
 """Packet evidence during a web measurement (`vantage run web --capture`, root
 or CAP_NET_RAW): a bounded capture of each connection's telling packets.
 
-One raw TCP socket for the whole run (so the kernel copies a packet once,
-however many measurements run) with a BPF program that names exactly the
-running measurements' connections: server address, port, and the local
+One raw TCP socket per measurement with a kernel BPF filter that names the
+measurement's own connections: its server addresses and port, and the local
 port of each connection, learnt as it connects (the event loop's
-``sock_connect`` is wrapped: a captured measurement's socket is bound just
-before its SYN leaves and its flow added to the program). No other flow's
-packet is copied. Only segments carrying SYN, FIN or RST pass (the SYN-ACK,
-the resets, the closes — a forged block page ends with the forger's FIN),
+``sock_connect`` is wrapped: the socket is bound just before its SYN leaves
+and its port added to the filter), so no other flow's packet is ever copied
+to it. Only segments carrying SYN, FIN or RST pass (the SYN-ACK, the
+resets, the closes — a forged block page ends with the forger's FIN),
 clipped to ``SNAPLEN`` bytes; at most ``PER_FLOW`` packets per connection,
 ``MAX_FLOWS`` connections and ``MAX_PACKETS`` packets per measurement are
 kept, so memory is bounded whatever the site sends. The bulk of a body is
 never copied.
+(Measured, docs/benchmarks.md: about 0.8 ms of CPU per measurement at 50
+in flight. One run-wide socket whose program names every running flow
+copies each packet once but costs 4 ms a measurement: the kernel re-checks
+the whole program at every change.)
 
 When the capture ends, each kept packet is compared with the server's own
 packet on that connection, its SYN-ACK (IP TTL and IP ID): a RST or FIN or
@@ -32,8 +35,8 @@ import socket
 import struct
 from typing import Any
 
-from .packets import (FIN, IPPROTO_ICMP, IPPROTO_TCP, JEQ_K, LD_B_IND, LD_H_IND, LD_W_ABS, LDX_B_MSH, RST, SYN, Listener,
-                      Program, _checksum, _ip_int, attach, flows_program, have_privileges, parse)
+from .packets import (FIN, IPPROTO_ICMP, IPPROTO_TCP, JEQ_K, LD_B_IND, LD_H_IND, LD_W_ABS, LDX_B_MSH, PSH, RST, SYN, Listener,
+                      Program, _checksum, _ip_int, flow_program, have_privileges)
 
 SNAPLEN = 160
 PER_FLOW = 12
@@ -53,86 +56,36 @@ def _privileged() -> bool:
 
 
 class Capture:
-    """One measurement's capture: the packets of its own connections (their
-    local ports are learnt as each connects), bounded per flow and in all."""
+    """One measurement's capture: its raw socket, whose kernel filter names
+    exactly the measurement's connections (their local ports, learnt as each
+    connects), so no other flow's packet is ever copied to it."""
 
     def __init__(self, addresses: list[str], port: int, clock: Any):
-        self.addresses, self.port, self.clock = addresses, port, clock
-        self.flows: list[tuple[str, int, int]] = []
-        self.packets: list = []
-        self.per_flow: dict[tuple, int] = {}
-        self.dropped = 0
-        self.hub: "_Hub | None" = None
-        self.token = None
+        self.addresses, self.port, self.local_ports = addresses, port, []
+        self.listener = Listener(IPPROTO_TCP, self._program(), clock, max_packets=MAX_PACKETS,
+                                 max_bytes=MAX_PACKETS * SNAPLEN, max_per_flow=PER_FLOW, rcvbuf=None)
+
+    def _program(self):
+        return flow_program(self.addresses, self.port, list(self.local_ports), flags=SYN | FIN | RST, snaplen=SNAPLEN)
 
     def claim(self, sock: socket.socket, address: Any) -> None:
         """Called just before ``sock`` connects to ``address``: bind it (so its
         port is known before the SYN leaves) and add its flow to the filter."""
         if sock.family != socket.AF_INET or not isinstance(address, tuple) or address[0] not in self.addresses \
-                or address[1] != self.port or len(self.flows) >= MAX_FLOWS or self.hub is None:
+                or address[1] != self.port or len(self.local_ports) >= MAX_FLOWS:
             return
         if sock.getsockname()[1] == 0:
             sock.bind(("", 0))
-        flow = (address[0], address[1], sock.getsockname()[1])
-        self.flows.append(flow)
-        self.hub.add(flow, self)
-
-    def take(self, seen) -> None:
-        flow = (seen.src, seen.sport, seen.dport)
-        if len(self.packets) >= MAX_PACKETS or self.per_flow.get(flow, 0) >= PER_FLOW:
-            self.dropped += 1
-            return
-        self.per_flow[flow] = self.per_flow.get(flow, 0) + 1
-        seen.t = self.clock.now() if self.clock is not None else seen.t
-        self.packets.append(seen)
+        self.local_ports.append(sock.getsockname()[1])
+        self.listener.refilter(self._program())
 
 
-class _Hub:
-    """The run's one capture socket (one copy of a packet in the kernel, however
-    many measurements run): its BPF program names every claimed flow of every
-    running measurement, and each packet goes to the capture of its flow."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.owner: dict[tuple[str, int, int], Capture] = {}
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_TCP)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        attach(self.sock, flows_program([]))
-        loop.add_reader(self.sock.fileno(), self._read)
-
-    def _refilter(self) -> None:
-        attach(self.sock, flows_program(list(self.owner), flags=SYN | FIN | RST, snaplen=SNAPLEN), drain=False)
-
-    def add(self, flow: tuple[str, int, int], capture: Capture) -> None:
-        self.owner[flow] = capture
-        self._refilter()
-
-    def remove(self, capture: Capture) -> None:
-        for flow in capture.flows:
-            if self.owner.get(flow) is capture:
-                del self.owner[flow]
-        self._refilter()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                raw = self.sock.recv(65535)
-            except (BlockingIOError, InterruptedError, OSError):
-                return
-            seen = parse(raw)
-            if seen is not None:
-                capture = self.owner.get((seen.src, seen.sport, seen.dport))
-                if capture is not None:
-                    capture.take(seen)
-
-
-def _hub(loop: asyncio.AbstractEventLoop) -> _Hub:
-    """The loop's hub, made (and its sock_connect wrapped: asyncio.open_connection
-    and aiohttp both connect through it) on first use."""
-    hub = getattr(loop, "_vantage_capture_hub", None)
-    if hub is not None:
-        return hub
-    hub = _Hub(loop)
+def _install(loop: asyncio.AbstractEventLoop) -> None:
+    """Wrap the loop's sock_connect (asyncio.open_connection and aiohttp both
+    connect through it) so a connection made inside a captured measurement
+    is claimed by its capture."""
+    if getattr(loop, "_vantage_capture", False):
+        return
     original = loop.sock_connect
 
     async def sock_connect(sock, address):
@@ -145,8 +98,7 @@ def _hub(loop: asyncio.AbstractEventLoop) -> _Hub:
         return await original(sock, address)
 
     loop.sock_connect = sock_connect
-    loop._vantage_capture_hub = hub
-    return hub
+    loop._vantage_capture = True
 
 
 def start(ctx: Any, addresses: list[str], port: int, clock: Any) -> "Capture | None":
@@ -158,9 +110,10 @@ def start(ctx: Any, addresses: list[str], port: int, clock: Any) -> "Capture | N
         return None
     capture = Capture(v4, port, clock)
     try:
-        capture.hub = _hub(asyncio.get_running_loop())
+        capture.listener.__enter__()
     except OSError:
         return None
+    _install(asyncio.get_running_loop())
     capture.token = _CURRENT.set(capture)
     return capture
 
@@ -205,8 +158,9 @@ async def stop(capture: "Capture | None", keys: dict[str, Any], clock: Any = Non
     if capture is None:
         return
     abandon(capture)
+    listener = capture.listener
     flows: dict[str, list] = {}
-    for p in capture.packets:
+    for p in listener.packets:
         flows.setdefault(f"{p.src}:{p.sport}>{p.dport}", []).append(p)
     by_server: dict[str, Any] = {}
     for packets in flows.values():
@@ -232,16 +186,14 @@ async def stop(capture: "Capture | None", keys: dict[str, Any], clock: Any = Non
                 "length": len(p.raw), "t": p.t, "baseline_ttl": baseline[0] if baseline else None,
                 "baseline_ip_id": baseline[1] if baseline else None, "injected": injected,
             })
-    if capture.dropped:
-        keys["x_capture_dropped"] = capture.dropped
+    if listener.dropped:
+        keys["x_capture_dropped"] = listener.dropped
 
 
 def abandon(capture: "Capture | None") -> None:
     """Stop capturing (a measurement cut short keeps nothing)."""
     if capture is not None:
-        if capture.hub is not None:
-            capture.hub.remove(capture)
-            capture.hub = None
+        capture.listener.__exit__(None, None, None)
         try:
             _CURRENT.reset(capture.token)
         except (ValueError, RuntimeError):  # reset from another context: just forget it

@@ -150,26 +150,8 @@ def icmp_program(local_port: int, snaplen: int = 256) -> Program:
     return p
 
 
-def flows_program(flows: list[tuple[str, int, int]], *, flags: int = 0, snaplen: int = SNAPLEN) -> list[tuple[int, int, int, int]]:
-    """Assembled: TCP segments of any of ``flows`` (remote ip, remote port,
-    local port), with one of ``flags`` when given. Seven instructions a flow,
-    every jump short (classic BPF jumps reach 255 instructions): at most
-    ``MAX_FILTER_FLOWS`` flows."""
-    code = [(LDX_B_MSH, 0, 0, 0)]
-    if flags:
-        code += [(LD_B_IND, 0, 0, 13), (JSET_K, 1, 0, flags), (RET_K, 0, 0, 0)]
-    for ip, rport, lport in flows[:MAX_FILTER_FLOWS]:
-        code += [(LD_W_ABS, 0, 0, 12), (JEQ_K, 0, 5, _ip_int(ip)), (LD_H_IND, 0, 0, 0), (JEQ_K, 0, 3, rport),
-                 (LD_H_IND, 0, 0, 2), (JEQ_K, 0, 1, lport), (RET_K, 0, 0, snaplen)]
-    code.append((RET_K, 0, 0, 0))
-    return code
-
-
-MAX_FILTER_FLOWS = 560  # 7 x 560 + 5 < 4096, the kernel's limit
-
-
-def attach(sock: socket.socket, program: "Program | list", *, drain: bool = True) -> None:
-    insns = program if isinstance(program, list) else program.assemble()
+def attach(sock: socket.socket, program: Program, *, drain: bool = True) -> None:
+    insns = program.assemble()
     array = (_Insn * len(insns))(*[_Insn(c, jt, jf, k) for c, jt, jf, k in insns])
     prog = _Prog(len(insns), ctypes.cast(array, ctypes.POINTER(_Insn)))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))
@@ -287,6 +269,7 @@ class Listener:
     max_packets: int = 64
     max_bytes: int = 64 * 1024
     max_per_flow: int | None = None  # packets kept per (source, source port, destination port)
+    rcvbuf: int | None = 256 * 1024
     packets: list[Seen] = field(default_factory=list)
     _flows: dict = field(default_factory=dict)
     dropped: int = 0
@@ -297,7 +280,8 @@ class Listener:
     def __enter__(self) -> "Listener":
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, self.proto)
         try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+            if self.rcvbuf:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
             attach(self._sock, self.program)
             self._event = asyncio.Event()
             asyncio.get_running_loop().add_reader(self._sock.fileno(), self._read)
