@@ -438,8 +438,8 @@ async def run_tests(
     finished, timed_out, store_failed or interrupted (Ctrl-C) at the end.
 
     ``con`` None (`vantage run`): this process never opens the database;
-    measurements go to a spool and short-lived processes start the run and
-    store it (probes/spool.py). ``runs`` is filled with each run id and its
+    measurements go to a spool (the run's start as its first line) and a
+    short-lived process records the run and stores it (probes/spool.py). ``runs`` is filled with each run id and its
     final status, also when the run is cut by Ctrl-C."""
     import aiohttp
 
@@ -468,15 +468,14 @@ async def run_tests(
         ctx.session = session
         for test in tests:
             this_run = resume_id or new_id()
-            if resume_id is None:
-                if con is None:
-                    spool.start(db_file, this_run, test.name, inputs, options, location)
-                else:
-                    start_run(con, this_run, test, inputs, options, location)
+            if resume_id is None and con is not None:
+                start_run(con, this_run, test, inputs, options, location)
             if runs is not None:
                 runs[this_run] = "interrupted"
-            if con is None:
-                sink = spool.SpoolSink(spool.spool_path(db_file, this_run), rescue_path=rescue_path(db_file, this_run))
+            if con is None:  # the run is recorded from the spool's first line when the spool is stored
+                begun = None if resume_id else spool.start_entry(this_run, test.name, inputs, options, location)
+                sink = spool.SpoolSink(spool.spool_path(db_file, this_run), rescue_path=rescue_path(db_file, this_run),
+                                       start=begun)
             else:
                 sink = store.Sink(con, rescue_path=rescue_path(db_file, this_run))
             status = "interrupted"

@@ -3,11 +3,15 @@
 DuckDB's library and allocator cost a measuring process ~60 MB it never
 gives back (docs/benchmarks.md). So the process that measures only appends
 finished measurements to a spool file beside the database, and every
-database operation (open and migrate, start a run, resume, store the spool,
-mark the run) runs in a short-lived process (``python -m probes.spool``):
+database operation runs in a short-lived process (``python -m
+probes.spool``): one before measuring (open and migrate, store what earlier
+runs left, what a resumed run has left to do) and one at the end (record the
+run, store the spool, mark the run):
 
-- ``SpoolSink`` is the runner's sink: ``aput`` returns once the record's line
-  is written to ``<db stem>.spool-<run id>.jsonl`` (O_APPEND, from a thread;
+- ``SpoolSink`` is the runner's sink. A new run's first line is what
+  ``runner.start_run`` records (its inputs, options, location); then ``aput``
+  returns once the record's line is written to
+  ``<db stem>.spool-<run id>.jsonl`` (O_APPEND, from a thread;
   fsync'd at most once a second and at the end), so a measurement the run has
   counted survives the process being killed, even with SIGKILL. A spool line
   is a rescue-file line (``store.rescue_line``): ``vantage results
@@ -144,7 +148,11 @@ class SpoolSink(Sink):
     go to the spool file. Nothing is stored in the database here: the child
     that stores the spool does (``finish``)."""
 
-    def __init__(self, path: str | os.PathLike, rescue_path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike, rescue_path: str | os.PathLike | None = None,
+                 start: dict[str, Any] | None = None):
+        """``start`` (a new run: ``start_entry``) is the spool's first line:
+        the child that stores the spool records the run from it, so no
+        process opens the database before measuring starts."""
         # No writer thread: writes happen in the thread that hands the record over.
         self.con = None
         self.path = Path(path)
@@ -155,6 +163,13 @@ class SpoolSink(Sink):
         self._lock = threading.Lock()
         self._synced = time.monotonic()
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        if start is not None:
+            try:
+                _write_all(self._fd, (json.dumps({"start": start}) + "\n").encode())
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._close_fd()
+                raise StoreError(f"cannot write the spool {self.path}: {exc.strerror}") from None
 
     def _offer(self, item) -> bool:
         return False  # never write on the event loop: aput hands every record to a thread
@@ -253,9 +268,10 @@ def prepare(db_file: str, resume_id: str | None = None) -> dict[str, Any]:
     return _child("prepare", {"db": db_file, "resume": resume_id})
 
 
-def start(db_file: str, run_id: str, test_name: str, inputs, options: dict, location) -> None:
-    _child("start", {"db": db_file, "run_id": run_id, "test": test_name, "inputs": list(inputs), "options": options,
-                     "location": {"probe_cc": location.probe_cc, "probe_asn": location.probe_asn}})
+def start_entry(run_id: str, test_name: str, inputs, options: dict, location) -> dict[str, Any]:
+    """What ``runner.start_run`` records, as the spool's first line."""
+    return {"run_id": run_id, "test": test_name, "inputs": [list(i) for i in inputs], "options": options,
+            "location": {"probe_cc": location.probe_cc, "probe_asn": location.probe_asn}}
 
 
 def finish(db_file: str, run_id: str, sink: SpoolSink, status: str) -> str:
@@ -323,7 +339,9 @@ def store_spool(con, db_file: str, spool: Path) -> dict[str, Any]:
                 entry = json.loads(line)
             except ValueError:
                 continue  # a line cut by a crash: its measurement never counted as finished
-            if isinstance(entry, dict) and isinstance(entry.get("end"), dict):
+            if isinstance(entry, dict) and isinstance(entry.get("start"), dict):
+                sink.call(_record_start, entry["start"])  # on the writer thread, before the records
+            elif isinstance(entry, dict) and isinstance(entry.get("end"), dict):
                 end = entry["end"]
             elif isinstance(entry, dict) and isinstance(entry.get("record"), dict):
                 category = entry.get("category_code")
@@ -374,17 +392,17 @@ def _task_prepare(payload: dict[str, Any]) -> dict[str, Any]:
         con.close()
 
 
-def _task_start(payload: dict[str, Any]) -> dict[str, Any]:
+def _record_start(con, entry: dict[str, Any]) -> None:
+    """The run's row and planned inputs, unless an earlier storing of this
+    spool recorded them already."""
     from . import runner
 
-    con = _connect(payload["db"])
-    try:
-        test = next(t for name in runner.TESTS for t in runner.experiments(name) if t.name == payload["test"])
-        runner.start_run(con, payload["run_id"], test, [tuple(i) for i in payload["inputs"]], payload["options"],
-                         runner.Location(**payload["location"]))
-        return {}
-    finally:
-        con.close()
+    if con.execute("SELECT 1 FROM runs WHERE run_id = ?", [entry["run_id"]]).fetchone():
+        return
+    # start_run reads the test's name only: the test modules (aiohttp...) stay unloaded here.
+    test = runner.Experiment(entry["test"], "", None, None, None)
+    runner.start_run(con, entry["run_id"], test, [tuple(i) for i in entry["inputs"]], entry["options"],
+                     runner.Location(**entry["location"]))
 
 
 def _task_finish(payload: dict[str, Any]) -> dict[str, Any]:
@@ -396,7 +414,7 @@ def _task_finish(payload: dict[str, Any]) -> dict[str, Any]:
         con.close()
 
 
-_TASKS = {"prepare": _task_prepare, "start": _task_start, "finish": _task_finish}
+_TASKS = {"prepare": _task_prepare, "finish": _task_finish}
 
 
 def main(argv: list[str]) -> int:
