@@ -1,21 +1,22 @@
 """Packet evidence during a web measurement (`vantage run web --capture`, root
 or CAP_NET_RAW): a bounded capture of each connection's telling packets.
 
-One raw TCP socket per measurement with a kernel BPF filter that names the
-measurement's own connections: its server addresses and port, and the local
-port of each connection, learnt as it connects (the event loop's
-``sock_connect`` is wrapped: the socket is bound just before its SYN leaves
-and its port added to the filter), so no other flow's packet is ever copied
-to it. Only segments carrying SYN, FIN or RST pass (the SYN-ACK, the
-resets, the closes — a forged block page ends with the forger's FIN),
-clipped to ``SNAPLEN`` bytes; at most ``PER_FLOW`` packets per connection,
-``MAX_FLOWS`` connections and ``MAX_PACKETS`` packets per measurement are
-kept, so memory is bounded whatever the site sends. The bulk of a body is
-never copied.
-(Measured, docs/benchmarks.md: about 0.8 ms of CPU per measurement at 50
-in flight. One run-wide socket whose program names every running flow
-copies each packet once but costs 4 ms a measurement: the kernel re-checks
-the whole program at every change.)
+One raw TCP socket for the whole run, so the kernel copies a packet once
+however many measurements are in flight. Its BPF program passes only SYN,
+FIN and RST segments from the servers being measured, clipped to
+``SNAPLEN`` bytes, and is re-attached only when a new server address
+appears. Each connection a captured measurement makes is claimed as it
+connects (the event loop's ``sock_connect`` is wrapped: the socket is bound
+just before its SYN leaves, so its flow — server address, port, local port —
+is known); a packet goes to the capture that claimed its flow, and one of no
+claimed flow is dropped unread (four header bytes looked at). At most
+``PER_FLOW`` packets per connection, ``MAX_FLOWS`` connections and
+``MAX_PACKETS`` packets per measurement are kept, so memory is bounded
+whatever the site sends; the bulk of a body never reaches user space.
+(Cost, docs/benchmarks.md. Rejected: a socket per measurement with a
+per-flow program, 0.8 ms of CPU a measurement, as the kernel copies every
+packet to every raw socket before filtering; a run-wide program naming
+every flow, 4 ms, in re-attaches.)
 
 When the capture ends, each kept packet is compared with the server's own
 packet on that connection, its SYN-ACK (IP TTL and IP ID): a RST or FIN or
@@ -35,12 +36,13 @@ import socket
 import struct
 from typing import Any
 
-from .packets import (FIN, IPPROTO_ICMP, IPPROTO_TCP, JEQ_K, LD_B_IND, LD_H_IND, LD_W_ABS, LDX_B_MSH, PSH, RST, SYN, Listener,
-                      Program, _checksum, _ip_int, flow_program, have_privileges)
+from .packets import (FIN, IPPROTO_ICMP, IPPROTO_TCP, JEQ_K, LD_B_IND, LD_H_IND, LD_W_ABS, LDX_B_MSH, RST, SYN, Listener,
+                      Program, _checksum, _ip_int, attach, flow_program, have_privileges, parse)
 
 SNAPLEN = 160
 PER_FLOW = 12
 MAX_PACKETS = 96
+MAX_ADDRESSES = 250  # servers the run-wide program names at once (jumps reach 255 instructions)
 MAX_FLOWS = 32   # connections one measurement's filter names (retries, redirects to the same address)
 ECHO_TIMEOUT = 1.0
 
@@ -56,36 +58,99 @@ def _privileged() -> bool:
 
 
 class Capture:
-    """One measurement's capture: its raw socket, whose kernel filter names
-    exactly the measurement's connections (their local ports, learnt as each
-    connects), so no other flow's packet is ever copied to it."""
+    """One measurement's capture: the packets of its own connections (their
+    local ports are learnt as each connects), bounded per flow and in all."""
 
     def __init__(self, addresses: list[str], port: int, clock: Any):
-        self.addresses, self.port, self.local_ports = addresses, port, []
-        self.listener = Listener(IPPROTO_TCP, self._program(), clock, max_packets=MAX_PACKETS,
-                                 max_bytes=MAX_PACKETS * SNAPLEN, max_per_flow=PER_FLOW, rcvbuf=None)
-
-    def _program(self):
-        return flow_program(self.addresses, self.port, list(self.local_ports), flags=SYN | FIN | RST, snaplen=SNAPLEN)
+        self.addresses, self.port, self.clock = addresses, port, clock
+        self.flows: list[tuple[str, int, int]] = []
+        self.packets: list = []
+        self.per_flow: dict[tuple, int] = {}
+        self.dropped = 0
+        self.hub: "_Hub | None" = None
+        self.token = None
 
     def claim(self, sock: socket.socket, address: Any) -> None:
         """Called just before ``sock`` connects to ``address``: bind it (so its
-        port is known before the SYN leaves) and add its flow to the filter."""
+        port is known before the SYN leaves) and make the flow this capture's."""
         if sock.family != socket.AF_INET or not isinstance(address, tuple) or address[0] not in self.addresses \
-                or address[1] != self.port or len(self.local_ports) >= MAX_FLOWS:
+                or address[1] != self.port or len(self.flows) >= MAX_FLOWS or self.hub is None:
             return
         if sock.getsockname()[1] == 0:
             sock.bind(("", 0))
-        self.local_ports.append(sock.getsockname()[1])
-        self.listener.refilter(self._program())
+        flow = (address[0], address[1], sock.getsockname()[1])
+        self.flows.append(flow)
+        self.hub.owner[flow] = self
+
+    def take(self, seen) -> None:
+        flow = (seen.src, seen.sport, seen.dport)
+        if len(self.packets) >= MAX_PACKETS or self.per_flow.get(flow, 0) >= PER_FLOW:
+            self.dropped += 1
+            return
+        self.per_flow[flow] = self.per_flow.get(flow, 0) + 1
+        if self.clock is not None:
+            seen.t = self.clock.now()
+        self.packets.append(seen)
 
 
-def _install(loop: asyncio.AbstractEventLoop) -> None:
-    """Wrap the loop's sock_connect (asyncio.open_connection and aiohttp both
-    connect through it) so a connection made inside a captured measurement
-    is claimed by its capture."""
-    if getattr(loop, "_vantage_capture", False):
-        return
+class _Hub:
+    """The run's one capture socket: the kernel copies a packet once however
+    many measurements run. Its BPF program passes SYN, FIN and RST segments
+    from the servers being measured (re-attached only when a new address
+    appears); each packet goes to the capture that claimed its flow, and a
+    packet of no claimed flow is dropped unread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.owner: dict[tuple[str, int, int], Capture] = {}
+        self.active: dict[str, int] = {}   # address -> running captures measuring it
+        self.filtered: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_TCP)
+        attach(self.sock, flow_program([], None, []))
+        loop.add_reader(self.sock.fileno(), self._read)
+
+    def want(self, addresses: list[str]) -> None:
+        for a in addresses:
+            self.active[a] = self.active.get(a, 0) + 1
+        if any(a not in self.filtered for a in addresses):
+            self.filtered = [a for a in self.active][:MAX_ADDRESSES]
+            attach(self.sock, flow_program(self.filtered, None, None, flags=SYN | FIN | RST, snaplen=SNAPLEN), drain=False)
+
+    def release(self, capture: Capture) -> None:
+        for flow in capture.flows:
+            if self.owner.get(flow) is capture:
+                del self.owner[flow]
+        for a in capture.addresses:
+            left = self.active.get(a, 0) - 1
+            if left > 0:
+                self.active[a] = left
+            else:
+                self.active.pop(a, None)  # stays in the program until the next change
+
+    def _read(self) -> None:
+        while True:
+            try:
+                raw = self.sock.recv(65535)
+            except (BlockingIOError, InterruptedError, OSError):
+                return
+            if len(raw) < 24:
+                continue
+            ihl = (raw[0] & 0x0F) * 4
+            key = (socket.inet_ntoa(raw[12:16]), int.from_bytes(raw[ihl:ihl + 2], "big"), int.from_bytes(raw[ihl + 2:ihl + 4], "big"))
+            capture = self.owner.get(key)
+            if capture is not None:
+                seen = parse(raw)
+                if seen is not None:
+                    capture.take(seen)
+
+
+def _hub(loop: asyncio.AbstractEventLoop) -> _Hub:
+    """The loop's hub, made on first use; the loop's sock_connect is wrapped
+    then (asyncio.open_connection and aiohttp both connect through it) so a
+    connection made inside a captured measurement is claimed by its capture."""
+    hub = getattr(loop, "_vantage_capture_hub", None)
+    if hub is not None:
+        return hub
+    hub = _Hub(loop)
     original = loop.sock_connect
 
     async def sock_connect(sock, address):
@@ -98,7 +163,8 @@ def _install(loop: asyncio.AbstractEventLoop) -> None:
         return await original(sock, address)
 
     loop.sock_connect = sock_connect
-    loop._vantage_capture = True
+    loop._vantage_capture_hub = hub
+    return hub
 
 
 def start(ctx: Any, addresses: list[str], port: int, clock: Any) -> "Capture | None":
@@ -110,10 +176,11 @@ def start(ctx: Any, addresses: list[str], port: int, clock: Any) -> "Capture | N
         return None
     capture = Capture(v4, port, clock)
     try:
-        capture.listener.__enter__()
+        hub = _hub(asyncio.get_running_loop())
+        hub.want(v4)
     except OSError:
         return None
-    _install(asyncio.get_running_loop())
+    capture.hub = hub
     capture.token = _CURRENT.set(capture)
     return capture
 
@@ -158,9 +225,8 @@ async def stop(capture: "Capture | None", keys: dict[str, Any], clock: Any = Non
     if capture is None:
         return
     abandon(capture)
-    listener = capture.listener
     flows: dict[str, list] = {}
-    for p in listener.packets:
+    for p in capture.packets:
         flows.setdefault(f"{p.src}:{p.sport}>{p.dport}", []).append(p)
     by_server: dict[str, Any] = {}
     for packets in flows.values():
@@ -186,14 +252,16 @@ async def stop(capture: "Capture | None", keys: dict[str, Any], clock: Any = Non
                 "length": len(p.raw), "t": p.t, "baseline_ttl": baseline[0] if baseline else None,
                 "baseline_ip_id": baseline[1] if baseline else None, "injected": injected,
             })
-    if listener.dropped:
-        keys["x_capture_dropped"] = listener.dropped
+    if capture.dropped:
+        keys["x_capture_dropped"] = capture.dropped
 
 
 def abandon(capture: "Capture | None") -> None:
     """Stop capturing (a measurement cut short keeps nothing)."""
     if capture is not None:
-        capture.listener.__exit__(None, None, None)
+        if capture.hub is not None:
+            capture.hub.release(capture)
+            capture.hub = None
         try:
             _CURRENT.reset(capture.token)
         except (ValueError, RuntimeError):  # reset from another context: just forget it
