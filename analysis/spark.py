@@ -20,7 +20,9 @@ lives in its partition (the export partitions observation rows by their
 measurement's day and country). What the rules compare *across* measurements
 is the run: a measurement flagged offline is cleared by another measurement of
 its run within five minutes (10_scope.sql), and a throttling measurement is
-judged against its run's baseline (throttling.py); and the helper's ip_info
+judged against its run's baseline (throttling.py), an address family counts as
+blocked only where another probe connect of that family succeeded in the run
+(30_transport.sql); and the helper's ip_info
 ASNs are pooled by address (engine._asns). A run that crosses a partition
 (midnight, or a probe that moves) gives the task of each partition its
 measurements in the other partitions as *context*: loaded into the task's
@@ -57,6 +59,7 @@ PARTITION_VIEWS = ("agg_country_day", "ooni_comparison", "ooni_disagreements")
 GLOBAL_VIEWS = (("agg_asn", ("probe_cc", "probe_asn"), ("probe_cc",)),
                 ("agg_domain", ("domain",), ()),
                 ("agg_category", ("category_code",), ()))
+AGG_ROWS_PER_TASK = 2_000_000  # (measurement, verdict) rows one aggregate task takes: ~0.3 GB of DuckDB
 CONTEXT_COLUMNS = ("measurement_id", "run_id", "test_name", "probe_network_ok", "start_time")
 PLACEHOLDER_RULE = "spark_context"
 DEFAULT_MASTER = f"local[{os.cpu_count() or 2}]"
@@ -101,6 +104,8 @@ def session(master: str | None = None, app_name: str = "vantage-analyze", conf: 
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
     }
+    if (master or DEFAULT_MASTER).startswith("local"):
+        settings["spark.sql.shuffle.partitions"] = str(2 * (os.cpu_count() or 2))
     settings.update(conf or {})
     for key, value in settings.items():
         builder = builder.config(key, value)
@@ -278,6 +283,12 @@ def load_partitions(con, task: Task, schema_sql: str | None, asns: Iterable[tupl
             con.execute(f"INSERT INTO throughput_samples BY NAME SELECT * FROM {_read(task.root, 'throughput_samples', day, cc)}"
                         " WHERE measurement_id IN (SELECT measurement_id FROM measurements"
                         f" WHERE test_name = 'throttling' AND {where})", [runs])
+        # The probe's TCP connects: whether an address family works for the probe in the run (30_transport).
+        connects = _part_dir(task.root, "tcp_connects", day, cc)
+        if not _is_local(connects) or Path(_local(connects)).is_dir():
+            con.execute(f"INSERT INTO tcp_connects BY NAME SELECT * FROM {_read(task.root, 'tcp_connects', day, cc)}"
+                        f" WHERE side = 'probe' AND measurement_id IN (SELECT measurement_id FROM {source} WHERE {where})",
+                        [runs])
     context = con.execute("SELECT count(*) FROM _s_context").fetchone()[0]
     asns = list(asns)
     if asns:
@@ -324,7 +335,7 @@ def run_task(task: Task, out: str, options: dict[str, Any]) -> dict[str, Any]:
                         f" json_object('rule', '{PLACEHOLDER_RULE}') FROM _s_context")
         analyze(con, only_missing=bool(context), **kwargs)
         if context:
-            for table in ("verdicts", "ip_info", "throughput_samples", "measurements"):
+            for table in ("verdicts", "ip_info", "throughput_samples", "tcp_connects", "measurements"):
                 con.execute(f"DELETE FROM {table} WHERE measurement_id IN (SELECT measurement_id FROM _s_context)")
             install_views(con)
         for day, cc, _n in task.parts:
@@ -356,37 +367,16 @@ def _arrow(con, query: str):
     return fetch()
 
 
-def _views_schema(view: str):
-    """The Arrow schema of an aggregate view, read from DuckDB over empty tables."""
-    import duckdb
-
-    from .engine import _sql_text, install_views
-
-    con = duckdb.connect(":memory:")
-    try:
-        _agg_tables(con, None)
-        con.execute(_sql_text("00_verdicts.sql"))
-        install_views(con)
-        return _arrow(con, f"SELECT * FROM {view}").schema
-    finally:
-        con.close()
-
-
 AGG_MEASUREMENT_COLUMNS = (("measurement_id", "VARCHAR"), ("input", "VARCHAR"), ("probe_cc", "VARCHAR"),
                            ("probe_asn", "VARCHAR"), ("domain", "VARCHAR"), ("category_code", "VARCHAR"),
                            ("start_time", "TIMESTAMP"))
 
 
-def _agg_tables(con, batch) -> None:
-    cols = ", ".join(f"{n} {t}" for n, t in AGG_MEASUREMENT_COLUMNS)
-    con.execute(f"CREATE TABLE measurements ({cols})")
-    if batch is not None:
-        con.register("_s_rows", batch)
-        names = ", ".join(n for n, _t in AGG_MEASUREMENT_COLUMNS)
-        con.execute(f"INSERT INTO measurements SELECT {names} FROM _s_rows")
+def _aggregate_partition(out: str, views: tuple[str, ...]):
+    """A mapInArrow function: the rows of this Spark partition into DuckDB, 90_aggregates.sql over them,
+    ``views`` written under OUT (their keys are whole in this partition); yields (view, rows) counts."""
+    layouts = {view: layout for view, _key, layout in GLOBAL_VIEWS}
 
-
-def _aggregate_partition(view: str):
     def run(batches):
         import duckdb
         import pyarrow as pa
@@ -399,39 +389,58 @@ def _aggregate_partition(view: str):
             return
         con = duckdb.connect(":memory:", config={"threads": 1})
         try:
-            _agg_tables(con, table)
+            con.register("_s_rows", table)
+            names = ", ".join(n for n, _t in AGG_MEASUREMENT_COLUMNS)
+            con.execute(f"CREATE TABLE measurements AS SELECT {names} FROM _s_rows")
             con.execute(_sql_text("00_verdicts.sql"))
             con.execute("INSERT INTO verdicts (measurement_id, status, layer, method, confirmed) "
                         "SELECT measurement_id, status, layer, method, confirmed FROM _s_rows WHERE status IS NOT NULL")
             install_views(con)
-            yield from _arrow(con, f"SELECT * FROM {view}").to_batches()
+            counts = []
+            for view in views:
+                n = con.execute(f"SELECT count(*) FROM {view}").fetchone()[0]
+                counts.append(n)
+                if not n:
+                    continue
+                folder = f"{out}/{view}"
+                if layouts[view]:
+                    con.execute(f"COPY (SELECT * FROM {view} ORDER BY ALL) TO {_q(folder)} (FORMAT PARQUET, "
+                                f"PARTITION_BY ({', '.join(layouts[view])}), APPEND, FILENAME_PATTERN 'part-{{uuid}}')")
+                else:
+                    if _is_local(folder):
+                        Path(_local(folder)).mkdir(parents=True, exist_ok=True)
+                    con.execute(f"COPY (SELECT * FROM {view} ORDER BY ALL) TO {_q(f'{folder}/part-{uuid.uuid4().hex}.parquet')}"
+                                " (FORMAT PARQUET)")
+            yield pa.record_batch([pa.array(list(views)), pa.array(counts, pa.int64())], names=["view", "rows"])
         finally:
             con.close()
     return run
 
 
-def aggregate(spark, root: str, out: str, partitions: int) -> dict[str, int]:
-    """agg_asn, agg_domain, agg_category over every measurement and verdict, by the SQL of 90_aggregates."""
+def aggregate(spark, root: str, out: str, measurements: int, partitions: int) -> dict[str, int]:
+    """agg_asn, agg_domain, agg_category over every measurement and verdict, by the SQL of 90_aggregates,
+    run by DuckDB in Spark tasks over the rows repartitioned by each view's key (one task for all three
+    when the rows are few)."""
     from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import from_arrow_schema
 
+    if _is_local(out):
+        for view, _key, _layout in GLOBAL_VIEWS:
+            shutil.rmtree(Path(_local(out)) / view, ignore_errors=True)
     m = spark.read.option("basePath", f"{root}/{MEASUREMENTS}").parquet(f"{root}/{MEASUREMENTS}")
     m = m.select(*[F.col(n).cast("string") if n != "start_time" else F.col(n) for n, _t in AGG_MEASUREMENT_COLUMNS])
     v = (spark.read.option("basePath", f"{out}/verdicts").parquet(f"{out}/verdicts")
          .select("measurement_id", "status", "layer", "method", "confirmed"))
-    rows = m.join(v, "measurement_id", "left").cache()
-    counts = {}
-    try:
-        for view, key, layout in GLOBAL_VIEWS:
-            schema = from_arrow_schema(_views_schema(view))
-            result = rows.repartition(partitions, *key).mapInArrow(_aggregate_partition(view), schema)
-            writer = result.coalesce(max(1, min(partitions, 4))).write.mode("overwrite")
-            if layout:
-                writer = writer.partitionBy(*layout)
-            writer.parquet(f"{out}/{view}")
-            counts[view] = spark.read.parquet(f"{out}/{view}").count()
-    finally:
-        rows.unpersist()
+    rows = m.join(v, "measurement_id", "left")
+    schema = "view string, rows long"
+    counts: dict[str, int] = {}
+    n = max(1, min(partitions, -(-measurements // AGG_ROWS_PER_TASK)))
+    if n == 1:
+        jobs = [(rows.repartition(1), tuple(view for view, _k, _l in GLOBAL_VIEWS))]
+    else:
+        jobs = [(rows.repartition(n, *key), (view,)) for view, key, _layout in GLOBAL_VIEWS]
+    for frame, views in jobs:
+        for r in frame.mapInArrow(_aggregate_partition(out, views), schema).collect():
+            counts[r["view"]] = counts.get(r["view"], 0) + r["rows"]
     return counts
 
 
@@ -500,7 +509,7 @@ def run(
         results = _judge(sc, tasks, out, options, progress) if tasks else []
         judged = time.monotonic() - t0
         t0 = time.monotonic()
-        agg = aggregate(spark, root, out, max(1, sc.defaultParallelism)) if tasks else {}
+        agg = aggregate(spark, root, out, sum(t.count for t in tasks), sc.defaultParallelism) if tasks else {}
         aggregated = time.monotonic() - t0
         options.destroy()
     finally:
