@@ -149,9 +149,11 @@ def main() -> None:
         )
         if servers.stdout.readline().strip() != "ready":
             raise SystemExit(f"benchmark servers did not start: {servers.stderr.read()[-500:]}")
-        results = [run_once(ns, n, args.concurrency, workdir) for n in counts]
-        if args.capture:  # alternately, so a busy machine's drift hits both alike
-            for n, plain in zip(counts, results):
+        results = []
+        for n in counts:
+            plain = run_once(ns, n, args.concurrency, workdir)
+            results.append(plain)
+            if args.capture:  # right after, so a busy machine's drift hits both alike
                 with_capture = run_once(ns, n, args.concurrency, workdir, ["--capture"])
                 plain["capture"] = {"urls_per_second": with_capture["urls_per_second"],
                                     "peak_rss_mb": with_capture["peak_rss_mb"],
