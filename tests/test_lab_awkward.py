@@ -126,7 +126,7 @@ def test_awkward_scenario_scores_fully_correct(path):
         finally:
             con.close()
         wrong = [r for r in result["results"] if not r["correct"]]
-        assert not wrong, wrong
+        assert not wrong, (wrong, result.get("errors"))
         assert result["correct"] == result["total"] == len(scenario.expect)
         assert result["seconds"] < 60
     finally:

@@ -89,7 +89,7 @@ def test_shared_scenario_scores_fully_correct(path):
     db = Path(result["database"])
     try:
         wrong = [r for r in result["results"] if not r["correct"]]
-        assert not wrong, wrong
+        assert not wrong, (wrong, result.get("errors"))
         assert result["correct"] == result["total"] == len(load(path).expect)
         assert result["seconds"] < 60
         con = duckdb.connect(str(db), read_only=True)
