@@ -179,9 +179,9 @@ def input_tables(root: str) -> list[str]:
 def plan(spark, root: str, tables: list[str], target: int = 50_000) -> tuple[list[Task], list[tuple[str, int]]]:
     """The tasks (largest first) and the pooled ip_info ASNs, computed by Spark from the measurements.
 
-    Partitions are packed into tasks of about ``target`` measurements, country by country in day
-    order (neighbouring days share the runs that cross midnight); a partition larger than that is a
-    task of its own."""
+    Partitions are packed into tasks of about ``target`` measurements, in the order (country then
+    day, or day then country) that splits fewer runs between tasks; a partition larger than that
+    is a task of its own."""
     from pyspark.sql import functions as F
 
     m = (spark.read.option("basePath", f"{root}/{MEASUREMENTS}").parquet(f"{root}/{MEASUREMENTS}")
@@ -192,29 +192,46 @@ def plan(spark, root: str, tables: list[str], target: int = 50_000) -> tuple[lis
                 .groupBy("run_id").agg(F.collect_set(F.struct("day", "probe_cc")).alias("parts"))
                 .where(F.size("parts") > 1).collect())
     present = {t: _present(root, t) for t in tables}
-    tasks: list[Task] = []
-    owner: dict[tuple[str, str], Task] = {}
-    for cc, day, n in parts:
-        if not tasks or tasks[-1].count + n > target:
-            tasks.append(Task(root, [], {}))
-        task = tasks[-1]
-        task.parts.append((day, cc, n))
-        task.tables[(day, cc)] = [t for t in tables if present[t] is None or (day, cc) in present[t]]
-        owner[(day, cc)] = task
-    for r in spanning:
-        keys = [(p["day"], p["probe_cc"]) for p in r["parts"]]
+    runs = [(r["run_id"], [(p["day"], p["probe_cc"]) for p in r["parts"]]) for r in spanning]
+    # Pack in the order that leaves the fewest runs split between tasks: country by country in day
+    # order (a probe's runs stay in its country; those over midnight join neighbouring days), or day
+    # by day (runs that move between countries within a day).
+    tasks, owner = min((_pack(order, target) for order in (parts, sorted(parts, key=lambda p: (p[1], p[0])))),
+                       key=lambda packed: _split_runs(packed[1], runs))
+    for task in tasks:
+        for day, cc, _n in task.parts:
+            task.root = root
+            task.tables[(day, cc)] = [t for t in tables if present[t] is None or (day, cc) in present[t]]
+    for run_id, keys in runs:
         for key in keys:
             task = owner[key]
             for other in keys:
                 if owner[other] is not task:
-                    runs = task.context.setdefault(other, [])
-                    if not runs or runs[-1] != r["run_id"]:
-                        runs.append(r["run_id"])
+                    listed = task.context.setdefault(other, [])
+                    if not listed or listed[-1] != run_id:
+                        listed.append(run_id)
     asns: list[tuple[str, int]] = []
     if "ip_info" in tables:
         info = spark.read.option("basePath", f"{root}/ip_info").parquet(f"{root}/ip_info")
         asns = [(r[0], int(r[1])) for r in info.where(F.col("asn") > 0).select(F.lower("ip"), "asn").distinct().collect()]
     return sorted(tasks, key=lambda t: -t.count), asns
+
+
+def _pack(parts: list[tuple[str, str, int]], target: int) -> tuple[list[Task], dict[tuple[str, str], Task]]:
+    """Consecutive partitions (cc, day, n) into tasks of about ``target`` measurements."""
+    tasks: list[Task] = []
+    owner: dict[tuple[str, str], Task] = {}
+    for cc, day, n in parts:
+        if not tasks or tasks[-1].count + n > target:
+            tasks.append(Task("", [], {}))
+        tasks[-1].parts.append((day, cc, n))
+        owner[(day, cc)] = tasks[-1]
+    return tasks, owner
+
+
+def _split_runs(owner: dict[tuple[str, str], Task], runs: list[tuple[str, list[tuple[str, str]]]]) -> int:
+    """How many (run, task) pairs a packing leaves needing context."""
+    return sum(len({id(owner[k]) for k in keys}) - 1 for _run, keys in runs)
 
 
 def _present(root: str, table: str) -> set[tuple[str, str]] | None:

@@ -269,6 +269,7 @@ def test_cli(tmp_path):
 
     con = connect(":memory:")
     write_all(con, [(r, None) for r in _lab_records()[:30]])
+    stored = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
     export_parquet(con, tmp_path / "in")
     vantage = [sys.executable, "-m", "cli.main"]
     proc = subprocess.run(vantage + ["analyze", "--engine", "spark", "--input", str(tmp_path / "in"), "--out",
@@ -277,8 +278,8 @@ def test_cli(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["engine"] == "spark" and summary["analysed"] == 30
-    assert sum(r["count"] for r in summary["verdicts"]) == 30
+    assert summary["engine"] == "spark" and summary["analysed"] == stored > 20
+    assert sum(r["count"] for r in summary["verdicts"]) == stored
     bad = subprocess.run(vantage + ["analyze", "--engine", "spark", "--input", str(tmp_path / "in")],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--out" in bad.stderr
