@@ -292,6 +292,11 @@ def _packet_test(options: dict, config, as_json: bool) -> bool:
     elif test == "dns-injection" and not (options.get("helpers") or config.helpers):
         raise VantageError("dns-injection needs an address that runs no DNS resolver: --target IP, or a --helper")
     packets.require_privileges()
+    if test == "traceroute":
+        # A sweep holds ~80 sockets (a TCP connection and two raw sockets per TTL).
+        from probes.traceroute import CONCURRENCY
+
+        options["concurrency"] = min(options.get("concurrency") or CONCURRENCY, CONCURRENCY)
     if not as_json:
         return False
     from probes import dns_injection, traceroute

@@ -54,6 +54,7 @@ RUNS = 3
 PAUSE = 5.0      # seconds after a run that met interference
 WINDOW = 1.5     # seconds to listen after the probes of one sweep went out
 CONNECT_TIMEOUT = 5.0
+CONCURRENCY = 8  # URLs traced at once at most (`vantage run traceroute` caps --concurrency to it)
 
 
 def new_test_keys() -> dict[str, Any]:
