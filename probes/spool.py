@@ -11,7 +11,7 @@ run, store the spool, mark the run):
 - ``SpoolSink`` is the runner's sink. A new run's first line is what
   ``runner.start_run`` records (its inputs, options, location); then ``aput``
   returns once the record's line is written to
-  ``<db stem>.spool-<run id>.jsonl`` (O_APPEND, from a thread;
+  ``<db>.spool-<run id>.jsonl`` (O_APPEND, from a thread;
   fsync'd at most once a second and at the end), so a measurement the run has
   counted survives the process being killed, even with SIGKILL. A spool line
   is a rescue-file line (``store.rescue_line``): ``vantage results
@@ -34,6 +34,7 @@ run, store the spool, mark the run):
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import subprocess
@@ -52,19 +53,21 @@ BUSY_WAIT_SECONDS = 60.0  # how long storing waits for a database another progra
 
 
 def spool_path(db_file: str | os.PathLike, run_id: str) -> Path:
+    """``<db file name>.spool-<run id>.jsonl`` beside the database: the whole
+    name, like the lock's, so ``v.duckdb`` and ``v.db`` never share spools."""
     db = Path(db_file)
-    return db.with_name(f"{db.stem}.spool-{run_id}.jsonl")
+    return db.with_name(f"{db.name}.spool-{run_id}.jsonl")
 
 
 def spools(db_file: str | os.PathLike) -> list[Path]:
     """Spool files an earlier run left beside the database, oldest first."""
     db = Path(db_file)
-    found = list(db.parent.glob(f"{db.stem}.spool-*.jsonl")) if db.parent.is_dir() else []
+    found = list(db.parent.glob(f"{glob.escape(db.name)}.spool-*.jsonl")) if db.parent.is_dir() else []
     return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
 
 def _run_of(spool: Path, db_file: str | os.PathLike) -> str:
-    return spool.name[len(f"{Path(db_file).stem}.spool-"):-len(".jsonl")]
+    return spool.name[len(f"{Path(db_file).name}.spool-"):-len(".jsonl")]
 
 
 # --------------------------------------------------------------------------

@@ -39,10 +39,10 @@ async def _vantage(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 def _spooled(db: Path) -> tuple[str | None, list[dict]]:
     """The run id and the records of the spool beside ``db`` (complete lines only)."""
-    found = list(db.parent.glob(f"{db.stem}.spool-*.jsonl"))
+    found = list(db.parent.glob(f"{db.name}.spool-*.jsonl"))
     if not found:
         return None, []
-    run_id = found[0].name[len(f"{db.stem}.spool-"):-len(".jsonl")]
+    run_id = found[0].name[len(f"{db.name}.spool-"):-len(".jsonl")]
     records = []
     for line in found[0].read_bytes().split(b"\n"):
         try:
@@ -105,7 +105,7 @@ async def test_sigkill_mid_run_then_resume_stores_everything_once(tmp_path, home
     ids = {mid for mid, _ in rows}
     assert {r["measurement_id"] for r in finished} <= ids  # every measurement finished before the kill
     assert sorted(url for _, url in rows) == sorted(urls)  # and each input exactly once
-    assert not list(tmp_path.glob("v.spool-*.jsonl"))  # the spool is gone once stored
+    assert not list(tmp_path.glob("v.duckdb.spool-*.jsonl"))  # the spool is gone once stored
 
 
 async def test_the_next_run_stores_what_a_killed_run_finished_and_names_it(tmp_path, home, http_server):
@@ -217,3 +217,13 @@ def test_a_full_disk_stops_the_run_and_loses_nothing_counted(tmp_path):
     assert sink.failed and sink.written == 0 and sink.not_stored == 1 and sink.rescued == 1
     assert sink.run_status("finished") == "store_failed"
     sink.close()
+
+
+def test_databases_that_share_a_stem_never_share_spools(tmp_path):
+    from probes import spool
+
+    a, b = tmp_path / "v.duckdb", tmp_path / "v.db"
+    spool.SpoolSink(spool.spool_path(a, "R1")).close()
+    spool.SpoolSink(spool.spool_path(b, "R2")).close()
+    assert [p.name for p in spool.spools(a)] == ["v.duckdb.spool-R1.jsonl"]
+    assert [p.name for p in spool.spools(b)] == ["v.db.spool-R2.jsonl"]

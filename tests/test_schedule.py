@@ -207,7 +207,7 @@ async def test_a_run_that_overlaps_the_previous_one_is_skipped_never_run_twice(t
     out, err = await asyncio.wait_for(by_hand.communicate(), 60)
     assert by_hand.returncode == 2 and len(_lines(err.decode())) == 1 and "another `vantage run`" in err.decode()
 
-    while not list(tmp_path.glob("v.spool-*.jsonl")):  # measuring, not still starting
+    while not list(tmp_path.glob("v.duckdb.spool-*.jsonl")):  # measuring, not still starting
         assert time.monotonic() < deadline and slow.returncode is None
         await asyncio.sleep(0.05)
     slow.send_signal(signal.SIGINT)  # as systemd stops it (KillSignal=SIGINT)
