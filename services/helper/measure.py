@@ -17,6 +17,7 @@ from urllib.parse import urljoin, urlsplit
 from core import failures
 from core.net import REDIRECT_CODES, Policy, endpoint, parse_ip, split_endpoint, url_host
 from probes import dns, http, tcp, tls
+from probes import web_connectivity as wc  # the probe's retry vocabulary: the same failures are retried
 from probes.records import Clock, Transactions
 
 from . import throughput
@@ -30,6 +31,13 @@ from .protocol import (
 
 MAX_RESOLVED_ADDRESSES = 8
 _MAX_ADDRESSES_PER_HOP = 3
+# The helper re-measures too (a lossy path between it and the site must not
+# read as the site being down): a connect, handshake or fetch that failed the
+# way a lost connection fails is tried again, as the probe does
+# (probes/web_connectivity.py), while the try can end within this share of the
+# request's budget (24 of 30 s: one more try of a lost connect, handshake or
+# fetch). One success on an endpoint makes it reachable.
+RETRY_SHARE = 0.8
 
 
 class Measurer:
@@ -71,22 +79,46 @@ class Measurer:
                 for qtype in ("A", "AAAA")
             )))
 
-    async def _connect(self, ip: str, port: int, server_name: str | None, clock: Clock, txids: Transactions
-                       ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """TCP (and TLS when server_name is given) to an address already checked."""
+    @staticmethod
+    async def _retry(attempt: int, failure: str | None, retryable: frozenset, step: float, clock: Clock,
+                     until: float | None) -> bool:
+        """Wait the backoff and say True when a step that failed with ``failure`` is tried again."""
+        if until is None or failure not in retryable or attempt + 1 >= wc.ATTEMPTS:
+            return False
+        pause = wc.BACKOFF * 2 ** attempt
+        if clock.now() + pause + step > until:
+            return False
+        await asyncio.sleep(pause)
+        return True
+
+    async def _connect(self, ip: str, port: int, server_name: str | None, clock: Clock, txids: Transactions,
+                       until: float | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """TCP (and TLS when server_name is given) to an address already checked;
+        each retried (``until``: when retries must have ended, on ``clock``)."""
         t = self.config.timeouts
-        entry, streams = await tcp.connect(ip, port, clock=clock, txid=txids.next(), timeout=t.connect)
-        await tcp.close(streams)
+        attempt = 0
+        while True:
+            entry, streams = await tcp.connect(ip, port, clock=clock, txid=txids.next(), timeout=t.connect)
+            await tcp.close(streams)
+            if streams is not None or not await self._retry(attempt, entry["status"]["failure"], wc.TCP_RETRY, t.connect, clock, until):
+                break
+            attempt += 1
         tcp_result = tcp_entry(entry["status"]["success"], entry["status"]["failure"])
         if server_name is None:
             return tcp_result, None
         if not tcp_result["status"]:
             return tcp_result, failed_tls(server_name, tcp_result["failure"])
-        hs = await tls.handshake(ip, port, server_name, context=self.context, clock=clock, txid=txids.next(), timeout=t.tls)
+        attempt = 0
+        while True:
+            hs = await tls.handshake(ip, port, server_name, context=self.context, clock=clock, txid=txids.next(), timeout=t.tls)
+            if not await self._retry(attempt, hs.get("failure"), wc.TLS_RETRY, t.tls, clock, until):
+                break
+            attempt += 1
         return tcp_result, tls_entry(hs)
 
     async def _fetch_chain(self, req: ControlRequest, first_addrs: list[str], first_failure: str | None,
-                           clock: Clock, txids: Transactions, out: dict[str, Any], max_body: int | None = None) -> None:
+                           clock: Clock, txids: Transactions, out: dict[str, Any], max_body: int | None = None,
+                           until: float | None = None) -> None:
         """Follow redirects hop by hop, checking each hop's addresses against
         the policy before connecting, and pinning the connection to the checked
         address. Writes the final outcome into ``out['http']``."""
@@ -118,13 +150,20 @@ class Measurer:
                 headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in jar.items())
             entry: dict[str, Any] | None = None
             for ip in allowed[:_MAX_ADDRESSES_PER_HOP]:
-                entries = await http.fetch(
-                    url, clock=clock, transactions=txids, timeouts=self.config.timeouts, context=self.context,
-                    pinned={host: ip}, max_redirects=0,
-                    max_body=self.config.max_response_body if max_body is None else max_body,
-                    headers=headers, events=[],
-                )
-                entry = entries[-1] if entries else None
+                attempt = 0
+                while True:
+                    entries = await http.fetch(
+                        url, clock=clock, transactions=txids, timeouts=self.config.timeouts, context=self.context,
+                        pinned={host: ip}, max_redirects=0,
+                        max_body=self.config.max_response_body if max_body is None else max_body,
+                        headers=headers, events=[],
+                    )
+                    entry = entries[-1] if entries else None
+                    # again only when nothing came back (a lost or cut connection)
+                    if entry is None or entry.get("response") or not await self._retry(
+                            attempt, entry.get("failure"), wc.HTTP_RETRY, self.config.timeouts.http, clock, until):
+                        break
+                    attempt += 1
                 out["final_ip"] = ip
                 if entry is None or entry.get("failure") not in tcp.ADDRESS_FAILURES:
                     break
@@ -170,6 +209,8 @@ class Measurer:
             # a slow site must not make the probe's control request time out.
             budget = min(budget, throughput.answer_bound(req.throughput["seconds"]))
             fetch_body = min(self.config.max_response_body, throughput.FETCH_BODY)
+        # No retries beside a timed download: another try would share its bandwidth.
+        retry_until = budget * RETRY_SHARE if req.throughput is None else None
 
         def start_endpoint(key: str, ip_text: str, port: int) -> None:
             wants_tls = port in tls_ports
@@ -181,7 +222,8 @@ class Measurer:
                 return
 
             async def run() -> None:
-                tcp_result, tls_result = await self._connect(decision.address, port, server_name if wants_tls else None, clock, txids)
+                tcp_result, tls_result = await self._connect(decision.address, port, server_name if wants_tls else None, clock, txids,
+                                                             until=retry_until)
                 tcp_out[key] = tcp_result
                 if tls_result is not None:
                     tls_out[key] = tls_result
@@ -221,7 +263,7 @@ class Measurer:
                         setup_deadline=started + throughput.SETUP_SECONDS - throughput.MARGIN)]
 
                 tasks.append(asyncio.ensure_future(timed()))
-            await self._fetch_chain(req, addrs, failure, clock, txids, state, max_body=fetch_body)
+            await self._fetch_chain(req, addrs, failure, clock, txids, state, max_body=fetch_body, until=retry_until)
 
         main = asyncio.ensure_future(dns_then_rest())
         doh = asyncio.ensure_future(self.doh(req.host, clock, txids)) if req.host_ip is None else None
