@@ -124,7 +124,10 @@ SELECT (SELECT count(*) FROM measurements WHERE probe_cc IS NOT NULL),
 """
 
 
-def generate(db: Path, n: int) -> float:
+def generate(db: Path, n: int, sql: str = GENERATE, *, analysis_tables: bool = False) -> float:
+    """A fresh database at ``db`` filled by ``sql`` (formatted with ``n``); the seconds it took.
+
+    Also bench/report_bench.py's generator (``analysis_tables``: the verdicts table too)."""
     import duckdb
 
     from probes.store import migrate
@@ -135,8 +138,12 @@ def generate(db: Path, n: int) -> float:
     con = duckdb.connect(str(db))
     con.execute("SET memory_limit = '6GB'")
     migrate(con)
+    if analysis_tables:
+        from analysis.db import ensure_schema
+
+        ensure_schema(con)
     started = time.perf_counter()
-    con.execute(GENERATE.format(n=n))
+    con.execute(sql.format(n=n))
     con.execute("CHECKPOINT")
     con.close()
     return time.perf_counter() - started
@@ -177,12 +184,22 @@ def main() -> None:
         print(json.dumps(measure(args.db, args.threads, args.memory_limit)))
         return
     gen = generate(args.db, args.n)
-    out = subprocess.run([sys.executable, __file__, "--child", "--db", str(args.db), "--threads", str(args.threads),
-                          "--memory-limit", args.memory_limit], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout)
+    result = run_child(__file__, args, "--db", str(args.db))
     result.update({"measurements": args.n, "threads": args.threads, "memory_limit": args.memory_limit,
                    "generate_seconds": round(gen, 1), "db_mb": round(args.db.stat().st_size / 2**20, 1)})
-    target = ROOT / "bench" / "results" / "analyze.json"
+    write_result("analyze", result)
+
+
+def run_child(script: str, args: argparse.Namespace, *extra: str) -> dict:
+    """``script --child`` in a fresh process (its RSS is the measured step's alone): its JSON line."""
+    out = subprocess.run([sys.executable, script, "--child", *extra, "--threads", str(args.threads),
+                          "--memory-limit", args.memory_limit], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def write_result(name: str, result: dict) -> None:
+    """bench/results/<name>.json, and the same on stdout."""
+    target = ROOT / "bench" / "results" / f"{name}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

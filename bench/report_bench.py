@@ -20,13 +20,14 @@ import argparse
 import json
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.analyze_bench import generate, run_child, write_result  # noqa: E402  (one generator, one child runner)
 
 GENERATE = """
 CREATE OR REPLACE TEMP TABLE g AS
@@ -81,25 +82,6 @@ DROP TABLE g;
 """
 
 
-def generate(db: Path, n: int) -> float:
-    import duckdb
-
-    from analysis.db import ensure_schema
-    from probes.store import migrate
-
-    if db.exists():
-        db.unlink()
-    con = duckdb.connect(str(db))
-    con.execute("SET memory_limit = '6GB'")
-    migrate(con)
-    ensure_schema(con)
-    started = time.perf_counter()
-    con.execute(GENERATE.format(n=n))
-    con.execute("CHECKPOINT")
-    con.close()
-    return time.perf_counter() - started
-
-
 def measure(db: Path, out: Path, threads: int, memory_limit: str) -> dict:
     """Runs in a child process so the RSS is the report's alone."""
     from analysis.db import connect
@@ -134,17 +116,11 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.db, args.out, args.threads, args.memory_limit)))
         return
-    gen = generate(args.db, args.n)
-    out = subprocess.run([sys.executable, __file__, "--child", "--db", str(args.db), "--out", str(args.out),
-                          "--threads", str(args.threads), "--memory-limit", args.memory_limit],
-                         capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout)
+    gen = generate(args.db, args.n, GENERATE, analysis_tables=True)
+    result = run_child(__file__, args, "--db", str(args.db), "--out", str(args.out))
     result.update({"generated": args.n, "threads": args.threads, "memory_limit": args.memory_limit,
                    "generate_seconds": round(gen, 1), "db_mb": round(args.db.stat().st_size / 2**20, 1)})
-    target = ROOT / "bench" / "results" / "report.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result("report", result)
 
 
 if __name__ == "__main__":

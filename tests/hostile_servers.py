@@ -61,7 +61,7 @@ def _head(status: str, headers: list[tuple[str, str]] | list[tuple[bytes, bytes]
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-class HostileHTTP:
+class HostileHTTP(servers.StreamServer):
     def __init__(self, host: str = servers.LOOPBACK) -> None:
         self.host = host
         self.port = 0
@@ -137,24 +137,8 @@ class HostileHTTP:
             w.write(_head("404 Not Found", [("Content-Length", "0"), close]))
         await w.drain()
 
-    async def start(self) -> "HostileHTTP":
-        self._server = await asyncio.start_server(self._handle, self.host, 0, limit=256 * 1024)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        await self._server.wait_closed()
-
-    async def __aenter__(self) -> "HostileHTTP":
-        return await self.start()
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.stop()
+    def _server_kwargs(self) -> dict[str, Any]:
+        return {"limit": 256 * 1024}
 
 
 # --- DNS --------------------------------------------------------------------------------

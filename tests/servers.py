@@ -486,7 +486,44 @@ HTTP_OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n
 )
 
 
-class RawServer:
+class StreamServer:
+    """Start/stop of an asyncio stream server on ``self.host``, port 0.
+
+    A subclass sets ``host``, ``port``, ``_server = None`` and
+    ``_writers = set()`` (the connections ``stop`` aborts), defines
+    ``_handle(reader, writer)`` and may add ``asyncio.start_server`` keywords
+    in ``_server_kwargs()``.
+    """
+
+    host: str = LOOPBACK
+    port: int
+    _server: asyncio.Server | None
+    _writers: set[asyncio.StreamWriter]
+
+    def _server_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    async def start(self):  # -> Self
+        self._server = await asyncio.start_server(self._handle, self.host, 0, **self._server_kwargs())
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+    async def __aenter__(self):  # -> Self
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+
+class RawServer(StreamServer):
     """A TCP server on 127.0.0.1 with one fixed behaviour per connection.
 
     ``mode``: ``"rst"`` reads the first bytes (the ClientHello) and resets;
@@ -532,23 +569,6 @@ class RawServer:
             self._writers.discard(writer)
             writer.close()
 
-    async def start(self) -> "RawServer":
+    def _server_kwargs(self) -> dict[str, Any]:
         # ssl_handshake_timeout keeps the server from holding half-done handshakes.
-        kwargs: dict[str, Any] = {"ssl": self.ssl_context, "ssl_handshake_timeout": 5.0} if self.ssl_context else {}
-        self._server = await asyncio.start_server(self._handle, LOOPBACK, 0, **kwargs)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        await self._server.wait_closed()
-
-    async def __aenter__(self) -> "RawServer":
-        return await self.start()
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.stop()
+        return {"ssl": self.ssl_context, "ssl_handshake_timeout": 5.0} if self.ssl_context else {}
