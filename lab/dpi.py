@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from probes.packets import tcp_header
+
 log = logging.getLogger("vantage.lab.dpi")
 
 DEFAULT_HOLD_MS = 80
@@ -71,13 +73,13 @@ class Packet:
 
 def _transport(src: str, dst: str, proto: int, body: bytes, version: int) -> Packet | None:
     if proto == 6:
-        if len(body) < 20:
+        tcp = tcp_header(body)
+        if tcp is None:
             return None
-        sport, dport, seq, ack, off_flags = struct.unpack_from("!HHIIH", body)
-        doff = (off_flags >> 12) * 4
+        sport, dport, seq, ack, flags, doff = tcp
         if doff < 20 or doff > len(body):
             return None
-        return Packet(src, dst, proto, sport, dport, body[doff:], seq, ack, off_flags & 0x1FF, version)
+        return Packet(src, dst, proto, sport, dport, body[doff:], seq, ack, flags, version)
     if proto == 17:
         if len(body) < 8:
             return None

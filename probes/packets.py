@@ -193,6 +193,16 @@ class Seen:
         return "".join(ch for bit, ch in ((SYN, "S"), (ACK, "A"), (FIN, "F"), (RST, "R"), (PSH, "P")) if self.flags & bit)
 
 
+def tcp_header(body: bytes) -> tuple[int, int, int, int, int, int] | None:
+    """The TCP header at the start of ``body``: sport, dport, seq, ack, flags (9 bits)
+    and the data offset in bytes; None when ``body`` is shorter than 20 bytes.
+    Also the lab's DPI parser (lab/dpi.py)."""
+    if len(body) < 20:
+        return None
+    sport, dport, seq, ack, off_flags = struct.unpack_from("!HHIIH", body)
+    return sport, dport, seq, ack, off_flags & 0x1FF, (off_flags >> 12) * 4
+
+
 def parse(raw: bytes, t: float = 0.0, *, quoted: bool = False) -> Seen | None:
     if len(raw) < 20 or raw[0] >> 4 != 4:
         return None
@@ -201,12 +211,12 @@ def parse(raw: bytes, t: float = 0.0, *, quoted: bool = False) -> Seen | None:
     ttl, proto = raw[8], raw[9]
     s = Seen(raw, t, socket.inet_ntoa(raw[12:16]), socket.inet_ntoa(raw[16:20]), proto, ttl, ip_id)
     body = raw[ihl:]
-    if proto == IPPROTO_TCP and len(body) >= (8 if quoted else 20):
+    tcp = tcp_header(body) if proto == IPPROTO_TCP else None
+    if tcp is not None:
+        s.sport, s.dport, s.seq, s.ack, s.flags, offset = tcp
+        s.payload = body[offset:]
+    elif proto == IPPROTO_TCP and quoted and len(body) >= 8:  # an ICMP error quotes the first 8 bytes at least
         s.sport, s.dport, s.seq = struct.unpack_from("!HHI", body)
-        if len(body) >= 20:
-            s.ack, off_flags = struct.unpack_from("!IH", body, 8)
-            s.flags = off_flags & 0x1FF
-            s.payload = body[(off_flags >> 12) * 4:]
     elif proto == IPPROTO_UDP and len(body) >= 8:
         s.sport, s.dport = struct.unpack_from("!HH", body)
         s.payload = body[8:]

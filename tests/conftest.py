@@ -88,3 +88,19 @@ async def bad_cert_case(request, pki):
     leaf = getattr(pki, name)
     async with servers.RawServer("tls", pki.server_context(leaf)) as server:
         yield server, leaf, failure
+
+
+@pytest.fixture
+async def serve_app():
+    """``base = await serve_app(app)``: the aiohttp ``app`` on 127.0.0.1, an
+    ephemeral port, base URL ``http://127.0.0.1:PORT``, until the test ends."""
+    runners = []
+
+    async def serve(app) -> str:
+        runner, base = await servers.serve_app(app)
+        runners.append(runner)
+        return base
+
+    yield serve
+    for runner in reversed(runners):
+        await runner.cleanup()

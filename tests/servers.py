@@ -470,6 +470,18 @@ class WebServer:
 # --- raw TCP / TLS misbehaviour ---------------------------------------------------------
 
 
+async def serve_app(app: web.Application, host: str = LOOPBACK) -> tuple[web.AppRunner, str]:
+    """The aiohttp ``app`` on ``host``, an ephemeral port: its runner (``await
+    runner.cleanup()`` stops it) and its base URL ``http://host:port``. Tests
+    use the ``serve_app`` fixture of conftest.py, which stops it at the end."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://{host}:{port}"
+
+
 def reset(transport: asyncio.BaseTransport | None) -> None:
     """Close with a RST instead of a FIN (SO_LINGER with a zero timeout), the
     way an injecting middlebox tears connections down."""

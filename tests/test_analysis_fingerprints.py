@@ -54,7 +54,7 @@ def test_uncompilable_patterns_are_dropped():
 
 
 @pytest.fixture
-async def mirror(tmp_path):
+async def mirror(tmp_path, serve_app):
     src = shared_or_skip()
     state = {"fail": set()}
 
@@ -68,13 +68,7 @@ async def mirror(tmp_path):
     app = web.Application()
     app.router.add_get("/ooni/{name}", serve)
     app.router.add_get("/cp/{name}", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", state
-    await runner.cleanup()
+    yield await serve_app(app), state
 
 
 async def test_update_downloads_all_files(mirror, tmp_path, monkeypatch):

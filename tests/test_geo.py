@@ -89,7 +89,7 @@ def test_missing_or_broken_database(tmp_path):
 
 
 @pytest.fixture
-async def geo_server(monkeypatch):
+async def geo_server(monkeypatch, serve_app):
     files: dict[str, bytes] = {}
     if (IPDB / "asn.mmdb.gz").is_file():
         for name in ("asn.mmdb.gz", "country.mmdb.gz"):
@@ -105,15 +105,9 @@ async def geo_server(monkeypatch):
 
     app = web.Application()
     app.router.add_get("/dl/{name}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    base = f"http://127.0.0.1:{port}/dl/"
+    base = await serve_app(app) + "/dl/"
     monkeypatch.setenv("VANTAGE_GEO_URL", base)
     yield SimpleNamespace(files=files, base=base)
-    await runner.cleanup()
 
 
 @pytest.mark.shared

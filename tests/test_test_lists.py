@@ -195,7 +195,7 @@ IR_BODY = HEADER + "https://ir1.example/,POLR,P,2020,citizenlab,\n"
 
 
 @pytest.fixture
-async def list_server(monkeypatch):
+async def list_server(monkeypatch, serve_app):
     files = {"global.csv": GLOBAL_BODY, "ir.csv": IR_BODY, "xx.csv": HEADER + "notaurl,NEWS,N,2020,x,\n"}
     hits: list[str] = []
 
@@ -208,14 +208,8 @@ async def list_server(monkeypatch):
 
     app = web.Application()
     app.router.add_get("/lists/{name}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    monkeypatch.setenv("VANTAGE_TEST_LISTS_URL", f"http://127.0.0.1:{port}/lists")
+    monkeypatch.setenv("VANTAGE_TEST_LISTS_URL", await serve_app(app) + "/lists")
     yield files, hits
-    await runner.cleanup()
 
 
 def closed_port() -> int:

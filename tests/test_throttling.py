@@ -18,6 +18,8 @@ from probes import throttling, timed_download
 from probes.context import ProbeContext
 from probes.records import Clock, Measurement
 
+import servers
+
 # --- statistics -----------------------------------------------------------------
 
 
@@ -385,12 +387,8 @@ async def _helper_app(delay: float):
 
     app = web.Application()
     app.router.add_post("/", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    return runner, f"http://127.0.0.1:{port}/", seen
+    runner, base = await servers.serve_app(app)
+    return runner, base + "/", seen
 
 
 async def _measure_with_helper(server, helper_url: str, ca_file, settings) -> tuple[dict, float]:
