@@ -61,6 +61,10 @@ def _tree_rss(root: int) -> int:
     return total
 
 
+class ChildFailed(Exception):
+    pass
+
+
 def _run_child(args: list[str]) -> tuple[dict, float, float]:
     """Run ``args``; (its JSON output, wall seconds, peak tree RSS in MB)."""
     started = time.perf_counter()
@@ -78,15 +82,15 @@ def _run_child(args: list[str]) -> tuple[dict, float, float]:
     wall = time.perf_counter() - started
     sampler.join()
     if proc.returncode:
-        raise SystemExit(f"{args[2:4]} failed ({proc.returncode}): {err.strip()[-2000:]}")
+        raise ChildFailed(f"{args[2:4]} failed ({proc.returncode}): {err.strip().splitlines()[-6] if err.strip() else ''}")
     return json.loads(out.strip().splitlines()[-1]), wall, peak[0] / 2**20
 
 
-def child_local(db: str) -> dict:
+def child_local(db: str, memory_limit: str) -> dict:
     from analysis.db import connect
     from analysis.engine import analyze
 
-    con = connect(db, memory_limit="1600MB", threads=2)
+    con = connect(db, memory_limit=memory_limit, threads=2)
     con.execute("SET preserve_insertion_order = false")
     started = time.perf_counter()
     count = analyze(con, public_networks=PUBLIC, fingerprints_dir=FINGERPRINTS)
@@ -140,7 +144,15 @@ def one_size(n: int, work: Path) -> dict:
     exported = time.perf_counter() - started
     parquet_mb = sum(p.stat().st_size for p in export.rglob("*.parquet")) / 2**20
     print(f"[{n:,}] local DuckDB analysis", file=sys.stderr, flush=True)
-    local, local_wall, local_peak = _run_child([sys.executable, __file__, "--child-local", str(db)])
+    # bench/analyze_bench.py's 1600MB; a size that runs out of it is recorded and run again with 6GB
+    failures = []
+    for memory in ("1600MB", "6GB"):
+        try:
+            local, local_wall, local_peak = _run_child([sys.executable, __file__, "--child-local", str(db), memory])
+            break
+        except ChildFailed as exc:
+            print(f"[{n:,}] local with {memory}: {exc}", file=sys.stderr, flush=True)
+            failures.append({"memory_limit": memory, "error": str(exc)[-300:]})
     print(f"[{n:,}] local: {local_wall:.1f} s, {local_peak:.0f} MB; Spark local[2]", file=sys.stderr, flush=True)
     spark, spark_wall, spark_peak = _run_child([sys.executable, __file__, "--child-spark", str(export), str(out)])
     print(f"[{n:,}] spark: {spark_wall:.1f} s, {spark_peak:.0f} MB", file=sys.stderr, flush=True)
@@ -148,7 +160,8 @@ def one_size(n: int, work: Path) -> dict:
         "measurements": n, "generate_seconds": round(generated, 1), "db_mb": round(db.stat().st_size / 2**20, 1),
         "export_seconds": round(exported, 1), "parquet_mb": round(parquet_mb, 1),
         "duckdb_local": {"wall_seconds": round(local_wall, 1), "analyze_seconds": local["seconds"],
-                         "peak_rss_mb": round(local_peak), "threads": 2, "memory_limit": "1600MB"},
+                         "peak_rss_mb": round(local_peak), "threads": 2, "memory_limit": memory,
+                         "failed_first": failures},
         "spark_local2": {"wall_seconds": round(spark_wall, 1), "run_seconds": spark["seconds"],
                          "session_start_seconds": spark["session_start_seconds"], "stages": spark["stages"],
                          "peak_rss_mb": round(spark_peak), "partitions": spark["partitions"], "tasks": spark["tasks"],
@@ -166,17 +179,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000000,10000000")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vantage-spark-bench"))
-    parser.add_argument("--child-local", help=argparse.SUPPRESS)
+    parser.add_argument("--append", action="store_true", help="add to the runs in bench/results/spark.json")
+    parser.add_argument("--child-local", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-spark", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_local:
-        print(json.dumps(child_local(args.child_local)))
+        print(json.dumps(child_local(*args.child_local)))
         return
     if args.child_spark:
         print(json.dumps(child_spark(*args.child_spark)))
         return
-    runs = []
     target = ROOT / "bench" / "results" / "spark.json"
+    runs = json.loads(target.read_text())["runs"] if args.append and target.is_file() else []
     for n in (int(s) for s in args.sizes.split(",")):
         runs.append(one_size(n, args.work))
         summary = {"machine": f"{os.cpu_count()} cores, load average at the end {os.getloadavg()[0]:.1f}",
