@@ -1,9 +1,11 @@
 """Admission limits shared by the helper and the collector: who is asking (a
-keyed client key, never the address) and how often (a token bucket per
-client)."""
+keyed client key, never the address), how often (a token bucket per
+client), how many at once (the in-flight cap), and how big and slow a
+request body may be (the bounded body reader)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -86,3 +88,55 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class InFlight:
+    """At most ``limit`` requests at once (each may hold a body of up to the
+    size cap): memory and latency stay bounded under any load; the rest are
+    refused and counted in ``shed``."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+        self.shed = 0
+
+    def enter(self) -> bool:
+        if self.count >= self.limit:
+            self.shed += 1
+            return False
+        self.count += 1
+        return True
+
+    def leave(self) -> None:
+        self.count -= 1
+
+
+class BodyRejected(Exception):
+    """A request body refused: ``status`` 413 (too large) or 408 (too slow) and the reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+async def read_capped(request: web.Request, limit: int, seconds: float, chunk_size: int) -> bytes:
+    """The request body, at most ``limit`` bytes, received within ``seconds``
+    (a client dribbling its body would otherwise hold an in-flight slot for as
+    long as it liked), read ``chunk_size`` bytes at a time; BodyRejected otherwise."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyRejected(413, f"request body larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                chunk = await request.content.read(chunk_size)
+        except TimeoutError:
+            raise BodyRejected(408, "request body not received in time") from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise BodyRejected(413, f"request body larger than {limit} bytes")
+        chunks.append(chunk)

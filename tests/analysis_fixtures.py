@@ -109,6 +109,24 @@ def web(url: str, *, queries=(), tcps=(), tlss=(), requests=(), ctl: dict | None
     return m.to_dict()
 
 
+def one_page(host: str, url: str, ip: str, title: str, size: int, *, echo: str | None = None,
+             echo_words: str = "you are", run_id: str, started: float) -> tuple[dict, str]:
+    """A web_connectivity record that fetched one page of ``host`` (one DNS
+    answer ``ip``, one connect, one request, a control that agrees), and that
+    page's body. ``echo``: the page tells the client its address (an
+    ``X-Your-Address`` header and ``echo_words`` + the address in the body),
+    as a hostile or careless site may (the uploader and the collector must
+    scrub it)."""
+    headers = {"Content-Type": "text/html"}
+    body = page(title, size)
+    if echo:
+        headers["X-Your-Address"] = echo
+        body = body.replace("<body>", f"<body>{echo_words} {echo}")
+    record = web(url, queries=[q(host, ip)], tcps=[tcp(ip)], requests=[http(url, ip, body=body, headers=headers)],
+                 ctl=control(addrs=(ip,)), run_id=run_id, started=started)
+    return record, body
+
+
 def download(variant: str, attempt: int, kbit: float, ip: str = "198.18.0.10", side: str = "probe") -> dict:
     """One ``x_throughput`` entry of the throttling test (probes/throttling.py,
     probes/timed_download.py): ten 200 ms samples around ``kbit``."""

@@ -138,15 +138,9 @@ def collector(tmp_path_factory):
 def measurement(client: int, n: int, echo: str | None = None) -> dict:
     """An OONI-envelope Vantage measurement (web_connectivity, one DNS answer,
     one connect, one request) unique to (client, n)."""
-    ip = f"198.18.{client % 250}.{n % 250 + 1}"
-    headers = {"Content-Type": "text/html"}
-    body = F.page(f"client {client} page {n}", 600)
-    if echo:
-        headers["X-Your-Address"] = echo
-        body = body.replace("<body>", f"<body>you are {echo}")
-    record = F.web(f"https://site{n}.example/c{client}", queries=[F.q(f"site{n}.example", ip)], tcps=[F.tcp(ip)],
-                   requests=[F.http(f"https://site{n}.example/c{client}", ip, body=body, headers=headers)],
-                   ctl=F.control(addrs=(ip,)), run_id=f"run-{client}", started=1_750_000_000.0 + n)
+    record, body = F.one_page(f"site{n}.example", f"https://site{n}.example/c{client}",
+                              f"198.18.{client % 250}.{n % 250 + 1}", f"client {client} page {n}", 600, echo=echo,
+                              run_id=f"run-{client}", started=1_750_000_000.0 + n)
     content = to_ooni(record, [body])
     content.pop("run_id", None)
     content["report_id"] = None  # the report it is submitted in sets it

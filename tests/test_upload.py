@@ -37,16 +37,10 @@ def local_db(path, count: int = 12, echo: str | None = None):
     con = store.connect(path)
     records = []
     for n in range(count):
-        ip = f"198.18.0.{n + 1}"
-        headers = {"Content-Type": "text/html"}
-        body = F.page(f"page {n}", 800)
-        if echo:
-            headers["X-Your-Address"] = echo
-            body = body.replace("<body>", f"<body>you connected from {echo}")
-        records.append(F.web(f"https://s{n}.example/", queries=[F.q(f"s{n}.example", ip)], tcps=[F.tcp(ip)],
-                             requests=[F.http(f"https://s{n}.example/", ip, body=body, headers=headers)],
-                             ctl=F.control(addrs=(ip,)), run_id="run-a" if n % 2 else "run-b",
-                             started=1_750_000_000.0 + n))
+        record, _ = F.one_page(f"s{n}.example", f"https://s{n}.example/", f"198.18.0.{n + 1}", f"page {n}", 800,
+                               echo=echo, echo_words="you connected from", run_id="run-a" if n % 2 else "run-b",
+                               started=1_750_000_000.0 + n)
+        records.append(record)
     store.write_all(con, [(r, None) for r in records])
     return con, records
 

@@ -4,13 +4,12 @@ hash of the address, never the address), and the Prometheus metrics."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 from typing import Callable
 
 from aiohttp import web
 
-from ..limits import RateLimiter, client_address
+from ..limits import BodyRejected, InFlight, RateLimiter, client_address, read_capped  # shared with the helper
 from .protocol import Reject
 
 __all__ = ["BODY_READ_SECONDS", "InFlight", "Metrics", "RateLimiter", "client_address", "read_body"]
@@ -22,41 +21,10 @@ BODY_READ_SECONDS = 30.0
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, at most ``limit`` bytes (413 beyond), received
     within BODY_READ_SECONDS (408)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise Reject(413, f"request body larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    deadline = asyncio.get_running_loop().time() + BODY_READ_SECONDS
-    while True:
-        try:
-            async with asyncio.timeout_at(deadline):
-                chunk = await request.content.read(256 * 1024)
-        except TimeoutError:
-            raise Reject(408, "request body not received in time") from None
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            raise Reject(413, f"request body larger than {limit} bytes")
-        chunks.append(chunk)
-
-
-class InFlight:
-    """At most ``limit`` requests at once (each may hold a body of up to the
-    size cap): memory stays bounded under any load; the rest get 503."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.count = 0
-
-    def enter(self) -> bool:
-        if self.count >= self.limit:
-            return False
-        self.count += 1
-        return True
-
-    def leave(self) -> None:
-        self.count -= 1
+    try:
+        return await read_capped(request, limit, BODY_READ_SECONDS, 256 * 1024)
+    except BodyRejected as exc:
+        raise Reject(exc.status, str(exc)) from None
 
 
 class Metrics:
