@@ -14,6 +14,7 @@ if [ "$want_test" = 1 ] && [ "$(id -u)" = 0 ]; then
     command -v tc >/dev/null || need+=(iproute2)
     [ -e /usr/include/libnetfilter_queue/libnetfilter_queue.h ] || need+=(libnetfilter-queue-dev)
     command -v chromium >/dev/null || need+=(chromium)  # tests/test_report_browser.py
+    command -v systemd-analyze >/dev/null || need+=(systemd)  # tests/test_schedule.py: verify the units
     command -v java >/dev/null || need+=(openjdk-17-jre-headless)  # tests/test_spark.py: Spark runs on Java 17+
     if [ "${#need[@]}" -gt 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
