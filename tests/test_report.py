@@ -392,3 +392,44 @@ def test_report_on_imported_ooni_measurements(tmp_path):
     assert sum(int(f["n"]) for f in findings) == truth.get("blocked", 0) + truth.get("throttled", 0) > 0
     html = (tmp_path / "it" / "index.html").read_text(encoding="utf-8")
     assert "AS137" in html and "ooniprobe web_connectivity (50)" in html
+
+
+HOSTILE = "a$\\frac{$b"
+
+
+def test_dollar_signs_in_labels_are_drawn_and_written_literally(tmp_path):
+    """A domain, ASN and category with TeX in `$...$` (network text): the
+    charts draw it without mathtext, the Markdown escapes every `$`."""
+    from analysis.report import charts
+
+    row = {"domain": f"{HOSTILE}.example", "asn": f"AS{HOSTILE}", "method": "throttle.sni",
+           "scrambled_kbit": 9000, "control_kbit": 9500, "target_kbit": 120}
+    assert "<svg" in charts.throttling([row])
+    share = {"asn": f"AS{HOSTILE}", "usable": 4, "dns": 1, "tcp": 1, "tls": 0, "http": 0, "throttling": 1}
+    assert "<svg" in charts.methods([share])
+    point = {"asn": f"AS{HOSTILE}", "day": day(0), "anomaly_rate": 0.5, "charted": True}
+    change = {"asn": f"AS{HOSTILE}", "day": day(0), "change": "started"}
+    assert "<svg" in charts.timeline([point], [change], [f"AS{HOSTILE}"])
+
+    records = []
+    for i in range(DAYS):
+        for vp in range(2):
+            kw = dict(run_id=f"h-vp{vp}", started=START + i * 86400 + 3600 * (6 + vp * 6), cc="ZZ", asn=f"AS{HOSTILE}")
+            records.append((nxdomain(f"{HOSTILE}.example", **kw) if i >= 3 else ok_site(f"{HOSTILE}.example", **kw), f"C{HOSTILE}"))
+            records.append((throttled(f"v{HOSTILE}.example", **kw), f"M{HOSTILE}"))
+    path = tmp_path / "hostile.duckdb"
+    make_database(path, fingerprints(tmp_path / "fingerprints"), records)
+    from analysis.db import connect
+    from analysis.report import build
+
+    con = connect(path)
+    try:
+        result = build(con, country="ZZ", out_dir=tmp_path / "r", generated_at=dt.datetime(2025, 3, 11, tzinfo=dt.timezone.utc))
+    finally:
+        con.close()
+    assert result.measurements == len(records)
+    md = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    assert "a\\$\\\\frac{\\$b.example" in md and "ASa\\$\\\\frac{\\$b" in md
+    assert "$" not in md.replace("\\$", "")
+    for svg in (tmp_path / "r").glob("*.svg"):
+        assert "<svg" in svg.read_text(encoding="utf-8")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import functools
 import re
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from matplotlib.backends.backend_svg import FigureCanvasSVG
 from matplotlib.figure import Figure
@@ -33,11 +34,24 @@ def _svg(fig: Figure, name: str) -> str:
     return _PROLOGUE.sub("", buffer.getvalue(), count=1)
 
 
+def _plain_text(chart: Callable[..., str]) -> Callable[..., str]:
+    """Draw ``chart`` with mathtext off: labels are network text (domains,
+    ASNs, categories), and a ``$`` in one must be drawn as a ``$``, not parsed
+    as TeX (which fails, or draws something else). Text objects read the
+    setting when they are created, so it covers the whole chart function."""
+    @functools.wraps(chart)
+    def draw(*args: Any, **kwargs: Any) -> str:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return chart(*args, **kwargs)
+    return draw
+
+
 def _label(text: Any, width: int = 28) -> str:
     text = str(text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+@_plain_text
 def timeline(points: Iterable[dict[str, Any]], changes: Iterable[dict[str, Any]], networks: list[str]) -> str:
     """Anomaly rate per day, one line per network (``networks``, in order);
     days with too little data (``charted`` false) are gaps, not points.
@@ -77,6 +91,7 @@ def timeline(points: Iterable[dict[str, Any]], changes: Iterable[dict[str, Any]]
     return _svg(fig, "timeline")
 
 
+@_plain_text
 def methods(shares: list[dict[str, Any]]) -> str:
     """Horizontal stacked bars: for each network, the share of its usable
     measurements blocked or throttled by each method family."""
@@ -97,6 +112,7 @@ def methods(shares: list[dict[str, Any]]) -> str:
     return _svg(fig, "methods")
 
 
+@_plain_text
 def throttling(rows: list[dict[str, Any]]) -> str:
     """Median throughput of the target vs its reference, per finding."""
     fig = Figure(figsize=(8, 0.9 + 0.45 * max(1, len(rows))), dpi=96, layout="constrained")

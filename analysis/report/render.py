@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~$])")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
@@ -38,7 +38,8 @@ def is_http_url(value: Any) -> bool:
 
 def md_escape(value: Any) -> str:
     """``value`` as Markdown text that renders literally: HTML specials as
-    entities, Markdown punctuation backslash-escaped, one line."""
+    entities, Markdown punctuation and `$` (TeX in math-enabled renderers)
+    backslash-escaped, one line."""
     if value is None:
         return ""
     if isinstance(value, Markup):  # our own markup (none in the Markdown today)
