@@ -83,7 +83,7 @@ async def test_a_refused_connect_is_tried_three_times_with_backoff():
     assert [(c["x_attempt"], c["status"]["failure"]) for c in keys["tcp_connect"]] == [
         (0, "connection_refused"), (1, "connection_refused"), (2, "connection_refused")]
     assert keys["requests"] == []
-    assert wc.BACKOFF * 3 <= elapsed < wc.BACKOFF * 3 + 1.0  # 0.5 s + 1 s of backoff
+    assert wc.BACKOFF * 3 <= elapsed < wc.BACKOFF * 3 + 3.0  # 0.5 s + 1 s of backoff, and slack for a loaded machine
 
 
 async def test_a_fetch_reset_once_then_served_records_both_attempts():
