@@ -27,6 +27,7 @@ import importlib.util
 import inspect
 import json
 import shutil
+import os
 from pathlib import Path
 
 import duckdb
@@ -45,6 +46,8 @@ try:
 except Exception as exc:  # no pyspark or no Java: say which
     MISSING = str(exc)
 
+if MISSING is not None and os.environ.get("CI") == "true":  # CI installs pyspark and Java: absent is a failure
+    raise RuntimeError(f"Spark is not usable under CI=true: {MISSING}")
 pytestmark = [pytest.mark.skipif(MISSING is not None, reason=MISSING or ""), pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
