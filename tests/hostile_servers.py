@@ -170,7 +170,7 @@ class _HostileUDP(asyncio.DatagramProtocol):
             self.transport.sendto(payload, addr)
 
 
-class HostileDNS:
+class HostileDNS(servers.TwinPortServer):
     """A resolver answering every name with ``answer``, misbehaving per ``mode``:
 
     - ``flood``: each query gets 2,000 copies of the reply;
@@ -190,12 +190,8 @@ class HostileDNS:
         self.port = 0
         self.udp_queries = 0
         self.tcp_queries = 0
-        self._udp: Any = None
-        self._tcp: asyncio.Server | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{servers.LOOPBACK}:{self.port}"
+        self.transport: Any = None
+        self.tcp_server: asyncio.Server | None = None
 
     def _reply(self, query: dns.message.Message, count: int = 1) -> dns.message.Message:
         response = dns.message.make_response(query)
@@ -230,7 +226,7 @@ class HostileDNS:
             return [(0.0, truncated.to_wire())]
         return [(0.0, truncated.to_wire()[:-3])]  # tc-cut: the last record is cut short
 
-    async def _tcp_handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             size = struct.unpack("!H", await reader.readexactly(2))[0]
             query = dns.message.from_wire(await reader.readexactly(size))
@@ -243,29 +239,8 @@ class HostileDNS:
         finally:
             writer.close()
 
-    async def start(self) -> "HostileDNS":
-        loop = asyncio.get_running_loop()
-        for _ in range(20):
-            self._udp, _ = await loop.create_datagram_endpoint(lambda: _HostileUDP(self), local_addr=(servers.LOOPBACK, 0))
-            self.port = self._udp.get_extra_info("sockname")[1]
-            try:
-                self._tcp = await asyncio.start_server(self._tcp_handle, servers.LOOPBACK, self.port)
-                break
-            except OSError:
-                self._udp.close()
-        return self
-
-    async def stop(self) -> None:
-        if self._udp is not None:
-            self._udp.close()
-        if self._tcp is not None:
-            self._tcp.close()
-
-    async def __aenter__(self) -> "HostileDNS":
-        return await self.start()
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.stop()
+    def _udp_protocol(self) -> asyncio.DatagramProtocol:
+        return _HostileUDP(self)
 
 
 # --- running them beside subprocesses ---------------------------------------------------

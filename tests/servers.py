@@ -230,7 +230,48 @@ class _UDPProtocol(asyncio.DatagramProtocol):
             self.transport.sendto(payload, addr)
 
 
-class DNSServer(DNSResponder):
+class TwinPortServer:
+    """One port on 127.0.0.1 for both UDP and TCP, as a DNS server has;
+    ``address`` is "127.0.0.1:port". A subclass gives the datagram protocol
+    (``_udp_protocol()``) and the stream handler (``_tcp(reader, writer)``)."""
+
+    port = 0
+    transport: asyncio.DatagramTransport | None = None
+    tcp_server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def _udp_protocol(self) -> asyncio.DatagramProtocol:
+        raise NotImplementedError
+
+    async def start(self):  # -> Self
+        loop = asyncio.get_running_loop()
+        for _ in range(20):  # a UDP port whose TCP twin is free
+            self.transport, _ = await loop.create_datagram_endpoint(self._udp_protocol, local_addr=(LOOPBACK, 0))
+            self.port = self.transport.get_extra_info("sockname")[1]
+            try:
+                self.tcp_server = await asyncio.start_server(self._tcp, LOOPBACK, self.port)
+                break
+            except OSError:
+                self.transport.close()
+        return self
+
+    async def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.tcp_server is not None:
+            self.tcp_server.close()
+
+    async def __aenter__(self):  # -> Self
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+
+class DNSServer(DNSResponder, TwinPortServer):
     """UDP DNS server on 127.0.0.1; ``address`` is "127.0.0.1:port". The same
     port answers over TCP too (RFC 7766 framing); ``tcp_queries`` counts them."""
 
@@ -241,9 +282,8 @@ class DNSServer(DNSResponder):
         self.tcp_queries = 0
         self.port = 0
 
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
+    def _udp_protocol(self) -> asyncio.DatagramProtocol:
+        return _UDPProtocol(self)
 
     async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -263,32 +303,6 @@ class DNSServer(DNSResponder):
             pass
         finally:
             writer.close()
-
-    async def start(self) -> "DNSServer":
-        loop = asyncio.get_running_loop()
-        for _ in range(20):  # a UDP port whose TCP twin is free
-            self.transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UDPProtocol(self), local_addr=(LOOPBACK, 0)
-            )
-            self.port = self.transport.get_extra_info("sockname")[1]
-            try:
-                self.tcp_server = await asyncio.start_server(self._tcp, LOOPBACK, self.port)
-                break
-            except OSError:
-                self.transport.close()
-        return self
-
-    async def stop(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-        if self.tcp_server is not None:
-            self.tcp_server.close()
-
-    async def __aenter__(self) -> "DNSServer":
-        return await self.start()
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.stop()
 
 
 # --- HTTP(S) -----------------------------------------------------------------------
