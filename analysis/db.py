@@ -18,6 +18,7 @@ import duckdb
 
 from core.errors import VantageError
 from core.paths import default_db_path
+from core.schema_version import SCHEMA_VERSION
 
 # DuckDB's own default is 80% of RAM; the analysis joins whole tables and gets
 # 1 GB unless VANTAGE_ANALYZE_MEMORY says otherwise. Below ~1.2 GB a million
@@ -30,12 +31,15 @@ _MEMORY = re.compile(r"\s*\d+(\.\d+)?\s*([KMGT]i?)?B\s*", re.IGNORECASE)
 # What the probe writes and the rules read (probes/schema.sql).
 OBSERVATION_TABLES = frozenset({"measurements", "dns_answers", "tcp_connects", "tls_handshakes",
                                 "http_transactions", "network_events", "throughput_samples"})
-# What later schema versions added that the rules read (probes/schema.py
-# MIGRATIONS: 3 and 4). A database made by an older Vantage gets them when the
-# probe's store opens it (any `vantage results` command); the analysis never
-# migrates the probe's tables itself.
+# A database made by an older Vantage is brought up to date when the probe's
+# store opens it (any `vantage results` command); the analysis never migrates
+# the probe's tables itself. It compares the version in `schema_migrations`
+# with core's SCHEMA_VERSION (which probes/schema.py's MIGRATIONS end at), and,
+# for a database without that table, looks for what later versions added that
+# the rules read (MIGRATIONS 3, 4 and 6).
 NEWER_COLUMNS = (("measurements", "ooni_blocking"), ("tcp_connects", "attempt"), ("tls_handshakes", "attempt"),
-                 ("http_transactions", "attempt"), ("ip_info", "asn"))
+                 ("http_transactions", "attempt"), ("ip_info", "asn"), ("packets", "injected"))
+_UPDATE = "run `vantage results list --db PATH` once to bring it up to date, then analyse it"
 
 
 class AnalysisError(VantageError):
@@ -79,6 +83,14 @@ def tables(con: duckdb.DuckDBPyConnection) -> set[str]:
     return {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE NOT temporary").fetchall()}
 
 
+def _schema_version(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The highest migration recorded in ``schema_migrations``, or None
+    without that table."""
+    if "schema_migrations" not in tables(con):
+        return None
+    return con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+
+
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Check that ``con`` holds a Vantage database and create the analysis's
     own table (``verdicts``) if it is missing; idempotent. A database without
@@ -86,9 +98,12 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     missing = OBSERVATION_TABLES - tables(con)
     if missing:
         raise AnalysisError(f"the database lacks the table(s) {', '.join(sorted(missing))} (not a Vantage database?)")
+    version = _schema_version(con)
+    if version is not None and version < SCHEMA_VERSION:
+        raise AnalysisError(f"the database was made by an older Vantage (schema version {version}, "
+                            f"this Vantage reads {SCHEMA_VERSION}): {_UPDATE}")
     present = set(con.execute("SELECT table_name, column_name FROM duckdb_columns() WHERE NOT internal").fetchall())
     old = [f"{t}.{c}" for t, c in NEWER_COLUMNS if (t, c) not in present]
     if old:
-        raise AnalysisError(f"the database was made by an older Vantage (no {', '.join(old)}): "
-                            "run `vantage results list --db PATH` once to bring it up to date, then analyse it")
+        raise AnalysisError(f"the database was made by an older Vantage (no {', '.join(old)}): {_UPDATE}")
     con.execute(resources.files("analysis").joinpath("sql", "00_verdicts.sql").read_text(encoding="utf-8"))

@@ -9,4 +9,5 @@ allowed imports). Each module holds one kind of fact, written once:
 - ``download``: bounded downloads and atomic multi-file installs.
 - ``failures``: the closed vocabulary of failure strings (OONI's).
 - ``net``: endpoints, request headers, redirect codes, special-purpose ranges.
+- ``schema_version``: the measurement database's current schema version.
 """

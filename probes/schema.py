@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+from core import schema_version
+
 SCHEMA_SQL = resources.files("probes").joinpath("schema.sql").read_text()
 
 # (version, name, SQL bringing version-1 databases to this version). Version 1
@@ -42,6 +44,9 @@ MIGRATIONS: list[tuple[int, str, str | None]] = [
      "CREATE TABLE IF NOT EXISTS packets (measurement_id VARCHAR, side VARCHAR, transaction_id INTEGER, kind VARCHAR, flow VARCHAR, src VARCHAR, sport INTEGER, dport INTEGER, proto INTEGER, ip_ttl INTEGER, ip_id INTEGER, tcp_flags VARCHAR, length INTEGER, t DOUBLE, baseline_ttl INTEGER, baseline_ip_id INTEGER, injected BOOLEAN)"),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+if SCHEMA_VERSION != schema_version.SCHEMA_VERSION:  # one fact: the migrations end at core's number
+    raise RuntimeError(f"probes/schema.py MIGRATIONS end at version {SCHEMA_VERSION}, "
+                       f"core/schema_version.py says {schema_version.SCHEMA_VERSION}: change both")
 
 
 @dataclass(frozen=True)

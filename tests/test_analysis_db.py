@@ -83,3 +83,42 @@ def test_analyze_creates_verdicts_on_any_connection(tmp_path):
     con = duckdb.connect(str(_probe_db(tmp_path / "v.duckdb")))
     assert analyze(con, fingerprints_dir=tmp_path / "none") == 1
     assert con.execute("SELECT count(*) FROM verdicts").fetchone()[0] == 1
+
+
+def test_a_schema_5_database_is_one_line_about_an_older_vantage(tmp_path):
+    """A database an older Vantage made (schema version 5: no packets table)
+    is refused in one line before any rule runs, whether it records its
+    version or not; once the probe's store opened it (migrating), it analyses."""
+    from core.schema_version import SCHEMA_VERSION
+    from probes import schema
+
+    assert schema.SCHEMA_VERSION == SCHEMA_VERSION == schema.MIGRATIONS[-1][0]
+    path = _probe_db(tmp_path / "v5.duckdb")
+    raw = duckdb.connect(str(path))
+    raw.execute("DROP TABLE packets")
+    raw.execute("DELETE FROM schema_migrations WHERE version = 6")
+    raw.close()
+    with pytest.raises(db.AnalysisError) as info:
+        db.connect(path)
+    message = str(info.value)
+    assert "\n" not in message and "older Vantage" in message and "schema version 5" in message
+    assert "vantage results list" in message
+
+    raw = duckdb.connect(str(path))
+    raw.execute("DROP TABLE schema_migrations")  # no version recorded: the missing table still says so
+    raw.close()
+    with pytest.raises(db.AnalysisError) as info:
+        db.connect(path)
+    assert "\n" not in str(info.value) and "older Vantage" in str(info.value) and "packets" in str(info.value)
+
+    path = _probe_db(tmp_path / "v5b.duckdb")
+    raw = duckdb.connect(str(path))
+    raw.execute("DROP TABLE packets")
+    raw.execute("DELETE FROM schema_migrations WHERE version = 6")
+    raw.close()
+    store_connect(path).close()  # what `vantage results list` does: migrate
+    con = db.connect(path)
+    try:
+        assert analyze(con, fingerprints_dir=tmp_path / "none") == 1
+    finally:
+        con.close()
