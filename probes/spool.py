@@ -11,9 +11,10 @@ run, store the spool, mark the run):
 - ``SpoolSink`` is the runner's sink. A new run's first line is what
   ``runner.start_run`` records (its inputs, options, location); then ``aput``
   returns once the record's line is written to
-  ``<db>.spool-<run id>.jsonl`` (O_APPEND, from a thread;
-  fsync'd at most once a second and at the end), so a measurement the run has
-  counted survives the process being killed, even with SIGKILL. A spool line
+  ``<db>.spool-<run id>.jsonl`` (O_APPEND, from a thread), so a measurement
+  the run has counted survives the process being killed, even with SIGKILL;
+  a timer thread fdatasyncs the file every second while it is open (and it is
+  fsync'd at the end), so a power cut loses at most the last second of a run. A spool line
   is a rescue-file line (``store.rescue_line``): ``vantage results
   import-rescue`` reads a spool as it is.
 - At the end of a run the runner appends an end line (the run's status and
@@ -48,7 +49,7 @@ from core.errors import VantageError
 
 from .store import Sink, StoreError, rescue_line
 
-SPOOL_FSYNC_SECONDS = 1.0  # a power cut loses at most this much of a run
+SPOOL_FSYNC_SECONDS = 1.0  # the timer thread's period: a power cut loses at most this much of a run
 BUSY_WAIT_SECONDS = 60.0  # how long storing waits for a database another program holds open
 
 
@@ -164,7 +165,8 @@ class SpoolSink(Sink):
         self.last_failure = self.error = None
         self._failing = 0
         self._lock = threading.Lock()
-        self._synced = time.monotonic()
+        self._dirty = False  # written since the last sync
+        self._closed = threading.Event()
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         if start is not None:
             try:
@@ -173,6 +175,24 @@ class SpoolSink(Sink):
             except OSError as exc:
                 self._close_fd()
                 raise StoreError(f"cannot write the spool {self.path}: {exc.strerror}") from None
+        self._syncer = threading.Thread(target=self._sync_loop, name="vantage-spool-sync", daemon=True)
+        self._syncer.start()
+
+    def _sync_loop(self) -> None:
+        """Every SPOOL_FSYNC_SECONDS while the spool is open: fdatasync what was
+        written since the last sync (however long until the next record)."""
+        while not self._closed.wait(SPOOL_FSYNC_SECONDS):
+            with self._lock:
+                if self._fd is None:
+                    return
+                if not self._dirty:
+                    continue
+                try:
+                    os.fdatasync(self._fd)
+                    self._dirty = False
+                except OSError as exc:  # an I/O error: the next record stops the run (store_failed)
+                    if self.error is None:
+                        self.error = exc
 
     def _offer(self, item) -> bool:
         return False  # never write on the event loop: aput hands every record to a thread
@@ -190,9 +210,7 @@ class SpoolSink(Sink):
                 return
             try:
                 _write_all(self._fd, line)
-                if time.monotonic() - self._synced >= SPOOL_FSYNC_SECONDS:
-                    os.fsync(self._fd)
-                    self._synced = time.monotonic()
+                self._dirty = True  # the timer thread syncs it within SPOOL_FSYNC_SECONDS
             except OSError as exc:  # disk full, I/O error: the run stops (store_failed)
                 self.error = exc
                 self._not_stored(item, exc)
@@ -221,6 +239,7 @@ class SpoolSink(Sink):
             self._close_fd()
 
     def _close_fd(self) -> None:
+        self._closed.set()
         if self._fd is not None:
             try:
                 os.fsync(self._fd)
@@ -228,6 +247,24 @@ class SpoolSink(Sink):
                 pass
             os.close(self._fd)
             self._fd = None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file_and_dir(path: Path) -> None:
+    """fsync ``path`` and the directory entry naming it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(path.parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -373,7 +410,17 @@ def store_spool(con, db_file: str, spool: Path) -> dict[str, Any]:
     except Exception as exc:  # the database failed: the sink said so, the spool stays
         failed = failed or f"writing to the database failed: {_first_line(exc)}"
     if marked and sink.not_stored <= sink.rescued:  # every record stored, or in the rescue file
-        spool.unlink(missing_ok=True)
+        try:
+            if sink.rescued:  # the rescue lines reach the disk before the spool that also holds them goes
+                _fsync_file_and_dir(sink.rescue_path)
+        except OSError as exc:  # the rescue file is not safe: the spool stays (storing it again is harmless)
+            failed = failed or f"saving the rescue file failed: {exc.strerror}"
+        else:
+            spool.unlink(missing_ok=True)
+            try:
+                _fsync_dir(spool.parent)
+            except OSError:
+                pass
     return {"run_id": run_id, "stored": sink.written, "not_stored": sink.not_stored, "rescued": sink.rescued,
             "status": status, "failed": failed, "ended": end is not None}
 
