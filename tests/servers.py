@@ -484,16 +484,17 @@ class WebServer:
 # --- raw TCP / TLS misbehaviour ---------------------------------------------------------
 
 
-async def serve_app(app: web.Application, host: str = LOOPBACK) -> tuple[web.AppRunner, str]:
+async def serve_app(app: web.Application, host: str = LOOPBACK, **runner_options: Any) -> tuple[web.AppRunner, str]:
     """The aiohttp ``app`` on ``host``, an ephemeral port: its runner (``await
-    runner.cleanup()`` stops it) and its base URL ``http://host:port``. Tests
-    use the ``serve_app`` fixture of conftest.py, which stops it at the end."""
-    runner = web.AppRunner(app)
+    runner.cleanup()`` stops it) and its base URL ``http://host:port``
+    (``runner_options``: web.AppRunner's, e.g. access_log=None). Tests use the
+    ``serve_app`` fixture of conftest.py, which stops it at the end."""
+    runner = web.AppRunner(app, **runner_options)
     await runner.setup()
     site = web.TCPSite(runner, host, 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
-    return runner, f"http://{host}:{port}"
+    return runner, f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def reset(transport: asyncio.BaseTransport | None) -> None:

@@ -40,11 +40,8 @@ class FakeHelper:
     async def __aenter__(self) -> "FakeHelper":
         app = web.Application()
         app.router.add_post("/", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/"
+        self._runner, base = await servers.serve_app(app, access_log=None, shutdown_timeout=0.1)
+        self.url = base + "/"
         return self
 
     async def __aexit__(self, *exc) -> None:

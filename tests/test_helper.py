@@ -99,9 +99,7 @@ class SlowSite:
     async def __aenter__(self):
         app = web.Application()
         app.router.add_get("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, 0).start()
+        self._runner, _ = await servers.serve_app(app, self.host, access_log=None, shutdown_timeout=0.1)
         self.port = self._runner.addresses[0][1]
         return self
 

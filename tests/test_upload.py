@@ -25,6 +25,7 @@ from aiohttp import web
 from click.testing import CliRunner
 
 import analysis_fixtures as F
+import servers
 from probes import store
 from probes import upload as U
 from services.collector import protocol
@@ -92,11 +93,8 @@ class MiniCollector:
         app.router.add_post("/report", self.open)
         app.router.add_post("/report/{rid}", self.submit)
         app.router.add_post("/report/{rid}/close", self.close)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.runner, _ = await servers.serve_app(app)
+        self.port = self.runner.addresses[0][1]
         return self
 
     async def __aexit__(self, *exc):
