@@ -52,10 +52,15 @@ def analyze(db_path, public_networks, fingerprints_dir, only_missing, asn_db, en
     if as_json:
         click.echo(to_json({"analysed": count, "fingerprint_set": version, "verdicts": rows}))
         return
+    _print_summary(f"{count} measurements analysed", version, rows)
+
+
+def _print_summary(title: str, version: str, rows: list[dict]) -> None:
+    """The verdict counts as a table, with the fingerprint set they were judged with."""
     from rich.table import Table
 
     # The fingerprint set's version is read from downloaded files: escaped like all network text.
-    table = Table(title=cell(f"{count} measurements analysed (fingerprints: {safe(version)})"))
+    table = Table(title=cell(f"{title} (fingerprints: {safe(version)})"))
     for name in ("status", "layer", "method", "count", "confirmed"):
         table.add_column(name, justify="right" if name in ("count", "confirmed") else "left")
     for r in rows:
@@ -93,19 +98,9 @@ def _analyze_spark(engine, db_path, only_missing, input_dir, out_dir, master, pu
     if as_json:
         click.echo(to_json({"engine": "spark"} | result))
         return
-    from rich.table import Table
-
-    table = Table(title=cell(f"{result['analysed']} measurements analysed on Spark (fingerprints: "
-                             f"{safe(result['fingerprint_set'])})"))
-    for name in ("status", "layer", "method", "count", "confirmed"):
-        table.add_column(name, justify="right" if name in ("count", "confirmed") else "left")
-    for r in result["verdicts"]:
-        table.add_row(cell(r["status"]), cell(r["layer"] or ""), cell(r["method"] or ""), cell(r["count"]), cell(r["confirmed"]))
-    console().print(table)
+    _print_summary(f"{result['analysed']} measurements analysed on Spark", result["fingerprint_set"], result["verdicts"])
     click.echo(f"{result['partitions']} partitions in {result['tasks']} tasks, {result['seconds']['total']} s; "
                f"verdicts and views in {safe(result['output'])}", err=True)
-    if result["fingerprint_set"] == "none":
-        click.echo("note: no fingerprints found; run `vantage fingerprints update` to confirm blockpages", err=True)
 
 
 def _default_asn_db():
