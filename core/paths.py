@@ -41,3 +41,12 @@ def default_db_path() -> Path:
     """The measurement database when neither --db nor the config names one."""
     env = os.environ.get("VANTAGE_DB")
     return Path(env) if env else data_dir() / "vantage.duckdb"
+
+
+def beside_db(db_file: str | os.PathLike, suffix: str) -> Path:
+    """``<database file name><suffix>`` in the database's directory: the one
+    rule for the files a database has beside it (``.run.lock``,
+    ``.last-run.json``, ``.spool-<run>.jsonl``, ``.rescue-<run>.jsonl``). The
+    whole file name, so ``v.duckdb`` and ``v.db`` never share one."""
+    db = Path(db_file)
+    return db.with_name(f"{db.name}{suffix}")

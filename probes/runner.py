@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, ContextManager, Iterable
 
+from core import paths
+
 from .context import ProbeContext
 from .records import SOFTWARE_VERSION, Clock, Measurement, new_id
 from .store import Sink, insert_rows
@@ -351,9 +353,8 @@ def resume(con, run_id: str) -> Resumed | None:
 
 def rescue_path(db_file: str | os.PathLike, run_id: str) -> Path:
     """Where a run's records go when the database refuses writes: beside the
-    database, ``<db stem>.rescue-<run id>.jsonl``."""
-    db = Path(db_file)
-    return db.with_name(f"{db.stem}.rescue-{run_id}.jsonl")
+    database, ``<db file name>.rescue-<run id>.jsonl`` (core.paths.beside_db)."""
+    return paths.beside_db(db_file, f".rescue-{run_id}.jsonl")
 
 
 def limit_malloc_arenas() -> None:

@@ -9,7 +9,8 @@ What the schedule runs, every ``--every``:
 never asks: one line and exit 2 otherwise), is skipped while another run uses
 the database (``probes.spool.RunLock``; systemd's timer never starts a second
 instance of a service still running either), and afterwards runs `vantage
-upload` when the config's ``UPLOAD_AFTER_RUN`` setting is true. Its outcome
+upload` when the config's ``UPLOAD_AFTER_RUN`` setting is true and the
+volunteer agreed to uploading in the consent notice (``CONSENT_UPLOAD``). Its outcome
 goes to ``<db>.last-run.json`` for `vantage schedule status`; its output to
 the journal (systemd) or to a log file (cron).
 
@@ -41,9 +42,10 @@ CRON_MARKER = "# vantage-schedule"
 LOG_MAX_BYTES = 1024 * 1024  # the cron log is rotated once beyond this (one old copy kept)
 
 # The config setting that makes a scheduled run upload afterwards (off until
-# the volunteer agrees in the consent notice). The upload command and the
+# the volunteer agrees in the consent notice: CONSENT_UPLOAD too). The upload command and the
 # setting's row in probes/config.py SETTINGS belong to `vantage upload`.
 UPLOAD_AFTER_RUN = "upload_after_run"
+CONSENT_UPLOAD = "consent_upload"  # set when the volunteer agrees to uploading (probes/consent.py)
 
 NO_CONSENT_UNATTENDED = ("no consent recorded in {config}: a scheduled run never asks; run `vantage run` once at a "
                          "terminal to read and accept the notice, or `vantage schedule remove`")
@@ -394,7 +396,7 @@ def _every_of_cron(line: str) -> Every | None:
 # The scheduled run's side: its outcome, the upload, the log.
 
 def last_run_path(db_file: str | os.PathLike) -> Path:
-    return Path(f"{db_file}.last-run.json")
+    return paths.beside_db(db_file, ".last-run.json")
 
 
 def record_last_run(result: str, runs: list[dict[str, Any]], db_file: str | os.PathLike,
@@ -420,7 +422,11 @@ def read_last_run(db_file: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def upload_after_run(config) -> bool:
-    return config.as_dict().get(UPLOAD_AFTER_RUN) is True
+    """Upload after a scheduled run: the setting is true and the volunteer
+    agreed to uploading in the consent notice (``consent_upload``). `vantage
+    upload` run by hand needs neither: it is an explicit act."""
+    values = config.as_dict()
+    return values.get(UPLOAD_AFTER_RUN) is True and values.get(CONSENT_UPLOAD) is True
 
 
 def upload(config, db_file: str) -> str:

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core import paths
 from core.errors import VantageError
 
 from .store import Sink, StoreError, rescue_line
@@ -57,18 +58,18 @@ def spool_path(db_file: str | os.PathLike, run_id: str) -> Path:
     """``<db file name>.spool-<run id>.jsonl`` beside the database: the whole
     name, like the lock's, so ``v.duckdb`` and ``v.db`` never share spools."""
     db = Path(db_file)
-    return db.with_name(f"{db.name}.spool-{run_id}.jsonl")
+    return paths.beside_db(db_file, f".spool-{run_id}.jsonl")
 
 
 def spools(db_file: str | os.PathLike) -> list[Path]:
     """Spool files an earlier run left beside the database, oldest first."""
     db = Path(db_file)
-    found = list(db.parent.glob(f"{glob.escape(db.name)}.spool-*.jsonl")) if db.parent.is_dir() else []
+    found = list(db.parent.glob(f"{glob.escape(paths.beside_db(db, '.spool-').name)}*.jsonl")) if db.parent.is_dir() else []
     return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
 
 def _run_of(spool: Path, db_file: str | os.PathLike) -> str:
-    return spool.name[len(f"{Path(db_file).name}.spool-"):-len(".jsonl")]
+    return spool.name[len(paths.beside_db(db_file, ".spool-").name):-len(".jsonl")]
 
 
 # --------------------------------------------------------------------------
@@ -80,13 +81,14 @@ class RunLock:
     every child it passed the descriptor to) is gone: no stale locks."""
 
     def __init__(self, db_file: str | os.PathLike):
-        self.path = Path(f"{db_file}.run.lock")
+        self.db = Path(db_file)
+        self.path = paths.beside_db(db_file, ".run.lock")
         self.fd: int | None = None
 
     def acquire(self, wait: bool = False) -> bool:
         """Take the lock (``wait``: until the holder is done); False when another run holds it.
         StoreError (one line, as ``store.connect`` words it) when the lock file cannot be made."""
-        db = self.path.with_name(self.path.name[:-len(".run.lock")])
+        db = self.db
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -227,3 +227,17 @@ def test_databases_that_share_a_stem_never_share_spools(tmp_path):
     spool.SpoolSink(spool.spool_path(b, "R2")).close()
     assert [p.name for p in spool.spools(a)] == ["v.duckdb.spool-R1.jsonl"]
     assert [p.name for p in spool.spools(b)] == ["v.db.spool-R2.jsonl"]
+
+
+def test_every_file_beside_the_database_uses_its_whole_name(tmp_path):
+    """Lock, last run, spool and rescue: one rule (core.paths.beside_db), so
+    ``v.duckdb`` and ``v.db`` share none of them."""
+    from core.paths import beside_db
+    from probes import runner, schedule, spool
+
+    for db in (tmp_path / "v.duckdb", tmp_path / "v.db"):
+        assert spool.RunLock(db).path == beside_db(db, ".run.lock") == tmp_path / f"{db.name}.run.lock"
+        assert schedule.last_run_path(db) == tmp_path / f"{db.name}.last-run.json"
+        assert spool.spool_path(db, "R1") == tmp_path / f"{db.name}.spool-R1.jsonl"
+        assert runner.rescue_path(db, "R1") == tmp_path / f"{db.name}.rescue-R1.jsonl"
+        assert runner.rescue_path(str(db), "R1") == runner.rescue_path(db, "R1")

@@ -110,7 +110,8 @@ def test_run_options_prefer_the_command_line_then_the_recorded_run():
 
 
 def test_rescue_file_sits_beside_the_database():
-    assert str(rescue_path("/data/v.duckdb", "R1")) == "/data/v.rescue-R1.jsonl"
+    assert str(rescue_path("/data/v.duckdb", "R1")) == "/data/v.duckdb.rescue-R1.jsonl"
+    assert rescue_path("/data/v.db", "R1") != rescue_path("/data/v.duckdb", "R1")
 
 
 async def test_max_runtime_stops_starting_new_measurements(tmp_path):
