@@ -413,6 +413,74 @@ async def test_a_kill_during_ingestion_loses_nothing(fresh_collector):
     assert re.findall(r"(\d+) torn lines", proc.log.read_text()) == ["1"], proc.log.read_text()
 
 
+def test_only_a_segments_torn_last_line_is_skipped_others_go_to_rejected(tmp_path):
+    """An unreadable line that is not a segment's last was acknowledged: it is
+    kept (raw, with the reason, in rejected.jsonl), not counted as torn."""
+    from services.collector.ingest import Ingestor, _SpoolDir
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = [_spool_line(measurement(7, n), "20250101T000000Z_AS0_test") for n in range(3)]
+    (spool / "seg-000000000001.ready").write_bytes(
+        good[0] + b'{"m": "vc1", "r": {"test_na\n' + b'{"m": "vc2"}\n' + b'[1, 2]\n' + good[1]
+        + b'{"m": "vc3", "r": {"test_na')  # not JSON mid-segment, no "r", not an object; then a torn tail
+    (spool / "seg-000000000002.ready").write_bytes(good[2] + b'{"m": "vc4"}')  # a last line that is JSON
+    ingestor = Ingestor(tmp_path / "central.duckdb", _SpoolDir(spool))
+    try:
+        ingestor.ingest(sorted(spool.glob("seg-*.ready")))
+    finally:
+        ingestor._close()
+    assert (ingestor.ingested, ingestor.torn, ingestor.rejected) == (3, 1, 4)
+    assert not list(spool.glob("seg-*"))
+    kept = [json.loads(line) for line in (spool / "rejected.jsonl").read_text().splitlines()]
+    assert [k["raw"] for k in kept] == ['{"m": "vc1", "r": {"test_na', '{"m": "vc2"}', "[1, 2]", '{"m": "vc4"}']
+    assert kept[0]["reason"].startswith("not JSON") and kept[1]["reason"].startswith("KeyError")
+    assert kept[2]["reason"].startswith("TypeError") and kept[3]["reason"].startswith("KeyError")
+
+
+def test_a_restarted_ingest_process_keeps_its_counters_and_publishes_its_error(tmp_path):
+    from services.collector.ingest import IngestProcess
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "seg-000000000001.ready").write_bytes(_spool_line(measurement(8, 1), "20250101T000000Z_AS0_test"))
+    ingest = IngestProcess(tmp_path / "central.duckdb", spool)
+    assert ingest.last_error is None and ingest.ingested == 0
+    ingest.start()
+    try:
+        deadline = time.monotonic() + 30
+        while ingest.ingested < 1:
+            assert time.monotonic() < deadline and ingest.alive, "nothing ingested"
+            time.sleep(0.05)
+        os.kill(ingest.pid, signal.SIGKILL)  # as the OOM killer would
+        while ingest.alive:
+            time.sleep(0.01)
+        assert ingest.ingested == 1
+        ingest.start()
+        assert ingest.last_error == "the ingestor process died (exit code -9)"
+        (spool / "seg-000000000002.ready").write_bytes(_spool_line(measurement(8, 2), "20250101T000000Z_AS0_test"))
+        while ingest.ingested < 2:
+            assert time.monotonic() < deadline and ingest.alive, "the restarted ingestor ingested nothing"
+            time.sleep(0.05)
+        assert ingest.ingested == 2  # carried on, not reset to 1
+    finally:
+        ingest.stop()
+    # The child's own error: a database it cannot open.
+    (tmp_path / "not-a-db").mkdir()
+    (spool / "seg-000000000003.ready").write_bytes(_spool_line(measurement(8, 3), "20250101T000000Z_AS0_test"))
+    broken = IngestProcess(tmp_path / "not-a-db", spool)
+    broken.start()
+    try:
+        deadline = time.monotonic() + 30
+        while broken.last_error is None:
+            assert time.monotonic() < deadline and broken.alive, "no error published"
+            time.sleep(0.05)
+        assert broken.errors >= 1 and broken.last_error.split(":")[0].endswith("Error"), broken.last_error
+    finally:
+        os.kill(broken.pid, signal.SIGKILL)
+        broken._proc.join(10)
+
+
 async def test_idempotent_and_no_upload_takes_anothers_place(tmp_path):
     proc = CollectorProcess(tmp_path).start()
     try:

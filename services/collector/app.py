@@ -95,7 +95,7 @@ class Collector:
                 lambda: self.ingestor.duplicates)
         m.gauge("vantage_collector_ingest_torn_lines_total", "unreadable spool lines skipped (a crash's torn tail)",
                 lambda: self.ingestor.torn)
-        m.gauge("vantage_collector_ingest_db_rejected_total", "measurements the database refused (rejected.jsonl)",
+        m.gauge("vantage_collector_ingest_db_rejected_total", "measurements refused by the database, or lines that cannot be read (rejected.jsonl)",
                 lambda: self.ingestor.rejected)
         m.gauge("vantage_collector_ingest_errors_total", "ingestion pauses (database busy or failing)",
                 lambda: self.ingestor.errors)
@@ -313,8 +313,7 @@ class Collector:
             await asyncio.sleep(2.0)
             if self.accepting and not self.ingestor.alive:
                 self.log("the ingestor stopped unexpectedly; starting it again")
-                self.ingestor = IngestProcess(self.config.db, self.config.spool)
-                self.ingestor.start()
+                self.ingestor.start()  # the same IngestProcess: its counters carry on
 
     async def stop(self, runners: list[web.AppRunner]) -> None:
         """Stop accepting, finish the requests in flight, make the spool

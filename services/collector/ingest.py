@@ -50,8 +50,8 @@ class Ingestor:
         self.log = log or (lambda message: None)
         self.ingested = 0       # new measurements committed
         self.duplicates = 0     # already stored (retries, re-sent files, re-ingested segments)
-        self.torn = 0           # unreadable lines (a crash's torn tail)
-        self.rejected = 0       # refused by the database even alone
+        self.torn = 0           # a segment's last line cut by a crash (not JSON), acknowledged to nobody
+        self.rejected = 0       # refused by the database even alone, or a line that cannot be read (rejected.jsonl)
         self.segments = 0
         self.errors = 0
         self.busy = False
@@ -141,8 +141,8 @@ class Ingestor:
 
             for path in segments:
                 with open(path, "rb") as fh:
-                    for line in fh:
-                        item = self._parse(line)
+                    for line, last in _with_last(fh):
+                        item = self._parse(line, last)
                         if item is None:
                             continue
                         if item[0]["measurement_id"] in seen:
@@ -157,17 +157,42 @@ class Ingestor:
         finally:
             self.busy = False
 
-    def _parse(self, line: bytes) -> tuple[dict[str, Any], str | None] | None:
+    def _parse(self, line: bytes, last: bool) -> tuple[dict[str, Any], str | None] | None:
+        """The record of one spool line. Only the segment's last line can be
+        torn (cut by a crash, acknowledged to nobody) and is skipped; any other
+        line that cannot be read was acknowledged: it goes to rejected.jsonl."""
         if not line.strip():
             return None
         try:
             entry = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            if last:
+                self.torn += 1
+                return None
+            self._reject_line(line, f"not JSON: {exc}")
+            return None
+        try:
             record = record_from_ooni(entry["r"])
             record["measurement_id"] = entry["m"]
-        except Exception:  # a torn line: written by a crash, acknowledged to nobody
-            self.torn += 1
+        except Exception as exc:
+            self._reject_line(line, f"{type(exc).__name__}: {str(exc)[:200]}")
             return None
         return record, None
+
+    def _reject_line(self, line: bytes, reason: str) -> None:
+        """Keep an unreadable acknowledged line (raw, with the reason) in
+        rejected.jsonl, fsync'd before its segment can be deleted. A failure
+        here raises: ingestion pauses and the segment stays."""
+        path = self.spool.dir / REJECTED
+        new = not path.exists()
+        entry = {"raw": line.rstrip(b"\n").decode("utf-8", "replace"), "reason": reason}
+        with open(path, "ab") as fh:
+            fh.write(orjson.dumps(entry) + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if new:
+            fsync_dir(path.parent)
+        self.rejected += 1
 
     def _write(self, con, batch: list) -> None:
         refused: list = []
@@ -186,6 +211,17 @@ class Ingestor:
             fh.flush()
             os.fsync(fh.fileno())
         self.rejected += len(refused)
+
+
+def _with_last(lines):
+    """``(line, is_last)`` for each line."""
+    previous = None
+    for line in lines:
+        if previous is not None:
+            yield previous, False
+        previous = line
+    if previous is not None:
+        yield previous, True
 
 
 # --- In a process of its own ------------------------------------------------------
@@ -214,7 +250,10 @@ def _die_with_parent() -> None:
         pass
 
 
-def _process_main(db_path: str, spool_dir: str, batch_size: int, stats, stop, parent: int) -> None:
+ERROR_BYTES = 512  # the shared buffer holding the child's last error
+
+
+def _process_main(db_path: str, spool_dir: str, batch_size: int, stats, stop, parent: int, error=None) -> None:
     _die_with_parent()
     if os.getppid() != parent:
         return
@@ -224,11 +263,15 @@ def _process_main(db_path: str, spool_dir: str, batch_size: int, stats, stop, pa
 
     def publish(ingestor: Ingestor) -> None:
         stats[:] = [float(getattr(ingestor, name)) for name in _STATS]
+        if error is not None and ingestor.last_error is not None:
+            error.value = ingestor.last_error.encode("utf-8", "replace")[:ERROR_BYTES - 1]
 
     def log(message: str) -> None:
         print(f"vantage collector: {message}", file=sys.stderr, flush=True)
 
     ingestor = Ingestor(db_path, _SpoolDir(spool_dir), batch_size, log=log, stop=stop, on_commit=publish, poll=0.2)
+    for name, value in zip(_STATS, stats):  # a restarted ingestor carries on counting: metrics never go backwards
+        setattr(ingestor, name, int(value))
     try:
         ingestor._loop()
     finally:
@@ -239,9 +282,10 @@ def _process_main(db_path: str, spool_dir: str, batch_size: int, stats, stop, pa
 class IngestProcess:
     """The Ingestor in a child process: the request path and ingestion each
     get a core (and a GIL) of their own, and the writer's memory is not the
-    server's. Same counters, read from shared memory."""
+    server's. Same counters, and the last error, read from shared memory;
+    ``start`` again after the child died starts a new one that carries the
+    counters (and the last error) on."""
 
-    last_error = None
     busy = False
 
     def __init__(self, db_path: str | os.PathLike, spool_dir: str | os.PathLike, batch_size: int = 2000):
@@ -249,15 +293,26 @@ class IngestProcess:
         self.spool_dir = str(spool_dir)
         self.batch_size = batch_size
         self._proc = None
+        self._ctx = multiprocessing.get_context("spawn")
+        self._stats = self._ctx.Array("d", len(_STATS), lock=False)
+        self._error = self._ctx.Array("c", ERROR_BYTES, lock=False)
 
     def start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._stats = ctx.Array("d", len(_STATS), lock=False)
-        self._stop = ctx.Event()
-        self._proc = ctx.Process(target=_process_main, name="vantage-ingest", daemon=True,
-                                 args=(self.db_path, self.spool_dir, self.batch_size, self._stats, self._stop,
-                                       os.getpid()))
+        """Start the child (again, after it died: the counters carry on)."""
+        if self._proc is not None and not self._proc.is_alive() and self._proc.exitcode not in (0, None):
+            died = f"the ingestor process died (exit code {self._proc.exitcode})"
+            self._error.value = died.encode()[:ERROR_BYTES - 1]
+        self._stop = self._ctx.Event()
+        self._proc = self._ctx.Process(target=_process_main, name="vantage-ingest", daemon=True,
+                                       args=(self.db_path, self.spool_dir, self.batch_size, self._stats, self._stop,
+                                             os.getpid(), self._error))
         self._proc.start()
+
+    @property
+    def last_error(self) -> str | None:
+        """The child's last error (``Type: message``), None while there was none."""
+        raw = self._error.value
+        return raw.decode("utf-8", "replace") if raw else None
 
     @property
     def alive(self) -> bool:
@@ -276,5 +331,5 @@ class IngestProcess:
 
     def __getattr__(self, name: str):
         if name in _STATS:
-            return int(self._stats[_STATS.index(name)]) if self._proc else 0
+            return int(self.__dict__["_stats"][_STATS.index(name)])
         raise AttributeError(name)
