@@ -36,7 +36,7 @@ def update(directory: str | None, timeout: float) -> None:
     paths = update_geo(dest=_geo_dir(directory), timeout=timeout)
     with GeoDB(next(iter(paths.values())).parent) as db:
         for kind, meta in db.metadata().items():
-            click.echo(f"{kind}: {meta['type']} -> {paths[kind]}")
+            click.echo(f"{safe(kind)}: {safe(meta['type'])} -> {safe(paths[kind])}")
 
 
 @geo.command("lookup")

@@ -91,12 +91,13 @@ def _print(summary) -> None:
     out = console()
     out.print(f"files read: {summary.files}, records: {summary.records}")
     out.print(f"imported: {summary.imported} web_connectivity measurements"
-              + (f" (versions {', '.join(f'{v}: {n}' for v, n in sorted(summary.versions.items()))})"
-                 if summary.versions else ""), markup=False, highlight=False)
+              + (f" (versions {', '.join(f'{safe(v)}: {n}' for v, n in sorted(summary.versions.items()))})"
+                 if summary.versions else ""), markup=False, highlight=False, emoji=False)
     out.print(f"already stored (or twice in the input): {summary.duplicates}", highlight=False)
     if summary.skipped:
         skipped = ", ".join(f"{safe(name)}: {n}" for name, n in sorted(summary.skipped.items()))
-        out.print(f"other tests skipped: {sum(summary.skipped.values())} ({skipped})", markup=False, highlight=False)
+        out.print(f"other tests skipped: {sum(summary.skipped.values())} ({skipped})", markup=False, highlight=False,
+                  emoji=False)
     if summary.not_measurements:
         out.print(f"not measurements (no test keys): {summary.not_measurements}", highlight=False)
     out.print(f"bad records: {summary.bad}", highlight=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -13,6 +12,8 @@ import click
 import lab as lab_package
 from lab import plan
 from lab.topology import LabError
+
+from .common import cell, safe, to_json
 
 LAB_DIR = Path(lab_package.__file__).parent
 
@@ -48,7 +49,7 @@ def run_cmd(scenario: str, as_json: bool, keep: bool) -> None:
     except KeyboardInterrupt:
         raise LabError("interrupted (the lab was torn down)") from None
     if as_json:
-        click.echo(json.dumps(result, indent=1))
+        click.echo(to_json(result))
     else:
         _print_table(result)
 
@@ -56,19 +57,21 @@ def run_cmd(scenario: str, as_json: bool, keep: bool) -> None:
 def _print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
-    table = Table(title=f"scenario {result['scenario']}: {result['correct']}/{result['total']} correct in {result['seconds']}s")
+    table = Table(title=cell(f"scenario {result['scenario']}: {result['correct']}/{result['total']} correct in {result['seconds']}s"))
     for col in ("", "url", "expected", "got", "conf."):
         table.add_column(col, overflow="fold")
     fmt = lambda d: " / ".join(str(d.get(k)) for k in ("status", "layer", "method") if d and d.get(k)) if d else "(no verdict)"  # noqa: E731
     for r in result["results"]:
         got = r["got"] or {}
         conf = got.get("confidence")
-        table.add_row("[green]✓[/]" if r["correct"] else "[red]✗[/]", r["url"], fmt(r["expected"]), fmt(r["got"]), "" if conf is None else f"{conf:.2f}")
+        table.add_row(cell("✓", "green") if r["correct"] else cell("✗", "red"), cell(r["url"]), cell(fmt(r["expected"])),
+                      cell(fmt(r["got"])), "" if conf is None else f"{conf:.2f}")
     console.print(table)
     for e in result.get("errors", []):
-        console.print(f"[yellow]note:[/] {e}")
+        console.print(Text.assemble(("note:", "yellow"), " ", safe(e)), highlight=False)
 
 
 @lab.command("up")
@@ -82,14 +85,14 @@ def up_cmd(scenario: str, no_censor: bool) -> None:
     try:
         sc = load(_resolve_scenario(scenario))
         with ScenarioLab(sc, with_censor=not no_censor) as slab:
-            click.echo(f"lab {slab.lab.prefix} is up for scenario '{sc.name}' (work directory {slab.workdir})")
+            click.echo(f"lab {slab.lab.prefix} is up for scenario '{safe(sc.name)}' (work directory {safe(slab.workdir)})")
             for role in plan.ROLES:
                 click.echo(f"  {role:9} {slab.ns(role)}")
             for domain, ips in slab.addresses.items():
                 extra = f" (control side {', '.join(slab.control_addresses[domain])})" if domain in slab.control_addresses else ""
-                click.echo(f"  {domain:28} {', '.join(ips)}{extra}")
+                click.echo(safe(f"  {domain:28} {', '.join(ips)}{extra}"))
             for note in slab.notes:
-                click.echo(f"  note: {note}")
+                click.echo(f"  note: {safe(note)}")
             click.echo("`vantage lab shell` opens a shell in the probe namespace; Ctrl-C here tears the lab down.")
             while True:
                 time.sleep(3600)

@@ -224,3 +224,33 @@ def test_error_lines_escape_what_they_quote(tmp_path):
     assert proc.returncode == 2
     assert_inert(proc.stderr)
     assert "\\x1b]0;pwned\\x07\\x9b2J.csv" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_import_summary_escapes_the_test_versions_it_counts(tmp_path, wide80):
+    """OONI's test_version is the file's text: the summary prints it escaped."""
+    from cli.main import cli
+
+    record = {"test_name": "web_connectivity", "test_version": "0.4.3" + EVIL, "report_id": "evil1",
+              "input": "http://a.example/", "measurement_start_time": "2024-01-02 03:04:05", "probe_cc": "IR",
+              "probe_asn": "AS1", "test_keys": None}
+    path = tmp_path / "evil.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    result = CliRunner().invoke(cli, ["import", "ooni", "--db", str(tmp_path / "v.duckdb"), "--quiet", str(path)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert_inert(result.output)
+    text = result.output.replace("\n", "")  # rich wraps the line at 80 columns
+    assert "imported: 1 web_connectivity measurements (versions 0.4.3\\x1b]0;pwned\\x07" in text
+    assert "[bold red]x[/]" in text and ":smile:" in text  # shown literally, not as markup or emoji
+
+
+def test_lab_table_and_its_notes_are_escaped_and_never_markup(capsys, wide80):
+    from cli.lab import _print_table
+
+    _print_table({"scenario": EVIL, "correct": 0, "total": 1, "seconds": 1.0, "errors": [EVIL_FAILURE + " [red]note[/]"],
+                  "results": [{"correct": False, "url": EVIL_URL, "expected": {"status": "blocked", "method": EVIL},
+                               "got": {"status": "ok", "confidence": 0.5}}]})
+    out = capsys.readouterr().out
+    assert_inert(out)
+    text = out.replace("\n", "")
+    assert "\\x1b]0;t\\x07generic_timeout_error [red]note[/]" in text and "[bold]" in text
