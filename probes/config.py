@@ -164,6 +164,8 @@ SETTINGS: tuple[Setting, ...] = (
             lambda v: _check_url(v) if v else v),
     Setting("upload_after_run", bool, False,
             "Upload measurements to collector_url after each run (off until the volunteer agrees)."),
+    Setting("consent_upload", bool, False,
+            "The volunteer has read the consent notice on uploading and agrees: upload_after_run needs it."),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}

@@ -36,11 +36,27 @@ Before you measure: please read this.
   network) and, when configured, a control helper, which learns each URL tested.
 * Each measurement records your country and network (ASN). Your IP address is
   never stored, and Vantage removes it from the web pages it keeps.
-
+{upload}
 You can withdraw at any time: set consent_given = false in the config file{where}
 """
 
+_UPLOAD = """* Uploading is off unless you agree. With upload_after_run = true, each
+  scheduled run sends its measurements to the configured collector
+  (collector_url{collector}): the sites tested and when, the DNS answers,
+  connections and web pages received, your country and network (ASN).
+  Your IP address is never sent (Vantage removes it again before sending),
+  but the collector, and anyone watching, sees the connection come from you
+  unless you upload through Tor (vantage upload --socks5). Scheduled uploads
+  happen only once you agree (consent_upload = true, asked at a terminal);
+  `vantage upload` run by hand always sends. Set consent_upload = false to stop.
+"""
+
 CONSENT_QUESTION = "I understand the risks and want to run measurements"
+
+UPLOAD_QUESTION = "Upload my measurements to the collector after each scheduled run"
+
+# The config setting recording the volunteer's agreement to scheduled uploads.
+CONSENT_UPLOAD = "consent_upload"
 
 NO_CONSENT_MESSAGE = (
     "measurements need your informed consent: run interactively to read and accept it, "
@@ -73,7 +89,18 @@ def notice(config_path: str | os.PathLike | None = None, default: Categories | N
     """The full notice; with the config file's path it says where to withdraw
     consent, with the bundled lists' categories it says what each holds."""
     where = f":\n  {os.path.abspath(config_path)}" if config_path else "."
-    return _NOTICE.format(lists=lists_paragraph(default or {}, high_risk or {}), where=where)
+    return _NOTICE.format(lists=lists_paragraph(default or {}, high_risk or {}), upload=upload_paragraph(),
+                          where=where)
+
+
+def upload_paragraph(collector_url: str = "") -> str:
+    """The notice's bullet on uploading (naming the collector when configured)."""
+    return _UPLOAD.format(collector=f" = {collector_url}" if collector_url else "")
+
+
+def upload_consented(config) -> bool:
+    """True when the volunteer agreed to scheduled uploads (``consent_upload``)."""
+    return config.as_dict().get(CONSENT_UPLOAD) is True
 
 
 CONSENT_TEXT = notice()
@@ -103,14 +130,25 @@ def is_interactive() -> bool:
         return False
 
 
-def _record(config: Config, warn: Callable[[str], None] | None) -> None:
+def _record(config: Config, warn: Callable[[str], None] | None, setting: str = "consent_given") -> None:
     # Best effort: a read-only home (container, live USB) must not stop a
     # volunteer who has just consented; they will simply be asked again.
     try:
-        save_setting("consent_given", True, path=config.path)
+        save_setting(setting, True, path=config.path)
     except ConfigError as exc:
         if warn is not None:
             warn(f"consent not remembered ({exc})")
+
+
+def _ask_upload(config: Config, interactive: bool, ask, warn) -> None:
+    """upload_after_run is set but the volunteer has not agreed to uploading:
+    at a terminal, ask (the upload paragraph, then UPLOAD_QUESTION) and record
+    ``consent_upload`` on yes. --yes never agrees to uploading for them."""
+    values = config.as_dict()
+    if values.get("upload_after_run") is not True or upload_consented(config) or not interactive or ask is None:
+        return
+    if ask(upload_paragraph(str(values.get("collector_url") or "")), UPLOAD_QUESTION):
+        _record(config, warn, CONSENT_UPLOAD)
 
 
 def ensure_consent(config: Config, assume_yes: bool, interactive: bool,
@@ -125,9 +163,14 @@ def ensure_consent(config: Config, assume_yes: bool, interactive: bool,
       ``CONSENT_QUESTION``; an accepted answer is recorded;
     - otherwise False: the caller reports ``NO_CONSENT_MESSAGE`` (exit 2).
 
+    Once measuring may proceed, a volunteer who set ``upload_after_run`` but
+    has not agreed to uploading is asked that too, at a terminal only
+    (``consent_upload``; scheduled runs upload only with it).
+
     ``warn(message)`` hears that the answer could not be remembered.
     """
     if config.consent_given:
+        _ask_upload(config, interactive, ask, warn)
         return True
     if assume_yes:
         _record(config, warn)
@@ -136,5 +179,6 @@ def ensure_consent(config: Config, assume_yes: bool, interactive: bool,
         return False
     if ask(text or notice(config.path), CONSENT_QUESTION):
         _record(config, warn)
+        _ask_upload(config, interactive, ask, warn)
         return True
     return False

@@ -353,3 +353,47 @@ def test_helper_serve_listen_out_of_range_is_one_line_exit_2():
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "127.0.0.1:99999" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_the_notice_says_what_uploading_sends_and_that_it_needs_consent():
+    # Issue 13: upload after each run is off until the volunteer agrees in the consent notice.
+    text = " ".join(consent.CONSENT_TEXT.split())
+    for needle in ("Uploading is off unless you agree", "upload_after_run = true", "configured collector",
+                   "the sites tested", "your country and network (ASN)", "Your IP address is never sent",
+                   "consent_upload = true", "`vantage upload` run by hand always sends"):
+        assert needle in text, needle
+    assert "collector_url = https://c.example" in " ".join(consent.upload_paragraph("https://c.example").split())
+    assert cfg.SETTINGS_BY_NAME["consent_upload"].default is False
+    assert load_config().as_dict()["consent_upload"] is False
+
+
+@pytest.mark.parametrize("answers,uploads", [(["y", "y"], True), (["y", "n"], False)])
+def test_upload_consent_is_asked_when_upload_after_run_is_set(tmp_path, answers, uploads):
+    path = tmp_path / "c.toml"
+    path.write_text("upload_after_run = true\ncollector_url = \"https://c.example\"\n")
+    asked = []
+
+    def ask(text, question):
+        asked.append((text, question))
+        return answers[len(asked) - 1] == "y"
+
+    assert consent.ensure_consent(load_config(path), assume_yes=False, interactive=True, ask=ask) is True
+    assert [q for _, q in asked] == [consent.CONSENT_QUESTION, consent.UPLOAD_QUESTION]
+    assert "collector_url = https://c.example" in " ".join(asked[1][0].split())
+    assert load_config(path).as_dict()["consent_upload"] is uploads
+    assert consent.upload_consented(load_config(path)) is uploads
+
+
+def test_yes_never_agrees_to_uploading_and_nothing_is_asked_without_upload_after_run(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("upload_after_run = true\n")
+    assert consent.ensure_consent(load_config(path), assume_yes=True, interactive=False) is True
+    assert load_config(path).consent_given is True and load_config(path).as_dict()["consent_upload"] is False
+    # consent given, not at a terminal: not asked, not recorded
+    assert consent.ensure_consent(load_config(path), assume_yes=False, interactive=False,
+                                  ask=lambda *a: pytest.fail("asked")) is True
+    assert load_config(path).as_dict()["consent_upload"] is False
+    other = tmp_path / "d.toml"
+    other.write_text("consent_given = true\n")
+    assert consent.ensure_consent(load_config(other), assume_yes=False, interactive=True,
+                                  ask=lambda *a: pytest.fail("asked")) is True

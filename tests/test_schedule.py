@@ -253,7 +253,12 @@ def test_upload_after_run_only_when_the_setting_is_true(monkeypatch, tmp_path):
     db = str(tmp_path / "v.duckdb")
     cli_run._after_unattended(Config({"consent_given": True}), db, [])
     assert calls == [] and json.loads(schedule.last_run_path(db).read_text())["upload"] is None
+    # Issue 13: the setting alone is not consent to upload.
     cli_run._after_unattended(Config({schedule.UPLOAD_AFTER_RUN: True}), db, [])
+    assert calls == [] and json.loads(schedule.last_run_path(db).read_text())["upload"] is None
+    cli_run._after_unattended(Config({schedule.CONSENT_UPLOAD: True}), db, [])
+    assert calls == [] and json.loads(schedule.last_run_path(db).read_text())["upload"] is None
+    cli_run._after_unattended(Config({schedule.UPLOAD_AFTER_RUN: True, schedule.CONSENT_UPLOAD: True}), db, [])
     assert calls == [db] and json.loads(schedule.last_run_path(db).read_text())["upload"] == "ok"
 
 

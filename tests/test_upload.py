@@ -271,6 +271,8 @@ def test_cli_pending_config_and_exit_codes(tmp_path, monkeypatch):
     result = runner.invoke(cli, ["upload", "--db", str(db), "--pending", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"collector": url, "pending": 5}
+    # Issue 13: consent_upload gates only the scheduled upload; run by hand, uploading is an explicit act.
+    monkeypatch.setenv("VANTAGE_CONSENT_UPLOAD", "false")
     result = runner.invoke(cli, ["upload", "--db", str(db)])  # offline: exit 3, nothing lost
     assert result.exit_code == 3, result.output
     assert "5 pending" in result.output and "could not be reached" in result.output
