@@ -58,6 +58,22 @@ LOSSY_SHARE = 0.85
 LOSSY_BACKOFF_MAX = 1.0
 
 
+async def retry_gate(attempt: int, failure: str | None, retryable: frozenset, step_timeout: float, clock: Clock,
+                     until: float | None) -> bool:
+    """The retry rule of a step (the probe's and the helper's): after try
+    ``attempt`` (0 first) failed with ``failure``, wait the backoff and say True
+    when the step is tried again. Never when the failure is not ``retryable``,
+    after ``ATTEMPTS`` tries, without ``until`` (no retries), or when the pause
+    and another ``step_timeout`` would end past ``until`` (on ``clock``)."""
+    if until is None or failure not in retryable or attempt + 1 >= ATTEMPTS:
+        return False
+    pause = BACKOFF * 2 ** attempt
+    if clock.now() + pause + step_timeout > until:
+        return False  # it could not finish in the time retries may take
+    await asyncio.sleep(pause)
+    return True
+
+
 def new_test_keys() -> dict[str, Any]:
     return {
         "queries": [],
@@ -124,14 +140,8 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
     retry_until = t.measurement * RETRY_SHARE
 
     async def retry(attempt: int, failure: str | None, retryable: frozenset, step_timeout: float) -> bool:
-        """Wait the backoff and say True when the step should be tried again."""
-        if failure not in retryable or attempt + 1 >= ATTEMPTS:
-            return False
-        pause = BACKOFF * 2 ** attempt
-        if clock.now() + pause + step_timeout > retry_until:
-            return False  # it could not finish in the time retries may take
-        await asyncio.sleep(pause)
-        return True
+        """Wait the backoff and say True when the step should be tried again (retry_gate)."""
+        return await retry_gate(attempt, failure, retryable, step_timeout, clock, retry_until)
 
     lossy_until = t.measurement * LOSSY_SHARE
 

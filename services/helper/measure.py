@@ -82,14 +82,9 @@ class Measurer:
     @staticmethod
     async def _retry(attempt: int, failure: str | None, retryable: frozenset, step: float, clock: Clock,
                      until: float | None) -> bool:
-        """Wait the backoff and say True when a step that failed with ``failure`` is tried again."""
-        if until is None or failure not in retryable or attempt + 1 >= wc.ATTEMPTS:
-            return False
-        pause = wc.BACKOFF * 2 ** attempt
-        if clock.now() + pause + step > until:
-            return False
-        await asyncio.sleep(pause)
-        return True
+        """Wait the backoff and say True when a step that failed with ``failure``
+        is tried again: the probe's rule (probes.web_connectivity.retry_gate)."""
+        return await wc.retry_gate(attempt, failure, retryable, step, clock, until)
 
     async def _connect(self, ip: str, port: int, server_name: str | None, clock: Clock, txids: Transactions,
                        until: float | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
