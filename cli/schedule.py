@@ -47,7 +47,10 @@ def install(every, max_runtime, list_name, scheduler, unit_dir, crontab_file, co
     click.echo(f"installed ({done['scheduler']}): list {safe(list_name)} every {plan.every.text}, at most "
                f"{max_runtime} s a run; output in the {where}")
     if not sched.upload_after_run(config):
-        click.echo("measurements stay on this machine (upload_after_run is off)")
+        values = config.as_dict()
+        why = ("upload_after_run is off" if values.get(sched.UPLOAD_AFTER_RUN) is not True
+               else "uploading was not agreed to in the consent notice")
+        click.echo(f"measurements stay on this machine ({why})")
 
 
 @schedule.command()
