@@ -479,13 +479,21 @@ class Worker:
             log.info("stopped")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lab.dpi", description=__doc__.splitlines()[0])
+def worker_config(prog: str, description: str, argv: list[str] | None) -> dict:
+    """A censor worker's start (``python -m lab.dpi`` / ``lab.mitm --config
+    FILE``, launched by lab/censor.py): the JSON config it was given, with
+    logging set up to the config's ``log`` file."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, type=Path)
     args = parser.parse_args(argv)
     config = json.loads(args.config.read_text())
     logging.basicConfig(filename=config["log"], level=logging.INFO,
                         format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = worker_config("python -m lab.dpi", __doc__.splitlines()[0], argv)
     for rule in config["rules"]:
         if rule.get("answer"):
             ipaddress.ip_address(rule["answer"])  # fail at start, not per packet

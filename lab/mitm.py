@@ -14,9 +14,7 @@ each connection it peeks (without consuming) at the ClientHello:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import socket
 import ssl
@@ -24,7 +22,7 @@ import struct
 import time
 from pathlib import Path
 
-from lab.dpi import matches, parse_sni
+from lab.dpi import matches, parse_sni, worker_config
 from lab.pki import CA
 
 log = logging.getLogger("vantage.lab.mitm")
@@ -164,12 +162,7 @@ class Proxy:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lab.mitm", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=Path)
-    args = parser.parse_args(argv)
-    config = json.loads(args.config.read_text())
-    logging.basicConfig(filename=config["log"], level=logging.INFO,
-                        format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    config = worker_config("python -m lab.mitm", __doc__.splitlines()[0], argv)
     try:
         asyncio.run(Proxy(config).serve(config["port"], Path(config["ready"])))
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ import duckdb
 import pytest
 
 from rootonly import require_root
-from test_lab_scenarios import MARKS
+from test_lab_scenarios import assert_marked
 
 pytestmark = pytest.mark.lab
 
@@ -98,15 +98,7 @@ def check_marks(scenario, con, geo_dir: Path) -> None:
             hs = _rows(con, """SELECT ip, failure FROM tls_handshakes JOIN measurements USING (measurement_id)
                                WHERE domain = ? AND side = 'probe'""", rule.domain)
             assert any(_v6(ip) for ip, _ in hs) and all(f == want for ip, f in hs if _v6(ip)), hs
-        sql = MARKS[rule.action]
-        params = {"d": rule.domain}
-        if "$answer" in sql:
-            params["answer"] = rule.answer
-        if "$page" in sql:
-            params["page"] = rule.page
-        probe_mark, control_clean = con.execute(sql, params).fetchone()
-        assert probe_mark, f"{rule.action} on {rule.domain}: no mark in the probe's observations"
-        assert control_clean, f"{rule.action} on {rule.domain}: the control looks affected too"
+        assert_marked(con, rule)
 
 
 @pytest.mark.parametrize("path", sorted(p for p in HERE.glob("*.toml") if p != FLAKY), ids=lambda p: p.stem)

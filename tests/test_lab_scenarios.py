@@ -94,19 +94,24 @@ def test_shared_scenario_scores_fully_correct(path):
         assert result["seconds"] < 60
         con = duckdb.connect(str(db), read_only=True)
         for rule in load(path).censor:
-            sql = MARKS[rule.action]
-            params = {"d": rule.domain}
-            if "$answer" in sql:
-                params["answer"] = rule.answer
-            if "$page" in sql:
-                params["page"] = rule.page
-            probe_mark, control_clean = con.execute(sql, params).fetchone()
-            assert probe_mark, f"{rule.action} on {rule.domain}: no mark in the probe's observations"
-            assert control_clean, f"{rule.action} on {rule.domain}: the control looks affected too"
+            assert_marked(con, rule)
         con.close()
     finally:
         os.environ.pop("VANTAGE_LAB_KEEP", None)
         shutil.rmtree(db.parent, ignore_errors=True)
+
+
+def assert_marked(con, rule) -> None:
+    """The censor ``rule``'s mark is in the probe's observations and not in the control's (MARKS)."""
+    sql = MARKS[rule.action]
+    params = {"d": rule.domain}
+    if "$answer" in sql:
+        params["answer"] = rule.answer
+    if "$page" in sql:
+        params["page"] = rule.page
+    probe_mark, control_clean = con.execute(sql, params).fetchone()
+    assert probe_mark, f"{rule.action} on {rule.domain}: no mark in the probe's observations"
+    assert control_clean, f"{rule.action} on {rule.domain}: the control looks affected too"
 
 
 def test_every_censor_action_has_a_mark():
