@@ -84,17 +84,23 @@ async def test_update_downloads_all_files(mirror, tmp_path, monkeypatch):
     assert not [p for p in target.iterdir() if p.name.endswith(".part")]  # no temporary left behind
 
 
-async def test_update_failure_writes_nothing(mirror, tmp_path, monkeypatch):
+async def _update_fails_and_installs_nothing(base: str, tmp_path, monkeypatch, match: str) -> None:
+    """An update from the mirror at ``base`` raises FingerprintError matching
+    ``match`` and leaves no file in the target directory."""
     import asyncio
 
-    base, state = mirror
-    state["fail"].add(F.CP_FALSE_POSITIVES)
     monkeypatch.setenv(F.OONI_BASE_ENV, base + "/ooni")
     monkeypatch.setenv(F.CP_BASE_ENV, base + "/cp")
     target = tmp_path / "cache"
-    with pytest.raises(F.FingerprintError, match="HTTP 404"):
+    with pytest.raises(F.FingerprintError, match=match):
         await asyncio.to_thread(F.update, target)
     assert not target.exists() or not any(target.iterdir())
+
+
+async def test_update_failure_writes_nothing(mirror, tmp_path, monkeypatch):
+    base, state = mirror
+    state["fail"].add(F.CP_FALSE_POSITIVES)
+    await _update_fails_and_installs_nothing(base, tmp_path, monkeypatch, "HTTP 404")
 
 
 def test_update_offline_is_one_line(tmp_path, monkeypatch):
@@ -106,16 +112,9 @@ def test_update_offline_is_one_line(tmp_path, monkeypatch):
 
 
 async def test_update_refuses_an_oversized_file(mirror, tmp_path, monkeypatch):
-    import asyncio
-
     base, _ = mirror
     monkeypatch.setattr(F, "MAX_FILE_BYTES", 1024)  # every shared file is larger
-    monkeypatch.setenv(F.OONI_BASE_ENV, base + "/ooni")
-    monkeypatch.setenv(F.CP_BASE_ENV, base + "/cp")
-    target = tmp_path / "cache"
-    with pytest.raises(F.FingerprintError, match="larger than"):
-        await asyncio.to_thread(F.update, target)
-    assert not target.exists() or not any(target.iterdir())
+    await _update_fails_and_installs_nothing(base, tmp_path, monkeypatch, "larger than")
 
 
 def test_default_dir_is_in_the_cache_dir(monkeypatch, tmp_path):
