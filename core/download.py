@@ -71,3 +71,13 @@ def install_atomically(target: Path, files: dict[str, bytes], check: Callable[[s
         for tmp in temps.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """fsync a directory, so the names created, renamed or deleted in it are
+    on disk (the probe's spool and the collector's spool)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from core import paths
+from core.download import fsync_dir
 from core.errors import VantageError
 
 from .store import Sink, StoreError, rescue_line
@@ -251,14 +252,6 @@ class SpoolSink(Sink):
             self._fd = None
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file_and_dir(path: Path) -> None:
     """fsync ``path`` and the directory entry naming it."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -266,7 +259,7 @@ def _fsync_file_and_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -420,7 +413,7 @@ def store_spool(con, db_file: str, spool: Path) -> dict[str, Any]:
         else:
             spool.unlink(missing_ok=True)
             try:
-                _fsync_dir(spool.parent)
+                fsync_dir(spool.parent)
             except OSError:
                 pass
     return {"run_id": run_id, "stored": sink.written, "not_stored": sink.not_stored, "rescued": sink.rescued,

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import orjson
 
+from core.download import fsync_dir  # shared with the probe's spool
+
 REPORTS = "reports.jsonl"
 REJECTED = "rejected.jsonl"
 # Reports older than this are forgotten at the next start (an upload to one
@@ -51,14 +53,6 @@ class Report:
     test_name: str
     opened_at: float
     closed: bool = False
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
