@@ -516,16 +516,16 @@ HTTP_OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n
 class StreamServer:
     """Start/stop of an asyncio stream server on ``self.host``, port 0.
 
-    A subclass sets ``host``, ``port``, ``_server = None`` and
-    ``_writers = set()`` (the connections ``stop`` aborts), defines
+    A subclass may set ``host`` and ``_writers = set()`` (the connections
+    ``stop`` aborts), defines
     ``_handle(reader, writer)`` and may add ``asyncio.start_server`` keywords
     in ``_server_kwargs()``.
     """
 
     host: str = LOOPBACK
-    port: int
-    _server: asyncio.Server | None
-    _writers: set[asyncio.StreamWriter]
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] | frozenset = frozenset()  # none tracked unless a subclass sets a set
 
     def _server_kwargs(self) -> dict[str, Any]:
         return {}

@@ -344,7 +344,7 @@ async def test_throughput_extension(dns_server, http_server):
     assert sample["x_stopped"] == "max_bytes" and sample["x_samples_kbit"]
 
 
-class TrickleSite:
+class TrickleSite(servers.StreamServer):
     """A loopback site that answers at once but sends its (large) body at
     about ``kbit`` kbit/s: a fetch of the helper's usual 512 KiB would take
     ~20 s at 200 kbit/s."""
@@ -371,13 +371,6 @@ class TrickleSite:
         finally:
             writer.close()
 
-    async def __aenter__(self):
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc):
-        self._server.close()
 
 
 async def test_throughput_on_a_slow_site_answers_in_bounded_time(dns_server):

@@ -189,7 +189,7 @@ async def test_offline_nothing_lost_no_tight_loop(tmp_path):
     assert con.execute("SELECT count(*) FROM uploads").fetchone() == (0,)
 
 
-class Socks5:
+class Socks5(servers.StreamServer):
     """A SOCKS5 proxy (no auth, CONNECT) that maps names itself: the
     collector's name is resolved here, never by the client."""
 
@@ -197,7 +197,7 @@ class Socks5:
         self.names = names
         self.targets: list[tuple[int, str, int]] = []  # (address type, host, port)
 
-    async def handle(self, reader, writer):
+    async def _handle(self, reader, writer):
         try:
             version, n = await reader.readexactly(2)
             await reader.readexactly(n)
@@ -226,13 +226,6 @@ class Socks5:
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    async def __aenter__(self):
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc):
-        self.server.close()
 
 
 async def test_upload_through_socks5_with_remote_name_resolution(tmp_path):
