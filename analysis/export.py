@@ -19,8 +19,9 @@ undoes what the importer (probes/ooni_import.py) does:
 ``export_parquet``: measurements, every observation table and verdicts as
 Parquet, hive-partitioned by day and probe country
 (``TABLE/day=YYYY-MM-DD/probe_cc=CC/data_0.parquet``). Each table is written
-to a temporary folder beside the target and each of its partitions renamed
-into place, so a re-export of a period replaces that period's partitions and
+to a temporary folder beside the target and each of its partitions swapped
+into place in one atomic step, so a re-export of a period replaces that
+period's partitions (a reader sees the old or the new one, never neither) and
 leaves the others alone.
 
 The analysis package owns this because the export reads the verdicts; it
@@ -40,6 +41,7 @@ from typing import Any, Iterator
 
 import duckdb
 
+from core.download import exchange
 from core.errors import VantageError
 from core.ooni_format import ooni_verdict, to_ooni  # shared with the uploader (probes/upload.py)
 
@@ -135,7 +137,7 @@ def export_parquet(con: duckdb.DuckDBPyConnection, out: str | os.PathLike, since
                    until: dt.datetime | None = None) -> dict[str, int]:
     """Write every table as hive-partitioned Parquet under ``out``
     (``TABLE/day=…/probe_cc=…/``); returns rows written per table. The
-    partitions of the period are replaced (folder renames), others stay."""
+    partitions of the period are replaced (one atomic swap each), others stay."""
     root = Path(out)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -172,12 +174,15 @@ _DAY = "coalesce(strftime(m.start_time, '%Y-%m-%d'), 'unknown')"
 
 def _swap_partitions(staged: Path, target: Path, staging: Path) -> None:
     """Move each staged ``day=/probe_cc=`` folder into ``target``, replacing
-    the one there: the old folder is renamed away, the new one renamed in
-    (same file system: both renames are atomic), then the old one deleted."""
+    the one there in one atomic exchange (``core.download.exchange``; two
+    renames where the system has none), then delete the old one."""
     for day in sorted(p for p in staged.iterdir() if p.is_dir()):
         for country in sorted(p for p in day.iterdir() if p.is_dir()):
             final = target / day.name / country.name
             final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists() and exchange(country, final):
+                shutil.rmtree(country, ignore_errors=True)  # the old partition, now at the staged name
+                continue
             old = staging / f"old-{uuid.uuid4().hex[:8]}"
             if final.exists():
                 os.rename(final, old)

@@ -1,6 +1,8 @@
 """Bounded downloads of the data Vantage fetches at run time (test lists,
 geolocation databases, fingerprints): one place that caps the size, reads
-in chunks and turns network errors into one short reason."""
+in chunks and turns network errors into one short reason. And the atomic
+file-system steps that install what was fetched or written (an install of a
+set of files, a directory fsync, a directory swap)."""
 
 from __future__ import annotations
 
@@ -81,3 +83,39 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _renameat2():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28, or not Linux
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def exchange(new: str | os.PathLike, old: str | os.PathLike) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2`` with
+    RENAME_EXCHANGE), so a reader sees either the old directory or the new
+    one, never neither: replacing a non-empty directory takes two renames
+    otherwise. Returns False where the system or file system cannot (the
+    caller falls back to two renames); raises OSError for other failures."""
+    import ctypes
+
+    function = _renameat2()
+    if function is None:
+        return False
+    at_cwd = -100  # AT_FDCWD
+    if function(at_cwd, os.fsencode(new), at_cwd, os.fsencode(old), _RENAME_EXCHANGE) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (38, 22, 95):  # ENOSYS, EINVAL (flag unknown), EOPNOTSUPP (file system)
+        return False
+    raise OSError(errno, os.strerror(errno), os.fspath(new))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import json
+import os
 from pathlib import Path
 
 import duckdb
@@ -188,3 +189,76 @@ def test_parquet_re_export_replaces_the_period_only(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".export-")]  # no staging left
     total = duckdb.sql(f"SELECT count(*) FROM {_parquet(out, 'measurements')}").fetchall()[0][0]
     assert total == con.execute("SELECT count(*) FROM measurements").fetchone()[0] == 5
+
+
+def _re_export_while_reading(con, out: Path, times: int) -> tuple[int, list[str]]:
+    """Re-export one day ``times`` times while a thread opens and lists its
+    partition; returns (looks, what went wrong)."""
+    import threading
+
+    partition = out / "measurements" / "day=2026-05-28" / "probe_cc=IR"
+    wrong, looks, done = [], [0], threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            looks[0] += 1
+            try:
+                fd = os.open(partition, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                wrong.append("no partition")
+                continue
+            try:
+                names = os.listdir(fd)
+                # an empty listing is fine only from the old partition, swapped away and deleted meanwhile
+                if not any(n.endswith(".parquet") for n in names) and os.fstat(fd).st_nlink > 0 \
+                        and os.fstat(fd).st_ino == os.stat(partition).st_ino:
+                    wrong.append("empty partition")
+            except FileNotFoundError:
+                wrong.append("no partition")
+            finally:
+                os.close(fd)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(times):
+            export_parquet(con, out, since=dt.datetime(2026, 5, 28), until=dt.datetime(2026, 5, 29))
+    finally:
+        done.set()
+        reader.join()
+    return looks[0], wrong
+
+
+def test_parquet_re_export_never_leaves_a_partition_missing(tmp_path, monkeypatch):
+    """A reader looking at a partition while it is re-exported, again and
+    again, always finds one: the swap is one atomic step (renameat2's
+    RENAME_EXCHANGE)."""
+    from analysis import export
+    from core.download import exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a"), (b / "y").write_text("b")
+    assert exchange(a, b)  # this kernel and file system can: the export swaps, never two renames
+    assert (a / "y").exists() and (b / "x").exists()
+
+    con = _database(tmp_path / "a.duckdb", _records())
+    out = tmp_path / "pq"
+    export_parquet(con, out)
+    looks, wrong = _re_export_while_reading(con, out, 10)
+    assert looks > 10 and not wrong
+
+    # Without the exchange (another system), the old partition is renamed away
+    # before the new one comes in: between the two renames there is none.
+    monkeypatch.setattr(export, "exchange", lambda new, old: False)
+    partition = out / "measurements" / "day=2026-05-28" / "probe_cc=IR"
+    rename, gap = os.rename, []
+
+    def observed(src, dst):
+        rename(src, dst)
+        if Path(src) == partition:
+            gap.append(partition.exists())
+
+    monkeypatch.setattr(export.os, "rename", observed)
+    export_parquet(con, out, since=dt.datetime(2026, 5, 28), until=dt.datetime(2026, 5, 29))
+    assert gap == [False]
