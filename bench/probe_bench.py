@@ -119,7 +119,57 @@ def run_once(ns: str, count: int, concurrency: int | None, workdir: Path, extra:
         "db_process_peak_rss_mb": round(family_peak_kb / 1024, 1) if family_peak_kb > peak_kb else None,
         "peak_total_rss_mb": round(total_kb / 1024, 1), "peak_total_pss_mb": round(total_pss_kb / 1024, 1),
         "stored": stored, "fetched_ok": fetched, "outcomes": summary["outcomes"],
+        # CPU of the probe and the children it waited for: steadier than URLs/s on a shared machine.
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
     }
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _packets_stored(db: Path) -> int:
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute("SELECT count(*) FROM packets").fetchone()[0]
+    finally:
+        con.close()
+
+
+def capture_pairs(ns: str, count: int, concurrency: int | None, workdir: Path, pairs: int) -> dict:
+    """The capture's cost (docs/packet-probes.md): ``pairs`` interleaved runs
+    with `--no-capture` and `--capture`, the order alternating (ABBA) so a
+    machine's drift hits both alike; the median, min and max of the pairs'
+    costs, with the 1-minute load average around each pair."""
+    import statistics
+
+    rows = []
+    for i in range(pairs):
+        load_before = _load()
+        order = ["--no-capture", "--capture"] if i % 2 == 0 else ["--capture", "--no-capture"]
+        got = {}
+        for flag in order:
+            got[flag] = run_once(ns, count, concurrency, workdir, [flag])
+            got[flag]["packets_stored"] = _packets_stored(workdir / f"bench-{count}-capture.duckdb")
+            for old in workdir.glob(f"bench-{count}-capture.duckdb*"):  # each run starts from an empty database
+                old.unlink()
+        plain, captured = got["--no-capture"], got["--capture"]
+        rows.append({"pair": i + 1, "first": order[0], "load_1min": [load_before, _load()],
+                     "plain_urls_per_second": plain["urls_per_second"], "capture_urls_per_second": captured["urls_per_second"],
+                     "throughput_cost": round(1 - captured["urls_per_second"] / plain["urls_per_second"], 3),
+                     "plain_cpu_seconds": plain["cpu_seconds"], "capture_cpu_seconds": captured["cpu_seconds"],
+                     "cpu_cost": round(captured["cpu_seconds"] / plain["cpu_seconds"] - 1, 3),
+                     "plain_peak_rss_mb": plain["peak_rss_mb"], "capture_peak_rss_mb": captured["peak_rss_mb"],
+                     "packets_stored": captured.get("packets_stored")})
+    costs = [r["throughput_cost"] for r in rows]
+    cpu = [r["cpu_cost"] for r in rows]
+    loads = [x for r in rows for x in r["load_1min"]]
+    return {"urls": count, "concurrency": concurrency, "pairs": rows,
+            "throughput_cost": {"median": round(statistics.median(costs), 3), "min": min(costs), "max": max(costs)},
+            "cpu_cost": {"median": round(statistics.median(cpu), 3), "min": min(cpu), "max": max(cpu)},
+            "load_1min": {"min": min(loads), "max": max(loads)}}
 
 
 def main() -> None:
@@ -127,9 +177,11 @@ def main() -> None:
     parser.add_argument("--urls", type=int, action="append", help="URL counts to run (repeatable)")
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--delay", type=float, default=0.1)
-    parser.add_argument("--out", default=str(HERE / "results" / "probe.json"))
+    parser.add_argument("--out", default=None, help="default bench/results/probe.json (probe_capture.json with --capture)")
     parser.add_argument("--capture", action="store_true",
-                        help="also run each count with `--capture` (docs/packet-probes.md) and report the cost")
+                        help="the capture's cost instead: --pairs interleaved runs of each count with --no-capture and "
+                             "--capture (docs/packet-probes.md); writes bench/results/probe_capture.json unless --out")
+    parser.add_argument("--pairs", type=int, default=5, help="with --capture: pairs of runs (default 5)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the probe benchmark needs root (it creates a network namespace)")
@@ -151,13 +203,10 @@ def main() -> None:
             raise SystemExit(f"benchmark servers did not start: {servers.stderr.read()[-500:]}")
         results = []
         for n in counts:
-            plain = run_once(ns, n, args.concurrency, workdir)
-            results.append(plain)
-            if args.capture:  # right after, so a busy machine's drift hits both alike
-                with_capture = run_once(ns, n, args.concurrency, workdir, ["--capture"])
-                plain["capture"] = {"urls_per_second": with_capture["urls_per_second"],
-                                    "peak_rss_mb": with_capture["peak_rss_mb"],
-                                    "throughput_cost": round(1 - with_capture["urls_per_second"] / plain["urls_per_second"], 3)}
+            if args.capture:
+                results.append(capture_pairs(ns, n, args.concurrency, workdir, args.pairs))
+                continue
+            results.append(run_once(ns, n, args.concurrency, workdir))
     finally:
         if servers:
             servers.kill()
@@ -167,8 +216,9 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     report = {"benchmark": "probe", "delay_seconds": args.delay, "cpus": os.cpu_count(), "runs": results,
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    out = Path(args.out or HERE / "results" / ("probe_capture.json" if args.capture else "probe.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

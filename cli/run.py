@@ -78,8 +78,12 @@ def _interrupted_runs(runs: dict[str, str], resume_id: str | None) -> list[str]:
 @click.option("--no-doh", is_flag=True, help="Do not query a DNS-over-HTTPS resolver.")
 @click.option("--target", help="dns-injection/traceroute: an IPv4 address running no DNS resolver (default: the helper's).")
 @click.option("--control-domain", help="traceroute: the domain control probes carry (default example.com).")
-@click.option("--capture", is_flag=True, help="web: keep each connection's SYN-ACK, RSTs, FINs and first response packets "
-                                              "(IP TTL, IP ID) to tell injected packets (root or CAP_NET_RAW).")
+@click.option("--pause", type=click.FloatRange(min=0, min_open=True),
+              help="traceroute: seconds to wait after a blocked probe and after a run that met interference (censors "
+                   "keep state; default 5).")
+@click.option("--capture/--no-capture", default=None,
+              help="web: keep each connection's SYN-ACK, RSTs and FINs (IP TTL, IP ID) to tell injected packets; on by "
+                   "default when privileged (root or CAP_NET_RAW), silently off without.")
 @click.option("--public-network", "public_networks", multiple=True, help="CIDR to treat as public address space (labs).")
 @click.option("--probe-cc", help="Override the probe's country code.")
 @click.option("--probe-asn", help="Override the probe's ASN (e.g. AS3269).")
@@ -92,7 +96,7 @@ def _interrupted_runs(runs: dict[str, str], resume_id: str | None) -> list[str]:
 @json_option
 def run(test, list_name, input_file, urls, categories, helpers, db_path, concurrency, max_runtime, resume_id,
         ca_file, resolver, doh_url, no_doh, public_networks, probe_cc, probe_asn, config_path, assume_yes, quiet,
-        unattended, as_json, target=None, control_domain=None, capture=False):
+        unattended, as_json, target=None, control_domain=None, capture=None, pause=None):
     """Measure URLs (DNS, TCP, TLS, HTTP) against a control; store results in DuckDB."""
     from probes import runner, spool
     from probes.config import load_config
@@ -165,8 +169,10 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
             "no_doh": no_doh, "public_networks": list(public_networks), "probe_cc": probe_cc, "probe_asn": probe_asn,
             # A new run records the concurrency it ran with; --resume reuses it unless given again.
             "concurrency": concurrency or (None if resume_id else config.concurrency),
-            "target": target, "control_domain": control_domain, "capture": capture,
+            "target": target, "control_domain": control_domain, "capture": capture is not False, "pause": pause,
         }, recorded)
+        if capture is False:  # --no-capture wins over what a resumed run recorded
+            options["capture"] = False
 
         if resume_id and not ca_file and options.get("ca_file"):
             _check_ca_file(options["ca_file"], f"the --ca-file run {resume_id} was started with,")
@@ -176,6 +182,8 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
             click.echo("vantage: warning: no control helper (--helper): every verdict will be inconclusive", err=True)
         quiet = quiet or as_json
         packet_lines = _packet_test(options, config, as_json)
+        if capture and not packet_lines:
+            _capture_note(options["test"])
         work = runner.run_tests(
             None, db_file, runner.experiments(options["test"]), entries, options, config, resume_id=resume_id,
             concurrency=options.get("concurrency"), max_runtime=max_runtime,
@@ -270,6 +278,14 @@ class _Progress:
         self.counts[label] = self.counts.get(label, 0) + 1
         if not self.quiet:
             self.progress.update(self.task, advance=1)
+
+
+def _capture_note(test: str) -> None:
+    """--capture asked for without the privileges: one line, and the run goes on without it."""
+    from probes import packets
+
+    if test in ("web", "all") and not packets.have_privileges():
+        click.echo("vantage: note: no packet capture (it needs root or CAP_NET_RAW); measuring without it", err=True)
 
 
 def _packet_test(options: dict, config, as_json: bool) -> bool:

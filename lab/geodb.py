@@ -16,7 +16,10 @@ What the lab's database says (lab/plan.py):
   consistent for a peer that compares ASNs;
 - every other site: an AS of its own (64512 + its index in the scenario), for
   all its addresses (a geo_dns site's two sets included: one operator);
-- the DNS servers: AS64502 "Vantage Lab Resolvers".
+- the DNS servers: AS64502 "Vantage Lab Resolvers";
+- the links between the routers of ``hops = N`` (and the censor's probe-side
+  address when N > 0): AS64503 "Vantage Lab Transit" (with N = 0 the censor's
+  probe side is in the ISP's network).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def asn_records(addresses: dict[str, list[str]], control: dict[str, list[str]], 
     records += [(n, plan.CDN_ASN, plan.CDN_ORG) for n in (plan.CDN_PROBE_NETWORK, plan.CDN_CONTROL_NETWORK,
                                                           plan.CDN_PROBE_NETWORK6, plan.CDN_CONTROL_NETWORK6)]
     records += [(f"{a}/32", RESOLVER_ASN, RESOLVER_ORG) for a in (plan.AUTHORITATIVE_DNS, plan.PUBLIC_RESOLVER)]
+    records += [(n, plan.TRANSIT_ASN, plan.TRANSIT_ORG) for n in plan.TRANSIT_NETWORKS]
     for index, domain in enumerate(addresses):
         if domain in cdn:
             continue  # inside the CDN's prefixes already

@@ -91,6 +91,11 @@ GEO_CC = "ZZ"          # country of every lab address (the probe runs with --pro
 MAX_HOPS = 8
 ROUTER_ROLES = tuple(f"r{i}" for i in range(1, MAX_HOPS + 1))
 ROUTER_LINK_BASE = 60
+# The links beyond the first router belong to a transit network of their own
+# (the lab's IP-to-ASN database says so): the censor's probe-side address
+# with hops > 0 is in it, so a traceroute can name the censor hop's ASN.
+TRANSIT_NETWORKS = tuple(f"198.18.{ROUTER_LINK_BASE + k}.0/24" for k in range(1, MAX_HOPS + 1))
+TRANSIT_ASN, TRANSIT_ORG = 64503, "Vantage Lab Transit"
 
 
 def router_chain(hops: int) -> list[tuple[str, str, str, str, str, str]]:

@@ -1,30 +1,38 @@
-"""Packet evidence during a web measurement (`vantage run web --capture`, root
-or CAP_NET_RAW): a bounded capture of each connection's telling packets.
+"""Packet evidence during a web measurement (`vantage run web`, on by default
+when privileged — root or CAP_NET_RAW —, `--no-capture` to turn it off): a
+bounded capture of each connection's telling packets, IPv4 and IPv6.
 
-One raw TCP socket for the whole run, so the kernel copies a packet once
-however many measurements are in flight. Its BPF program passes only SYN,
-FIN and RST segments from the servers being measured, clipped to
-``SNAPLEN`` bytes, and is re-attached only when a new server address
-appears. Each connection a captured measurement makes is claimed as it
-connects (the event loop's ``sock_connect`` is wrapped: the socket is bound
-just before its SYN leaves, so its flow — server address, port, local port —
-is known); a packet goes to the capture that claimed its flow, and one of no
-claimed flow is dropped unread (four header bytes looked at). At most
-``PER_FLOW`` packets per connection, ``MAX_FLOWS`` connections and
-``MAX_PACKETS`` packets per measurement are kept, so memory is bounded
-whatever the site sends; the bulk of a body never reaches user space.
-(Cost, docs/benchmarks.md. Rejected: a socket per measurement with a
-per-flow program, 0.8 ms of CPU a measurement, as the kernel copies every
-packet to every raw socket before filtering; a run-wide program naming
-every flow, 4 ms, in re-attaches.)
+One raw TCP socket per address family for the whole run, so the kernel
+copies a packet once however many measurements are in flight. Its BPF
+program passes only SYN, FIN and RST segments from the servers being
+measured, clipped to ``SNAPLEN`` bytes, and is re-attached only when a new
+server address appears. Each connection a captured measurement makes is
+claimed as it connects (the event loop's ``sock_connect`` is wrapped: the
+socket is bound just before its SYN leaves, so its flow — server address,
+port, local port — is known); a packet goes to the capture that claimed its
+flow, and one of no claimed flow is dropped unread (four header bytes looked
+at, with struct: no scapy dissection on this path). At most ``PER_FLOW``
+packets per connection, ``MAX_FLOWS`` connections and ``MAX_PACKETS``
+packets per measurement are kept, so memory is bounded whatever the site
+sends; the bulk of a body never reaches user space. (Cost,
+docs/benchmarks.md. Rejected: a socket per measurement with a per-flow
+program, 0.8 ms of CPU a measurement, as the kernel copies every packet to
+every raw socket before filtering; a run-wide program naming every flow,
+4 ms, in re-attaches; reading in a thread, which only adds GIL hand-offs to
+a path that takes microseconds a packet.)
 
 When the capture ends, each kept packet is compared with the server's own
-packet on that connection, its SYN-ACK (IP TTL and IP ID): a RST or FIN or
-response whose TTL differs came from a device nearer (or farther) than the
-server — injected. A connection that never got a SYN-ACK (refused: a RST
-answered the SYN) borrows another connection's SYN-ACK to the same server,
-else one ICMP echo to the server gives its TTL. Rows go to the ``packets``
-table (``x_packets``); analysis/sql/35_packets.sql reads them.
+packet on that connection, its SYN-ACK (IP TTL — IPv6: hop limit — and IP
+ID): a RST or FIN or response whose TTL differs came from a device nearer
+(or farther) than the server — injected. A connection that never got a
+SYN-ACK (refused: a RST answered the SYN) borrows another connection's
+SYN-ACK to the same server, else one ICMP (ICMPv6) echo to the server gives
+its TTL. Rows go to the ``packets`` table (``x_packets``);
+analysis/sql/35_packets.sql reads them. What is stored is what the analysis
+reads: every RST, every FIN that is not the server's own, and one SYN-ACK
+per server (the baseline); the server's own FINs are only counted
+(``x_capture_genuine_fins``) — four rows a clean measurement cost as much to
+store as the rest of the measurement.
 """
 
 from __future__ import annotations
@@ -36,13 +44,14 @@ import socket
 import struct
 from typing import Any
 
-from .packets import (FIN, IPPROTO_ICMP, IPPROTO_TCP, JEQ_K, LD_B_IND, LD_H_IND, LD_W_ABS, LDX_B_MSH, RST, SYN, Listener,
-                      Program, _checksum, _ip_int, attach, flow_program, have_privileges, parse)
+from .packets import (FIN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, JEQ_K, LD_B_ABS, LD_B_IND, LD_H_ABS, LD_H_IND,
+                      LD_W_ABS, LDX_B_MSH, RST, SYN, Listener, Program, _checksum, _ip_int, attach, flow_program,
+                      flow_program6, have_privileges, open_raw6, parse, parse6, recv6)
 
 SNAPLEN = 160
 PER_FLOW = 12
 MAX_PACKETS = 96
-MAX_ADDRESSES = 250  # servers the run-wide program names at once (jumps reach 255 instructions)
+MAX_ADDRESSES = 250  # servers the run-wide program names at once (IPv4: jumps reach 255 instructions)
 MAX_FLOWS = 32   # connections one measurement's filter names (retries, redirects to the same address)
 ECHO_TIMEOUT = 1.0
 
@@ -67,20 +76,23 @@ class Capture:
         self.packets: list = []
         self.per_flow: dict[tuple, int] = {}
         self.dropped = 0
-        self.hub: "_Hub | None" = None
+        self.hubs: dict[int, "_Hub"] = {}  # address family -> the loop's hub
         self.token = None
 
     def claim(self, sock: socket.socket, address: Any) -> None:
         """Called just before ``sock`` connects to ``address``: bind it (so its
         port is known before the SYN leaves) and make the flow this capture's."""
-        if sock.family != socket.AF_INET or not isinstance(address, tuple) or address[0] not in self.addresses \
-                or address[1] != self.port or len(self.flows) >= MAX_FLOWS or self.hub is None:
+        hub = self.hubs.get(sock.family)
+        if hub is None or not isinstance(address, tuple) or len(self.flows) >= MAX_FLOWS or address[1] != self.port:
+            return
+        ip = _canonical(address[0])
+        if ip not in self.addresses:
             return
         if sock.getsockname()[1] == 0:
-            sock.bind(("", 0))
-        flow = (address[0], address[1], sock.getsockname()[1])
+            sock.bind(("::" if sock.family == socket.AF_INET6 else "", 0))
+        flow = (ip, address[1], sock.getsockname()[1])
         self.flows.append(flow)
-        self.hub.owner[flow] = self
+        hub.owner[flow] = self
 
     def take(self, seen) -> None:
         flow = (seen.src, seen.sport, seen.dport)
@@ -94,32 +106,44 @@ class Capture:
 
 
 class _Hub:
-    """The run's one capture socket: the kernel copies a packet once however
-    many measurements run. Its BPF program passes SYN, FIN and RST segments
-    from the servers being measured (re-attached only when a new address
-    appears); each packet goes to the capture that claimed its flow, and a
-    packet of no claimed flow is dropped unread."""
+    """The run's capture socket of one address family: the kernel copies a
+    packet once however many measurements run. Its BPF program passes SYN,
+    FIN and RST segments from the servers being measured (re-attached only
+    when a new address appears); each packet goes to the capture that claimed
+    its flow, and a packet of no claimed flow is dropped unread."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, family: int = socket.AF_INET):
+        self.family = family
         self.owner: dict[tuple[str, int, int], Capture] = {}
         self.active: dict[str, int] = {}   # address -> running captures measuring it
         self.filtered: list[str] = []
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_TCP)
-        attach(self.sock, flow_program([], None, []))
-        loop.add_reader(self.sock.fileno(), self._read)
+        if family == socket.AF_INET6:
+            self.sock = open_raw6(IPPROTO_TCP)
+            self.program = flow_program6
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_TCP)
+            self.program = flow_program
+        try:
+            attach(self.sock, self.program([], None, []))
+            loop.add_reader(self.sock.fileno(), self._read6 if family == socket.AF_INET6 else self._read)
+        except BaseException:
+            self.sock.close()
+            raise
 
     def want(self, addresses: list[str]) -> None:
         for a in addresses:
             self.active[a] = self.active.get(a, 0) + 1
         if any(a not in self.filtered for a in addresses):
             self.filtered = [a for a in self.active][:MAX_ADDRESSES]
-            attach(self.sock, flow_program(self.filtered, None, None, flags=SYN | FIN | RST, snaplen=SNAPLEN), drain=False)
+            attach(self.sock, self.program(self.filtered, None, None, flags=SYN | FIN | RST, snaplen=SNAPLEN), drain=False)
 
     def release(self, capture: Capture) -> None:
         for flow in capture.flows:
             if self.owner.get(flow) is capture:
                 del self.owner[flow]
         for a in capture.addresses:
+            if (":" in a) != (self.family == socket.AF_INET6):
+                continue
             left = self.active.get(a, 0) - 1
             if left > 0:
                 self.active[a] = left
@@ -129,7 +153,7 @@ class _Hub:
     def _read(self) -> None:
         while True:
             try:
-                raw = self.sock.recv(65535)
+                raw = self.sock.recv(SNAPLEN)
             except (BlockingIOError, InterruptedError, OSError):
                 return
             if len(raw) < 24:
@@ -142,45 +166,80 @@ class _Hub:
                 if seen is not None:
                     capture.take(seen)
 
-
-def _hub(loop: asyncio.AbstractEventLoop) -> _Hub:
-    """The loop's hub, made on first use; the loop's sock_connect is wrapped
-    then (asyncio.open_connection and aiohttp both connect through it) so a
-    connection made inside a captured measurement is claimed by its capture."""
-    hub = getattr(loop, "_vantage_capture_hub", None)
-    if hub is not None:
-        return hub
-    hub = _Hub(loop)
-    original = loop.sock_connect
-
-    async def sock_connect(sock, address):
-        capture = _CURRENT.get()
-        if capture is not None:
+    def _read6(self) -> None:
+        while True:
             try:
-                capture.claim(sock, address)
-            except OSError:
-                pass
-        return await original(sock, address)
+                data, src, hop_limit = recv6(self.sock, SNAPLEN)
+            except (BlockingIOError, InterruptedError, OSError):
+                return
+            if len(data) < 20:
+                continue
+            capture = self.owner.get((src, int.from_bytes(data[0:2], "big"), int.from_bytes(data[2:4], "big")))
+            if capture is not None:
+                seen = parse6(data, src, hop_limit, IPPROTO_TCP)
+                if seen is not None:
+                    capture.take(seen)
 
-    loop.sock_connect = sock_connect
-    loop._vantage_capture_hub = hub
+
+def _canonical(address: str) -> str:
+    """An IP address as the kernel's recvmsg gives it (IPv6 compressed, lower case)."""
+    if ":" not in address:
+        return address
+    try:
+        return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, address.split("%")[0]))
+    except OSError:
+        return address
+
+
+def _hub(loop: asyncio.AbstractEventLoop, family: int) -> _Hub:
+    """The loop's hub of ``family``, made on first use; the loop's sock_connect
+    is wrapped once (asyncio.open_connection and aiohttp both connect through
+    it) so a connection made inside a captured measurement is claimed by its
+    capture."""
+    hubs = getattr(loop, "_vantage_capture_hubs", None)
+    if hubs is None:
+        hubs = loop._vantage_capture_hubs = {}
+        original = loop.sock_connect
+
+        async def sock_connect(sock, address):
+            capture = _CURRENT.get()
+            if capture is not None:
+                try:
+                    capture.claim(sock, address)
+                except OSError:
+                    pass
+            return await original(sock, address)
+
+        loop.sock_connect = sock_connect
+    hub = hubs.get(family)
+    if hub is None:
+        hub = hubs[family] = _Hub(loop, family)
     return hub
 
 
 def start(ctx: Any, addresses: list[str], port: int, clock: Any) -> "Capture | None":
-    """Start capturing for a measurement (None when not asked for, or not possible)."""
+    """Start capturing for a measurement (None when not asked for, or not
+    possible: no privileges, or a family whose raw socket cannot be opened)."""
     if not (getattr(ctx, "packet", None) or {}).get("capture"):
         return None
-    v4 = [a for a in addresses if ":" not in a][:8]
-    if not v4 or not _privileged():
+    wanted = [_canonical(a) for a in addresses][:8]
+    if not wanted or not _privileged():
         return None
-    capture = Capture(v4, port, clock)
-    try:
-        hub = _hub(asyncio.get_running_loop())
-        hub.want(v4)
-    except OSError:
+    capture = Capture([], port, clock)
+    loop = asyncio.get_running_loop()
+    for family, group in ((socket.AF_INET, [a for a in wanted if ":" not in a]),
+                          (socket.AF_INET6, [a for a in wanted if ":" in a])):
+        if not group:
+            continue
+        try:
+            hub = _hub(loop, family)
+            hub.want(group)
+        except OSError:
+            continue  # e.g. no IPv6 in this kernel: that family goes uncaptured
+        capture.hubs[family] = hub
+        capture.addresses += group
+    if not capture.hubs:
         return None
-    capture.hub = hub
     capture.token = _CURRENT.set(capture)
     return capture
 
@@ -195,23 +254,33 @@ def _kind(p) -> str:
     return "data"
 
 
-async def _echo_ttl(ip: str, clock: Any) -> tuple[int, int] | None:
-    """(IP TTL, IP ID) of the server's answer to one ICMP echo, or None."""
+async def _echo_ttl(ip: str, clock: Any) -> tuple[int, int | None] | None:
+    """(IP TTL, IP ID) of the server's answer to one ICMP echo (IPv6: (hop
+    limit, None) of its ICMPv6 echo reply), or None."""
     ident = int.from_bytes(os.urandom(2), "big")
     payload = b"vantage!"
-    packet = struct.pack("!BBHHH", 8, 0, _checksum(struct.pack("!BBHHH", 8, 0, 0, ident, 1) + payload), ident, 1) + payload
-
+    v6 = ":" in ip
     prog = Program(128)
-    prog.op(LD_W_ABS, 12).op(JEQ_K, _ip_int(ip), 0, "drop").op(LDX_B_MSH, 0).op(LD_B_IND, 0).op(JEQ_K, 0, 0, "drop")
-    prog.op(LD_H_IND, 4).op(JEQ_K, ident, "accept", "drop")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_ICMP)
+    if v6:
+        # The kernel fills in an ICMPv6 checksum (it covers a pseudo-header).
+        packet = struct.pack("!BBHHH", 128, 0, 0, ident, 1) + payload
+        prog.op(LD_B_ABS, 0).op(JEQ_K, 129, 0, "drop").op(LD_H_ABS, 4).op(JEQ_K, ident, "accept", "drop")
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, IPPROTO_ICMPV6)
+        listener = Listener(IPPROTO_ICMPV6, prog, clock, max_packets=2, family=socket.AF_INET6)
+    else:
+        packet = struct.pack("!BBHHH", 8, 0, _checksum(struct.pack("!BBHHH", 8, 0, 0, ident, 1) + payload), ident, 1) + payload
+        prog.op(LD_W_ABS, 12).op(JEQ_K, _ip_int(ip), 0, "drop").op(LDX_B_MSH, 0).op(LD_B_IND, 0).op(JEQ_K, 0, 0, "drop")
+        prog.op(LD_H_IND, 4).op(JEQ_K, ident, "accept", "drop")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_ICMP)
+        listener = Listener(IPPROTO_ICMP, prog, clock, max_packets=2)
     try:
-        with Listener(IPPROTO_ICMP, prog, clock, max_packets=2) as replies:
+        with listener as replies:
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_sendto(sock, packet, (ip, 0))
             for _ in range(int(ECHO_TIMEOUT / 0.05)):
-                if replies.packets:
-                    return replies.packets[0].ip_ttl, replies.packets[0].ip_id
+                for reply in replies.packets:
+                    if reply.src == ip:
+                        return reply.ip_ttl, reply.ip_id
                 await asyncio.sleep(0.05)
     except OSError:
         return None
@@ -220,19 +289,29 @@ async def _echo_ttl(ip: str, clock: Any) -> tuple[int, int] | None:
     return None
 
 
+def _flow_name(p) -> str:
+    return f"[{p.src}]:{p.sport}>{p.dport}" if ":" in p.src else f"{p.src}:{p.sport}>{p.dport}"
+
+
 async def stop(capture: "Capture | None", keys: dict[str, Any], clock: Any = None) -> None:
-    """End the capture; its rows, each with its baseline and reading, go to ``keys["x_packets"]``."""
+    """End the capture; its rows, each with its baseline and reading, go to
+    ``keys["x_packets"]``: every RST, every FIN or response that is not the
+    server's own (or cannot be compared), and the first SYN-ACK of each server
+    (the baseline); the server's own FINs are counted in ``x_capture_genuine_fins``."""
     if capture is None:
         return
     abandon(capture)
     flows: dict[str, list] = {}
     for p in capture.packets:
-        flows.setdefault(f"{p.src}:{p.sport}>{p.dport}", []).append(p)
+        flows.setdefault(_flow_name(p), []).append(p)
     by_server: dict[str, Any] = {}
     for packets in flows.values():
         for p in packets:
             if p.flags & SYN and p.src not in by_server:
                 by_server[p.src] = (p.ip_ttl, p.ip_id)
+    rows = keys.setdefault("x_packets", [])
+    genuine_fins = 0
+    shown: set[str] = set()  # servers whose SYN-ACK is stored
     for flow, packets in flows.items():
         syn_ack = next(((p.ip_ttl, p.ip_id) for p in packets if p.flags & SYN), None)
         baseline = syn_ack or by_server.get(packets[0].src)
@@ -246,12 +325,23 @@ async def stop(capture: "Capture | None", keys: dict[str, Any], clock: Any = Non
             injected = None
             if baseline is not None and kind != "syn_ack":
                 injected = p.ip_ttl != baseline[0]
-            keys.setdefault("x_packets", []).append({
+            if kind == "syn_ack":
+                if p.src in shown:
+                    continue
+                shown.add(p.src)
+            elif kind != "rst" and injected is False:
+                genuine_fins += 1
+                continue
+            rows.append({
                 "transaction_id": None, "kind": kind, "flow": flow, "src": p.src, "sport": p.sport, "dport": p.dport,
                 "proto": p.proto, "ip_ttl": p.ip_ttl, "ip_id": p.ip_id, "tcp_flags": p.flag_text or None,
-                "length": len(p.raw), "t": p.t, "baseline_ttl": baseline[0] if baseline else None,
+                # IPv6: + the fixed header, which raw sockets do not hand over
+                "length": len(p.raw) + (40 if ":" in p.src else 0), "t": p.t,
+                "baseline_ttl": baseline[0] if baseline else None,
                 "baseline_ip_id": baseline[1] if baseline else None, "injected": injected,
             })
+    if genuine_fins:
+        keys["x_capture_genuine_fins"] = genuine_fins
     if capture.dropped:
         keys["x_capture_dropped"] = capture.dropped
 
@@ -259,10 +349,13 @@ async def stop(capture: "Capture | None", keys: dict[str, Any], clock: Any = Non
 def abandon(capture: "Capture | None") -> None:
     """Stop capturing (a measurement cut short keeps nothing)."""
     if capture is not None:
-        if capture.hub is not None:
-            capture.hub.release(capture)
-            capture.hub = None
+        for hub in capture.hubs.values():
+            hub.release(capture)
+        capture.hubs = {}
+        if capture.token is None:
+            return
         try:
             _CURRENT.reset(capture.token)
         except (ValueError, RuntimeError):  # reset from another context: just forget it
             _CURRENT.set(None)
+        capture.token = None

@@ -1,12 +1,17 @@
 """Packet-level plumbing for the packet probes (dns_injection, traceroute,
-capture): privileges, raw IPv4 receive sockets with a per-flow BPF filter
-attached in the kernel, header parsing, and OONI's df-003 packet entries.
+capture): privileges, raw IPv4 and IPv6 receive sockets with a per-flow BPF
+filter attached in the kernel, header parsing (struct, no scapy dissection),
+and OONI's df-003 packet entries.
 
 No libpcap: the filters are classic BPF programs assembled here (a handful of
 instructions each), attached with SO_ATTACH_FILTER to a raw socket, so the
 kernel hands us only the packets of one flow, clipped to ``snaplen`` bytes.
 A raw IPv4 socket sees every incoming packet of its protocol from the IP
-header on (outgoing packets never), which is where the filters look.
+header on (outgoing packets never), which is where the filters look. A raw
+IPv6 socket gets the packet from the transport header on: its filter reads
+the source address relative to the network header (``SKF_NET_OFF``), and the
+hop limit arrives as ancillary data (``IPV6_RECVHOPLIMIT``). IPv6 has no IP
+ID: ``Seen.ip_id`` is None there.
 
 Reading an arriving packet's IP TTL and IP ID needs a raw socket, hence root
 or CAP_NET_RAW; ``require_privileges`` says so in one line.
@@ -72,8 +77,10 @@ def report(test_name: str, url: str, keys: dict[str, Any]) -> None:
 LD_W_ABS, LD_H_ABS, LD_B_ABS = 0x20, 0x28, 0x30
 LD_H_IND, LD_B_IND = 0x48, 0x50
 LDX_B_MSH = 0xB1
-JEQ_K, JSET_K = 0x15, 0x45
+JA, JEQ_K, JSET_K = 0x05, 0x15, 0x45
 RET_K = 0x06
+SKF_NET_OFF = (-0x100000) & 0xFFFFFFFF  # loads relative to the network header (IPv6 raw sockets start after it)
+IPPROTO_ICMPV6 = 58
 
 
 class _Insn(ctypes.Structure):
@@ -89,23 +96,30 @@ def _ip_int(address: str) -> int:
 
 
 class Program:
-    """A classic BPF program built with symbolic jump targets ``"accept"`` and ``"drop"``."""
+    """A classic BPF program built with symbolic jump targets: ``"accept"``,
+    ``"drop"`` and labels placed with ``label`` (an unconditional ``JA`` takes
+    its target in ``k``, which reaches any distance; conditional jumps reach 255)."""
 
     def __init__(self, snaplen: int = SNAPLEN):
-        self.code: list[tuple[int, Any, Any, int]] = []
+        self.code: list[tuple[int, Any, Any, Any]] = []
+        self.labels: dict[str, int] = {}
         self.snaplen = snaplen
 
-    def op(self, code: int, k: int = 0, jt: Any = 0, jf: Any = 0) -> "Program":
+    def op(self, code: int, k: Any = 0, jt: Any = 0, jf: Any = 0) -> "Program":
         self.code.append((code, jt, jf, k))
+        return self
+
+    def label(self, name: str) -> "Program":
+        self.labels[name] = len(self.code)
         return self
 
     def assemble(self) -> list[tuple[int, int, int, int]]:
         body = len(self.code)
-        targets = {"accept": body, "drop": body + 1}
+        targets = {**self.labels, "accept": body, "drop": body + 1}
         out = []
         for i, (code, jt, jf, k) in enumerate(self.code):
             resolve = lambda j: (targets[j] - i - 1) if isinstance(j, str) else j  # noqa: E731
-            out.append((code, resolve(jt), resolve(jf), k))
+            out.append((code, resolve(jt), resolve(jf), resolve(k) if code == JA else k))
         out.append((RET_K, 0, 0, self.snaplen))
         out.append((RET_K, 0, 0, 0))
         return out
@@ -135,6 +149,36 @@ def flow_program(remote_ips: list[str], remote_port: int | None, local_port: int
         p.op(LD_H_IND, 2).op(JEQ_K, local_port, 0, "drop")
     if flags:
         p.op(LD_B_IND, 13).op(JSET_K, flags, "accept", "drop")
+    return p
+
+
+def flow_program6(remote_ips: list[str], remote_port: int | None, local_port: int | list[int] | None, *,
+                  flags: int = 0, snaplen: int = SNAPLEN) -> Program:
+    """``flow_program`` for a raw IPv6 socket: the data starts at the
+    transport header, the source address is read at the network header's
+    offset 8 (four words per address, each address's match a ``JA``)."""
+    p = Program(snaplen)
+    if (isinstance(local_port, list) and not local_port) or not remote_ips:
+        return p.op(RET_K, 0)
+    for n, ip in enumerate(remote_ips):
+        words = struct.unpack("!4I", socket.inet_pton(socket.AF_INET6, ip))
+        miss = f"addr{n + 1}" if n + 1 < len(remote_ips) else "drop"
+        p.label(f"addr{n}")
+        for w, word in enumerate(words):
+            p.op(LD_W_ABS, (SKF_NET_OFF + 8 + 4 * w) & 0xFFFFFFFF).op(JEQ_K, word, 0, miss)
+        p.op(JA, "ports")  # all four words matched
+    p.label("ports")
+    if remote_port is not None:
+        p.op(LD_H_ABS, 0).op(JEQ_K, remote_port, 0, "drop")
+    if isinstance(local_port, list):
+        p.op(LD_H_ABS, 2)
+        for n, lport in enumerate(local_port):
+            last = n == len(local_port) - 1
+            p.op(JEQ_K, lport, len(local_port) - n - 1, "drop" if last else 0)
+    elif local_port is not None:
+        p.op(LD_H_ABS, 2).op(JEQ_K, local_port, 0, "drop")
+    if flags:
+        p.op(LD_B_ABS, 13).op(JSET_K, flags, "accept", "drop")
     return p
 
 
@@ -176,8 +220,8 @@ class Seen:
     src: str
     dst: str
     proto: int
-    ip_ttl: int
-    ip_id: int
+    ip_ttl: int                 # IPv6: the hop limit
+    ip_id: int | None           # IPv6: None (it has none)
     sport: int = 0
     dport: int = 0
     seq: int = 0
@@ -227,6 +271,49 @@ def parse(raw: bytes, t: float = 0.0, *, quoted: bool = False) -> Seen | None:
     return s
 
 
+def parse6(data: bytes, src: str, hop_limit: int, proto: int, t: float = 0.0) -> Seen | None:
+    """A packet read from a raw IPv6 socket: ``data`` starts at the transport
+    header; the source and hop limit came with it (recvmsg). ``raw`` is the
+    transport data (the IPv6 header is not handed to raw sockets)."""
+    s = Seen(data, t, src, "", proto, hop_limit, None)
+    if proto == IPPROTO_TCP:
+        tcp = tcp_header(data)
+        if tcp is None:
+            return None
+        s.sport, s.dport, s.seq, s.ack, s.flags, offset = tcp
+        s.payload = data[offset:]
+    elif proto == IPPROTO_UDP and len(data) >= 8:
+        s.sport, s.dport = struct.unpack_from("!HH", data)
+        s.payload = data[8:]
+    elif proto == IPPROTO_ICMPV6 and len(data) >= 8:
+        s.icmp_type, s.icmp_code = data[0], data[1]
+    return s
+
+
+_HOPLIMIT_SPACE = socket.CMSG_SPACE(4)
+
+
+def open_raw6(proto: int) -> socket.socket:
+    """A raw IPv6 socket of ``proto`` that is told each packet's hop limit."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, proto)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def recv6(sock: socket.socket, size: int) -> tuple[bytes, str, int]:
+    """(data, source address, hop limit) of one packet from ``open_raw6``'s socket."""
+    data, ancillary, _, address = sock.recvmsg(size, _HOPLIMIT_SPACE)
+    hop_limit = -1
+    for level, kind, value in ancillary:
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_HOPLIMIT and len(value) >= 4:
+            hop_limit = struct.unpack("i", value[:4])[0]
+    return data, address[0], hop_limit
+
+
 def _checksum(header: bytes) -> int:
     total = sum(struct.unpack(f"!{len(header) // 2}H", header))
     while total >> 16:
@@ -236,17 +323,31 @@ def _checksum(header: bytes) -> int:
 
 def anonymised(raw: bytes, own: str | None, *, sent: bool) -> bytes:
     """df-003's privacy rule: our address becomes 127.0.0.1 (the source of sent
-    packets, the destination of received ones); the IP checksum is redone."""
-    if len(raw) < 20 or own is None:
+    packets, the destination of received ones, and the source of the packet
+    an ICMP error quotes); the checksums are redone."""
+    if len(raw) < 20 or own is None or raw[0] >> 4 != 4:
         return raw
+    mine, home = socket.inet_aton(own), socket.inet_aton("127.0.0.1")
+    ihl = (raw[0] & 0x0F) * 4
+    out = bytearray(raw)
     at = 12 if sent else 16
-    if raw[at:at + 4] != socket.inet_aton(own):
-        return raw
-    head = bytearray(raw[:(raw[0] & 0x0F) * 4])
-    head[at:at + 4] = socket.inet_aton("127.0.0.1")
-    head[10:12] = b"\0\0"
-    head[10:12] = struct.pack("!H", _checksum(bytes(head)))
-    return bytes(head) + raw[len(head):]
+    if out[at:at + 4] == mine:
+        out[at:at + 4] = home
+        out[10:12] = b"\0\0"
+        out[10:12] = struct.pack("!H", _checksum(bytes(out[:ihl])))
+    inner = ihl + 8
+    if not sent and out[9] == IPPROTO_ICMP and len(out) >= inner + 20 and out[ihl] in (3, 11) \
+            and out[inner + 12:inner + 16] == mine:
+        inner_ihl = (out[inner] & 0x0F) * 4
+        out[inner + 12:inner + 16] = home
+        out[inner + 10:inner + 12] = b"\0\0"
+        out[inner + 10:inner + 12] = struct.pack("!H", _checksum(bytes(out[inner:inner + inner_ihl])))
+        icmp = out[ihl:]
+        icmp[2:4] = b"\0\0"
+        if len(icmp) % 2:
+            icmp += b"\0"
+        out[ihl + 2:ihl + 4] = struct.pack("!H", _checksum(bytes(icmp)))
+    return bytes(out)
 
 
 def summary(raw: bytes) -> str:
@@ -271,7 +372,8 @@ def packet_entry(raw: bytes, own: str | None = None, *, sent: bool = False, **ex
 @dataclass
 class Listener:
     """A raw socket with a BPF program, read by the event loop; keeps at most
-    ``max_packets`` packets and ``max_bytes`` bytes (a bounded capture)."""
+    ``max_packets`` packets and ``max_bytes`` bytes (a bounded capture).
+    ``family`` AF_INET6: a raw IPv6 socket (``flow_program6``, ``parse6``)."""
 
     proto: int
     program: Program
@@ -280,6 +382,7 @@ class Listener:
     max_bytes: int = 64 * 1024
     max_per_flow: int | None = None  # packets kept per (source, source port, destination port)
     rcvbuf: int | None = 256 * 1024
+    family: int = socket.AF_INET
     packets: list[Seen] = field(default_factory=list)
     _flows: dict = field(default_factory=dict)
     dropped: int = 0
@@ -288,7 +391,10 @@ class Listener:
     _event: asyncio.Event | None = None
 
     def __enter__(self) -> "Listener":
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, self.proto)
+        if self.family == socket.AF_INET6:
+            self._sock = open_raw6(self.proto)
+        else:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, self.proto)
         try:
             if self.rcvbuf:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
@@ -321,7 +427,10 @@ class Listener:
     def _read(self) -> None:
         while self._sock is not None:
             try:
-                raw = self._sock.recv(65535)
+                if self.family == socket.AF_INET6:
+                    raw, src, hop_limit = recv6(self._sock, 65535)
+                else:
+                    raw = self._sock.recv(65535)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -329,7 +438,10 @@ class Listener:
             if len(self.packets) >= self.max_packets or self._bytes + len(raw) > self.max_bytes:
                 self.dropped += 1
                 continue
-            seen = parse(raw, self.now())
+            if self.family == socket.AF_INET6:
+                seen = parse6(raw, src, hop_limit, self.proto, self.now())
+            else:
+                seen = parse(raw, self.now())
             if seen is None:
                 continue
             if self.max_per_flow is not None:

@@ -20,11 +20,23 @@ are reported), or on the link after it. **in-path**: the original never goes
 on (nothing arrives or expires beyond the device); **on-path**: it goes on,
 the device only injects.
 
-The sweep is repeated (``runs``, 3 by default) with a pause after a run
-that met interference (censors keep state, as CenTrace's authors found);
-the record says how many runs agreed. Probes of one sweep are sent at once,
-one TTL per source port, and matched to ICMP answers by the quoted source
-port (df-003 ``answer_flags: ["ipsrc"]``).
+Censors keep state (residual censorship: after a trigger, a device may
+block the same client and server for a while, whatever the next packet
+carries), so, as CenTrace does, the test probes go out one TTL after the
+other, and after a probe that met interference the next one waits
+``pause`` seconds (``PAUSE`` by default; ``--pause``); so does the next run
+after a run that met interference. A probe is done as soon as its answer is
+conclusive (the ICMP time-exceeded of a router, or the destination's own
+answer) plus ``GRACE`` for an injection racing it, else after ``window``.
+The control probes, which no censor blocks, go out all at once. The record
+says which pauses were taken (``x_pause``, and ``paused`` on each hop).
+
+The sweep is repeated (``runs``, 3 by default); the record says how many
+runs agreed. Each probe has a source port of its own, and ICMP answers are
+matched to it by the quoted source port (df-003 ``answer_flags: ["ipsrc"]``).
+The censor's hop is reported with its address and its ASN (``x_censor_asn``,
+from the geolocation database the probe uses — `vantage geo update`,
+``geo_db``; null without one).
 """
 
 from __future__ import annotations
@@ -42,8 +54,8 @@ from core.net import USER_AGENT
 
 from .context import ProbeContext
 from .dns_injection import build_query, packet_row, parse_answer, target_of
-from .packets import (ACK, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RST, Listener, flow_program, icmp_program, packet_entry,
-                      report, setting)
+from .packets import (ACK, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, RST, Listener, flow_program, icmp_program,
+                      local_address_towards, packet_entry, report, setting)
 from .records import Clock
 
 TEST_NAME = "traceroute"
@@ -51,8 +63,9 @@ TEST_VERSION = "0.1.0"
 CONTROL_DOMAIN = "example.com"
 MAX_TTL = 20
 RUNS = 3
-PAUSE = 5.0      # seconds after a run that met interference
-WINDOW = 1.5     # seconds to listen after the probes of one sweep went out
+PAUSE = 5.0      # seconds after a probe, and after a run, that met interference (residual censorship)
+WINDOW = 1.5     # seconds to listen after a probe went out, at most
+GRACE = 0.25     # seconds to listen on after a conclusive answer (an injected packet may trail it)
 CONNECT_TIMEOUT = 5.0
 CONCURRENCY = 8  # URLs traced at once at most (`vantage run traceroute` caps --concurrency to it)
 
@@ -61,7 +74,7 @@ def new_test_keys() -> dict[str, Any]:
     return {"answer_flags": ["ipsrc"], "sent_packets": [], "answered_packets": [], "x_control_domain": None,
             "x_destinations": {}, "x_runs": [], "x_interference": None, "x_censor_hop": None,
             "x_censor_address": None, "x_censor_asn": None, "x_position": None, "x_probe": None,
-            "x_runs_total": 0, "x_agreeing_runs": 0, "x_packets": []}
+            "x_runs_total": 0, "x_agreeing_runs": 0, "x_pause": None, "x_packets": []}
 
 
 def outcome_label(keys: dict[str, Any]) -> str:
@@ -116,6 +129,30 @@ def _observe(kind: str, ttl: int, dest: str, icmp: list, flow: list, sent_end: i
     return out
 
 
+def _conclusive(seen: dict[str, Any]) -> bool:
+    """Nothing more to learn from this probe: a router said it expired, or the destination answered."""
+    return bool(seen["expired_from"] or seen["arrived"])
+
+
+async def _listen(observe, listeners: list[Listener], window: float) -> None:
+    """Listen up to ``window`` seconds, or ``GRACE`` past the moment ``observe()`` is conclusive."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + window
+    while loop.time() < deadline:
+        if _conclusive(observe()):
+            await asyncio.sleep(min(GRACE, max(0.0, deadline - loop.time())))
+            return
+        events = [asyncio.ensure_future(lst._event.wait()) for lst in listeners if lst._event is not None]
+        try:
+            await asyncio.wait(events, timeout=deadline - loop.time())
+        finally:
+            for event in events:
+                event.cancel()
+        for lst in listeners:
+            if lst._event is not None:
+                lst._event.clear()
+
+
 async def _dns_probe(dest: str, domain: str, ttl: int, clock: Clock, window: float) -> tuple[dict, list]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setblocking(False)
@@ -123,12 +160,14 @@ async def _dns_probe(dest: str, domain: str, ttl: int, clock: Clock, window: flo
         sock.bind(("", 0))
         port = sock.getsockname()[1]
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        wire = build_query(domain, int.from_bytes(os.urandom(2), "big"))
         with Listener(IPPROTO_ICMP, icmp_program(port), clock, max_packets=8) as icmp, \
                 Listener(IPPROTO_UDP, flow_program([dest], 53, port), clock, max_packets=8) as flow:
-            await asyncio.get_running_loop().sock_sendto(sock, build_query(domain, int.from_bytes(os.urandom(2), "big")),
-                                                         (dest, 53))
-            await asyncio.sleep(window)
-        return _observe("dns", ttl, dest, icmp.packets, flow.packets, None), icmp.packets + flow.packets
+            t = clock.now()
+            await asyncio.get_running_loop().sock_sendto(sock, wire, (dest, 53))
+            await _listen(lambda: _observe("dns", ttl, dest, icmp.packets, flow.packets, None), [icmp, flow], window)
+        seen = _observe("dns", ttl, dest, icmp.packets, flow.packets, None)
+        return seen, icmp.packets + flow.packets, [_sent("udp", dest, port, 53, ttl, wire, t)]
     finally:
         sock.close()
 
@@ -147,21 +186,23 @@ async def _tcp_probe(kind: str, dest: str, port: int, domain: str, ttl: int, clo
                 await asyncio.wait_for(loop.sock_connect(sock, (dest, port)), CONNECT_TIMEOUT)
             except (OSError, asyncio.TimeoutError) as exc:
                 return {"ttl": ttl, "expired_from": None, "arrived": False, "injected": False,
-                        "connect_failure": type(exc).__name__, "details": []}, []
+                        "connect_failure": type(exc).__name__, "details": []}, [], []
             syn_ack = [p for p in flow.packets if p.flags & 0x12 == 0x12]
             sent_end = None
             if syn_ack:
                 sent_end = (syn_ack[0].ack + len(payload)) & 0xFFFFFFFF  # SYN-ACK's ack is our first data byte
             flow.packets.clear()
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            t = clock.now()
             try:
                 await loop.sock_sendall(sock, payload)
             except OSError:
                 pass
-            await asyncio.sleep(window)
+            await _listen(lambda: _observe(kind, ttl, dest, icmp.packets, flow.packets, sent_end), [icmp, flow], window)
             seen = _observe(kind, ttl, dest, icmp.packets, flow.packets, sent_end)
             packets = icmp.packets + syn_ack + flow.packets
-        return seen, packets
+            numbers = (syn_ack[0].ack, (syn_ack[0].seq + 1) & 0xFFFFFFFF) if syn_ack else (0, 0)
+        return seen, packets, [_sent("tcp", dest, lport, port, ttl, payload, t, numbers)]
     finally:
         try:
             # Leave no half-open connection behind: a RST at full TTL.
@@ -170,6 +211,23 @@ async def _tcp_probe(kind: str, dest: str, port: int, domain: str, ttl: int, clo
         except OSError:
             pass
         sock.close()
+
+
+def _sent(proto: str, dest: str, sport: int, dport: int, ttl: int, payload: bytes, t: float,
+          numbers: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """df-003's record of a sent probe: the packet as it left (IP header with
+    its TTL; TCP with the connection's sequence numbers), from our address
+    (127.0.0.1 in the record, df-003's privacy rule)."""
+    own = local_address_towards(dest)
+    try:
+        from scapy.layers.inet import IP, TCP, UDP
+
+        layer = UDP(sport=sport, dport=dport) if proto == "udp" else \
+            TCP(sport=sport, dport=dport, flags="PA", seq=numbers[0], ack=numbers[1])
+        raw = bytes(IP(src=own or "0.0.0.0", dst=dest, ttl=ttl) / layer / payload)
+    except Exception:  # no scapy: the payload alone
+        raw = payload
+    return {"raw": raw, "own": own, "ttl": ttl, "t": t}
 
 
 async def _probe(kind: str, dest: str, port: int, domain: str, ttl: int, clock: Clock, window: float):
@@ -207,15 +265,26 @@ def locate(hops: list[dict]) -> tuple[int | None, str | None, str | None]:
 
 
 async def sweep(kind: str, dest: str, port: int, domain: str, control_domain: str, clock: Clock, window: float,
-                max_ttl: int = MAX_TTL) -> tuple[list[dict], list]:
+                max_ttl: int = MAX_TTL, pause: float = PAUSE) -> tuple[list[dict], list]:
+    """One traceroute: the control probes at every TTL at once, then the test
+    probes one TTL after the other, up to one past where the control arrived;
+    after a test probe that differs from its control (blocked), ``pause``
+    seconds before the next (``paused`` on that hop)."""
     controls = await asyncio.gather(*(_probe(kind, dest, port, control_domain, t, clock, window) for t in range(1, max_ttl + 1)))
-    arrived = [c["ttl"] for c, _ in controls if c["arrived"]]
-    answered = [c["ttl"] for c, _ in controls if c["expired_from"] or c["arrived"]]
+    arrived = [c["ttl"] for c, *_ in controls if c["arrived"]]
+    answered = [c["ttl"] for c, *_ in controls if c["expired_from"] or c["arrived"]]
     last = min(max_ttl, (arrived[0] if arrived else (max(answered) if answered else 1)) + 1)
-    tests = await asyncio.gather(*(_probe(kind, dest, port, domain, t, clock, window) for t in range(1, last + 1)))
-    hops = [{"ttl": t["ttl"], "test": t, "control": c} for (t, _), (c, _) in zip(tests, controls)]
-    packets = [p for _, ps in tests for p in ps]
-    return hops, packets
+    hops, packets, sent = [], [], []
+    for ttl in range(1, last + 1):
+        test, seen, out = await _probe(kind, dest, port, domain, ttl, clock, window)
+        pair = {"ttl": ttl, "test": test, "control": controls[ttl - 1][0], "paused": None}
+        hops.append(pair)
+        packets += seen
+        sent += out
+        if ttl < last and _differs(test, pair["control"]):
+            pair["paused"] = pause
+            await asyncio.sleep(pause)
+    return hops, packets, sent
 
 
 def _asn(address: str | None) -> str | None:
@@ -262,6 +331,7 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
     pause = setting(ctx, "pause", PAUSE)
     window = setting(ctx, "window", WINDOW)
     keys["x_control_domain"] = control_domain
+    keys["x_pause"] = pause
     plans = []
     dns_dest = target_of(ctx)
     if dns_dest:
@@ -275,18 +345,24 @@ async def measure(url: str, ctx: ProbeContext, keys: dict[str, Any], clock: Cloc
         entry: dict[str, Any] = {"run": run, "probes": {}, "censor_hop": None, "censor_address": None, "position": None,
                                  "probe": None}
         for kind, dest, port in plans:
-            hops, packets = await sweep(kind, dest, port, domain, control_domain, clock, window)
+            hops, packets, sent = await sweep(kind, dest, port, domain, control_domain, clock, window, pause=pause)
             hop, address, position = locate(hops)
             entry["probes"][kind] = {"hops": hops, "censor_hop": hop, "censor_address": address, "position": position}
             if run == 0:
+                own = local_address_towards(dest)
+                for out in sent[:32]:
+                    keys["sent_packets"].append(packet_entry(out["raw"], out["own"], sent=True, x_t=out["t"],
+                                                             x_ttl=out["ttl"], x_probe=kind))
                 for p in packets[:64]:
-                    keys["answered_packets"].append(packet_entry(p.raw, None, x_t=p.t, x_probe=kind))
+                    keys["answered_packets"].append(packet_entry(p.raw, own, x_t=p.t, x_probe=kind))
                     keys["x_packets"].append(packet_row(p, f"traceroute_{kind}", None))
             if hop is not None and (entry["censor_hop"] is None or hop < entry["censor_hop"]):
                 entry.update(censor_hop=hop, censor_address=address, position=position, probe=kind)
+        entry["paused"] = None
         results.append(entry)
         keys["x_runs"].append(entry)
         if entry["censor_hop"] is not None and run + 1 < runs:
+            entry["paused"] = pause
             await asyncio.sleep(pause)
     votes = collections.Counter((r["censor_hop"], r["censor_address"], r["position"], r["probe"]) for r in results)
     (hop, address, position, probe), agreeing = votes.most_common(1)[0] if votes else ((None, None, None, None), 0)
