@@ -46,6 +46,9 @@ class Experiment:
     measure: Callable[..., Awaitable[Any]]
     new_keys: Callable[[], dict[str, Any]]
     label: Callable[[dict[str, Any]], str]
+    # The measurement's own deadline from the context (traceroute: its runs and
+    # pauses), instead of ctx.timeouts.measurement.
+    deadline: Callable[[Any], float] | None = None
 
 
 @dataclass
@@ -202,7 +205,7 @@ async def run_inputs(
     busy: set[str] = set()
     started = time.monotonic()
     deadline = started + max_runtime if max_runtime else None
-    measurement_deadline = ctx.timeouts.measurement
+    measurement_deadline = test.deadline(ctx) if test.deadline else ctx.timeouts.measurement
 
     # Measurements whose slow tail (late DNS answers, the control) is still
     # running; bounded so memory stays flat.
@@ -311,7 +314,8 @@ def experiments(test: str) -> list[Experiment]:
         from . import traceroute as tr
 
         module = di if test == "dns-injection" else tr
-        return [Experiment(module.TEST_NAME, module.TEST_VERSION, module.measure, module.new_test_keys, module.outcome_label)]
+        return [Experiment(module.TEST_NAME, module.TEST_VERSION, module.measure, module.new_test_keys, module.outcome_label,
+                           getattr(module, "deadline", None))]
     return {"web": [web], "throttling": [thr], "all": [web, thr]}[test]
 
 
@@ -462,7 +466,7 @@ async def run_tests(
         extra_ca_file=options.get("ca_file") or _setting(config, "extra_ca_file"),
         allow=Policy.from_cidrs(options.get("public_networks") or []),  # where redirects may lead
     )
-    ctx.packet = {k: options[k] for k in ("target", "control_domain", "capture") if options.get(k)}  # the packet probes'
+    ctx.packet = {k: options[k] for k in ("target", "control_domain", "capture", "pause") if options.get(k)}  # the packet probes'
     summaries = []
     connector = aiohttp.TCPConnector(limit=concurrency, ssl=ctx.tls())
     async with aiohttp.ClientSession(connector=connector) as session:

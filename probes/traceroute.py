@@ -77,6 +77,18 @@ def new_test_keys() -> dict[str, Any]:
             "x_runs_total": 0, "x_agreeing_runs": 0, "x_pause": None, "x_packets": []}
 
 
+def deadline(ctx: ProbeContext) -> float:
+    """The longest a traceroute of one URL may take (the runner's deadline for
+    it, instead of the web test's 60 s): every probe of every run timing out,
+    and every pause taken — a bound against a hang, not an estimate."""
+    runs = setting(ctx, "runs", RUNS)
+    pause = setting(ctx, "pause", PAUSE)
+    window = setting(ctx, "window", WINDOW)
+    probe = CONNECT_TIMEOUT + window
+    sweep = probe + MAX_TTL * (probe + pause)  # the controls at once, then the test probes one by one
+    return ctx.timeouts.dns + runs * (2 * sweep + pause) + 10.0
+
+
 def outcome_label(keys: dict[str, Any]) -> str:
     if keys.get("x_interference"):
         return f"interference at hop {keys.get('x_censor_hop')} ({keys.get('x_position')})"

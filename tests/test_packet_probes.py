@@ -210,6 +210,19 @@ def test_traceroute_pauses_after_each_blocked_probe_and_records_it(monkeypatch):
     assert tr.locate(hops) == (2, "10.0.2.1", "in-path")
 
 
+def test_traceroute_has_a_deadline_of_its_own_that_covers_its_pauses():
+    from probes.context import ProbeContext
+    from probes.runner import experiments
+    from probes.timeouts import Timeouts
+
+    ctx = ProbeContext(timeouts=Timeouts())
+    (experiment,) = experiments("traceroute")
+    assert experiment.deadline is tr.deadline and tr.deadline(ctx) > ctx.timeouts.measurement
+    ctx.packet = {"pause": 90.0}
+    assert tr.deadline(ctx) > 3 * 2 * tr.MAX_TTL * 90.0  # every pause of every run fits
+    assert experiments("web")[0].deadline is None
+
+
 def test_censor_asn_from_the_geolocation_database_else_null(tmp_path, monkeypatch):
     import gzip
     import shutil
