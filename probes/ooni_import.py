@@ -278,19 +278,119 @@ def iter_documents(path: Path, on_read: Callable[[int], None] | None = None) -> 
 
 # --- Importing ---------------------------------------------------------------
 
+# Above this many bytes of input, a worker process reads, converts and
+# flattens while this one writes (bench/ooni_import_bench.py: the two halves
+# each take about one core); below it the worker's start-up is not worth it.
+WORKER_BYTES = 4 * 1024 * 1024
+# Batches flattened ahead of the writer: what bounds the worker's lead, and so
+# the memory held between the two processes.
+WORKER_QUEUE = 2
+# DuckDB's buffer pool during an import (its default is 80% of RAM): the
+# import's memory stays flat whatever the file size (docs/benchmarks.md).
+IMPORT_MEMORY_LIMIT = "512MB"
 
-def import_ooni(con, paths: Iterable[str | os.PathLike], *, batch_size: int = 1000,
-                on_progress: Callable[[int, int], None] | None = None) -> ImportSummary:
-    """Import OONI measurement files and directories into the database
-    ``con`` (probes.store.connect). ``on_progress(bytes_read, bytes_total)``
-    is called as the files are read (compressed bytes). Returns the summary;
-    raises OoniImportError only for a path that does not exist."""
-    files = iter_files(paths)
-    total = sum(p.stat().st_size for p in files)
-    done = 0
-    summary = ImportSummary()
+
+@dataclass
+class _Batch:
+    """One batch read and flattened, for the writer: what reading found
+    since the previous batch (``read``: counts and bad lines, in the order
+    they were met), the batch's measurement ids and where each came from,
+    its rows as Arrow tables (``probes.store.arrow_tables``)."""
+
+    read: ImportSummary
+    ids: list[str]
+    where: dict[str, tuple[str, int]]
+    tables: dict[str, Any]
+    bytes_read: int = 0
+
+
+def _batches(files: list[Path], batch_size: int, on_read: Callable[[int], None] | None = None) -> Iterator[_Batch]:
+    """Read ``files`` into batches of distinct measurements, flattened. Every
+    JSON document is counted in one batch's ``read`` (the last batch may hold
+    no measurement)."""
+    read = ImportSummary()
     batch: list[tuple[dict[str, Any], str | None]] = []
     where: dict[str, tuple[str, int]] = {}
+
+    def flattened() -> _Batch:
+        nonlocal read, batch, where
+
+        def refused(item: tuple[dict[str, Any], str | None], exc: BaseException) -> None:
+            file, line = where.pop(item[0]["measurement_id"], ("?", 0))
+            read.add_error(file, line, f"not stored: {_short(exc)}")
+
+        tables, ids = store.arrow_tables_each(batch, refused)
+        done = _Batch(read, ids, where, tables)
+        read, batch, where = ImportSummary(), [], {}
+        return done
+
+    for path in files:
+        read.files += 1
+        name = str(path)
+        try:
+            for line, doc in iter_documents(path, on_read):
+                read.records += 1
+                if isinstance(doc, Exception):
+                    read.add_error(name, line, str(doc))
+                    continue
+                if not isinstance(doc, dict):
+                    read.add_error(name, line, f"not a JSON object but {type(doc).__name__}")
+                    continue
+                test = doc.get("test_name")
+                if "test_keys" not in doc or not isinstance(test, str):
+                    read.not_measurements += 1
+                    continue
+                if test not in IMPORTED_TESTS:
+                    read.skipped[test] = read.skipped.get(test, 0) + 1
+                    continue
+                try:
+                    record = record_from_ooni(doc)
+                except Exception as exc:  # a record the converter cannot read: it alone is lost
+                    read.add_error(name, line, f"cannot convert: {type(exc).__name__}: {_short(exc)}")
+                    continue
+                version = doc.get("test_version")
+                version = version if isinstance(version, str) else "unknown"
+                read.versions[version] = read.versions.get(version, 0) + 1
+                mid = record["measurement_id"]
+                if mid in where:  # twice in one batch: the first one counts
+                    read.duplicates += 1
+                    continue
+                where[mid] = (name, line)
+                batch.append((record, None))
+                if len(batch) >= batch_size:
+                    yield flattened()
+        except OSError as exc:
+            read.add_error(name, 0, f"cannot read: {exc.strerror or _short(exc)}")
+    yield flattened()
+
+
+def _merge(summary: ImportSummary, read: ImportSummary) -> None:
+    summary.files += read.files
+    summary.records += read.records
+    summary.duplicates += read.duplicates
+    summary.not_measurements += read.not_measurements
+    for name, count in read.skipped.items():
+        summary.skipped[name] = summary.skipped.get(name, 0) + count
+    for version, count in read.versions.items():
+        summary.versions[version] = summary.versions.get(version, 0) + count
+    summary.bad += read.bad
+    summary.errors += read.errors[:MAX_ERRORS_LISTED - len(summary.errors)]
+
+
+def import_ooni(con, paths: Iterable[str | os.PathLike], *, batch_size: int = 1000,
+                on_progress: Callable[[int, int], None] | None = None, worker: bool | None = None) -> ImportSummary:
+    """Import OONI measurement files and directories into the database
+    ``con`` (probes.store.connect). ``on_progress(bytes_read, bytes_total)``
+    is called as the files are read (compressed bytes). ``worker``: read and
+    flatten in a worker process (default: when the input is over
+    WORKER_BYTES and there are two cores). Returns the summary; raises
+    OoniImportError only for a path that does not exist."""
+    files = iter_files(paths)
+    total = sum(p.stat().st_size for p in files)
+    if worker is None:
+        worker = total >= WORKER_BYTES and (os.cpu_count() or 1) >= 2
+    summary = ImportSummary()
+    done = 0
 
     def progressed(n: int) -> None:
         nonlocal done
@@ -298,55 +398,83 @@ def import_ooni(con, paths: Iterable[str | os.PathLike], *, batch_size: int = 10
         if on_progress:
             on_progress(done, total)
 
-    def refused(item: tuple[dict[str, Any], str | None], exc: BaseException) -> None:
-        file, line = where.get(item[0]["measurement_id"], ("?", 0))
-        summary.add_error(file, line, f"not stored: {_short(exc)}")
+    def write(batch: _Batch) -> None:
+        _merge(summary, batch.read)
 
-    def flush() -> None:
+        def refused(mid: str, exc: BaseException) -> None:
+            file, line = batch.where.get(mid, ("?", 0))
+            summary.add_error(file, line, f"not stored: {_short(exc)}")
+
         before = summary.bad
-        stored = store.write_each(con, batch, refused, columnar=True)
+        stored = store.insert_each(con, batch.tables, batch.ids, refused) if batch.ids else 0
         summary.imported += stored
-        summary.duplicates += len(batch) - stored - (summary.bad - before)
-        batch.clear()
-        where.clear()
+        summary.duplicates += len(batch.ids) - stored - (summary.bad - before)
 
-    for path in files:
-        summary.files += 1
-        name = str(path)
-        try:
-            for line, doc in iter_documents(path, progressed):
-                summary.records += 1
-                if isinstance(doc, Exception):
-                    summary.add_error(name, line, str(doc))
-                    continue
-                if not isinstance(doc, dict):
-                    summary.add_error(name, line, f"not a JSON object but {type(doc).__name__}")
-                    continue
-                test = doc.get("test_name")
-                if "test_keys" not in doc or not isinstance(test, str):
-                    summary.not_measurements += 1
-                    continue
-                if test not in IMPORTED_TESTS:
-                    summary.skipped[test] = summary.skipped.get(test, 0) + 1
-                    continue
-                try:
-                    record = record_from_ooni(doc)
-                except Exception as exc:  # a record the converter cannot read: it alone is lost
-                    summary.add_error(name, line, f"cannot convert: {type(exc).__name__}: {_short(exc)}")
-                    continue
-                version = doc.get("test_version")
-                version = version if isinstance(version, str) else "unknown"
-                summary.versions[version] = summary.versions.get(version, 0) + 1
-                mid = record["measurement_id"]
-                if mid in where:  # twice in one batch: the first one counts
-                    summary.duplicates += 1
-                    continue
-                where[mid] = (name, line)
-                batch.append((record, None))
-                if len(batch) >= batch_size:
-                    flush()
-        except OSError as exc:
-            summary.add_error(name, 0, f"cannot read: {exc.strerror or _short(exc)}")
-    if batch:
-        flush()
+    with store.memory_limit(con, IMPORT_MEMORY_LIMIT), store.bulk_gc() as collect:
+        if worker:
+            for batch in _from_worker(files, batch_size):
+                if on_progress and batch.bytes_read:
+                    progressed(batch.bytes_read)
+                write(batch)
+                collect()
+        else:
+            for batch in _batches(files, batch_size, progressed):
+                write(batch)
+                collect()
     return summary
+
+
+# --- The worker process ------------------------------------------------------
+
+
+def _worker_main(files: list[str], batch_size: int, out) -> None:
+    """Read, convert and flatten in this process; the batches go to the
+    writer through ``out`` (bounded: this process waits when it is ahead)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the writer's to handle: it stops this process
+    read = 0
+
+    def counted(n: int) -> None:
+        nonlocal read
+        read += n
+
+    try:
+        with store.bulk_gc() as collect:
+            for batch in _batches([Path(f) for f in files], batch_size, counted):
+                batch.bytes_read, read = read, 0
+                out.put(("batch", batch))
+                collect()
+        out.put(("done", None))
+    except BaseException as exc:  # the writer raises it: nothing is lost silently
+        out.put(("error", f"{type(exc).__name__}: {_short(exc)}"))
+
+
+def _from_worker(files: list[Path], batch_size: int) -> Iterator[_Batch]:
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB's threads
+    out = ctx.Queue(maxsize=WORKER_QUEUE)
+    proc = ctx.Process(target=_worker_main, args=([str(f) for f in files], batch_size, out), name="vantage-import-reader",
+                       daemon=True)
+    proc.start()
+    try:
+        while True:
+            try:
+                kind, value = out.get(timeout=1.0)
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise OoniImportError(f"the import's reader process died (exit code {proc.exitcode})") from None
+                continue
+            if kind == "done":
+                break
+            if kind == "error":
+                raise OoniImportError(f"reading the files failed: {value}")
+            yield value
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join(5)
+        out.close()
+        out.cancel_join_thread()

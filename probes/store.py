@@ -18,7 +18,9 @@ dicts keyed by column name.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import gc
 import json
 import math
 import os
@@ -26,7 +28,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from core import paths
 from core.errors import VantageError
@@ -325,11 +327,10 @@ def _arrow_column(values: list[Any], column_type: str, coerce: Callable[[Any], A
     return pa.array([coerce(v) for v in values], arrow_type)
 
 
-def insert_columns(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
-    """``insert_rows`` for bulk imports: the same rows, columns and coercions
-    (a value of the wrong type becomes NULL), inserted as one Arrow table per
-    call: ~30x faster than multi-row VALUES, at the cost of loading pyarrow
-    (which the probe does not: see docs/benchmarks.md)."""
+def arrow_table(table: str, rows: list[dict[str, Any]]):
+    """The rows of ``table`` as one Arrow table: the columns the rows name, in
+    schema order, each value coerced as ``insert_rows`` would (a value of the
+    wrong type becomes NULL)."""
     import pyarrow as pa
 
     coerce = _COERCE[table]
@@ -339,15 +340,121 @@ def insert_columns(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[s
         raise KeyError(f"{table} has no column {', '.join(sorted(unknown))} (schema.sql)")
     columns = [c for c in coerce if c in named]
     types = _TYPES[table]
-    arrays = [_arrow_column([row.get(c) for row in rows], types[c], coerce[c]) for c in columns]
-    data = pa.Table.from_arrays(arrays, names=columns)
+    # Row by row into tuples, then zip: each row dict is read once (reading
+    # every row once per column was a third of the cost).
+    values = zip(*[tuple(map(row.get, columns)) for row in rows])
+    arrays = [_arrow_column(list(column), types[c], coerce[c]) for column, c in zip(values, columns)]
+    return pa.Table.from_arrays(arrays, names=columns)
+
+
+def arrow_tables(batch: list[tuple[dict[str, Any], str | None]]) -> dict[str, Any]:
+    """A batch of records flattened (probes/flatten.py) into one Arrow table
+    per table it fills: what ``insert_tables`` writes, and what a process
+    that flattens can hand to the one that writes."""
+    return {table: arrow_table(table, rows) for table, rows in iter_table_rows(batch)}
+
+
+def arrow_tables_each(batch: list[tuple[dict[str, Any], str | None]],
+                      on_failure: Callable[[tuple[dict[str, Any], str | None], BaseException], None]
+                      ) -> tuple[dict[str, Any], list[str]]:
+    """``arrow_tables`` of a batch of distinct records, and their ids; a
+    record that cannot be flattened fails alone (``on_failure`` gets it)."""
+    try:
+        return arrow_tables(batch), [record["measurement_id"] for record, _ in batch]
+    except Exception:
+        pass
+    good = []
+    for item in batch:
+        try:
+            arrow_tables([item])
+        except Exception as exc:
+            on_failure(item, exc)
+        else:
+            good.append(item)
+    return arrow_tables(good), [record["measurement_id"] for record, _ in good]
+
+
+def insert_columns(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
+    """``insert_rows`` for bulk imports: the same rows, columns and coercions
+    (a value of the wrong type becomes NULL), inserted as one Arrow table per
+    call: ~30x faster than multi-row VALUES, at the cost of loading pyarrow
+    (which the probe does not: see docs/benchmarks.md)."""
+    _insert_arrow(con, table, arrow_table(table, rows))
+
+
+def _insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data, where: str = "", returning: bool = False):
     verb = "INSERT OR IGNORE" if table == "measurements" else "INSERT"
     view = f"_vantage_insert_{table}"
     con.register(view, data)
     try:
-        con.execute(f"{verb} INTO {table} ({', '.join(columns)}) SELECT * FROM {view}")
+        result = con.execute(f"{verb} INTO {table} ({', '.join(data.column_names)}) SELECT * FROM {view}{where}"
+                             + (" RETURNING measurement_id" if returning else ""))
+        return result.fetchall() if returning else None
     finally:
         con.unregister(view)
+
+
+def insert_tables(con: duckdb.DuckDBPyConnection, tables: dict[str, Any]) -> int:
+    """Insert ``arrow_tables``' output in one transaction. Measurements
+    already stored are skipped with their rows: the measurements go first
+    (``INSERT OR IGNORE ... RETURNING`` says which are new), and when some
+    were not, the other tables take only the new ones' rows. Returns how
+    many measurements were new."""
+    import pyarrow as pa
+
+    measurements = tables.get("measurements")
+    if measurements is None or not measurements.num_rows:
+        return 0
+    con.execute("BEGIN")
+    try:
+        new = _insert_arrow(con, "measurements", measurements, returning=True)
+        where = ""
+        if len(new) < measurements.num_rows:
+            if not new:
+                con.execute("COMMIT")
+                return 0
+            con.register("_vantage_new", pa.table({"measurement_id": pa.array([r[0] for r in new], pa.string())}))
+            where = " WHERE measurement_id IN (SELECT measurement_id FROM _vantage_new)"
+        try:
+            for table, data in tables.items():
+                if table != "measurements" and data.num_rows:
+                    _insert_arrow(con, table, data, where)
+        finally:
+            if where:
+                con.unregister("_vantage_new")
+        con.execute("COMMIT")
+    except BaseException:
+        _rollback(con)
+        raise
+    return len(new)
+
+
+def only(tables: dict[str, Any], measurement_id: str) -> dict[str, Any]:
+    """The rows of one measurement of ``arrow_tables``' output."""
+    import pyarrow.compute as pc
+
+    return {table: data.filter(pc.equal(data.column("measurement_id"), measurement_id))
+            for table, data in tables.items()}
+
+
+def insert_each(con: duckdb.DuckDBPyConnection, tables: dict[str, Any], ids: list[str],
+                on_failure: Callable[[str, BaseException], None]) -> int:
+    """``insert_tables``; when it fails, each measurement of ``ids`` alone,
+    so a measurement the database refuses fails alone (``on_failure`` gets
+    its id). Returns how many measurements were new."""
+    try:
+        return insert_tables(con, tables)
+    except Exception as exc:
+        if len(ids) == 1:
+            on_failure(ids[0], exc)
+            return 0
+    stored = 0
+    for mid in ids:
+        try:
+            stored += insert_tables(con, only(tables, _text(mid)))
+        except Exception as exc:
+            on_failure(mid, exc)
+    return stored
 
 
 def stored_ids(con: duckdb.DuckDBPyConnection, ids: list[Any]) -> set[str]:
@@ -361,7 +468,12 @@ def write_records(con: duckdb.DuckDBPyConnection, batch: list[tuple[dict[str, An
                   columnar: bool = False) -> int:
     """Insert a batch of records atomically; records already stored are
     skipped. Returns how many were new. ``columnar``: insert through Arrow
-    (``insert_columns``; imports), else multi-row VALUES (the probe)."""
+    (``arrow_tables``, ``insert_tables``; imports), else multi-row VALUES (the
+    probe)."""
+    if columnar:
+        seen: set = set()
+        unique = [item for item in batch if item[0]["measurement_id"] not in seen and not seen.add(item[0]["measurement_id"])]
+        return insert_tables(con, arrow_tables(unique))
     existing = stored_ids(con, [r["measurement_id"] for r, _ in batch])
     fresh = []
     for record, category in batch:
@@ -372,9 +484,8 @@ def write_records(con: duckdb.DuckDBPyConnection, batch: list[tuple[dict[str, An
         return 0
     con.execute("BEGIN")
     try:
-        insert = insert_columns if columnar else insert_rows
         for table, rows in iter_table_rows(fresh):
-            insert(con, table, rows)
+            insert_rows(con, table, rows)
         con.execute("COMMIT")
     except BaseException:
         _rollback(con)
@@ -401,6 +512,57 @@ def write_each(con: duckdb.DuckDBPyConnection, batch: list[tuple[dict[str, Any],
         except Exception as exc:
             on_failure(item, exc)
     return stored
+
+
+@contextlib.contextmanager
+def bulk_gc() -> Iterator[Callable[[], None]]:
+    """Python's cyclic garbage collector off for a bulk import: parsing and
+    flattening make millions of short-lived objects, and the collector kept
+    walking the ones alive (a tenth to a fifth of an import's time). What
+    exists already is frozen out of its sight; the caller calls the function
+    it gets after each batch, which collects the young objects (the batch's
+    cycles, if any), so memory stays bounded."""
+    enabled = gc.isenabled()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield lambda: gc.collect(1)
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
+_UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def _bytes(size: str) -> float | None:
+    """DuckDB's ``'18.3 GiB'``/``'512MB'`` as bytes (None when it is not one)."""
+    number = size.strip().rstrip("BbIiKkMmGgTt ")
+    try:
+        return float(number) * _UNITS[size.strip()[len(number):].strip().upper()]
+    except (ValueError, KeyError):
+        return None
+
+
+@contextlib.contextmanager
+def memory_limit(con: duckdb.DuckDBPyConnection, limit: str) -> Iterator[None]:
+    """DuckDB's memory limit at most ``limit`` for a while (a lower one set
+    by the caller stays), then as it was."""
+    current = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    mine, theirs = _bytes(limit), _bytes(current)
+    lower = mine is not None and (theirs is None or mine < theirs)
+    if lower:
+        con.execute(f"SET memory_limit = '{limit}'")
+    try:
+        yield
+    finally:
+        if lower:
+            try:
+                con.execute(f"SET memory_limit = '{current}'")
+            except Exception:  # the connection is gone: nothing to restore
+                pass
 
 
 def rescue_line(record: dict[str, Any], category: str | None, error: BaseException | str | None = None) -> str:
