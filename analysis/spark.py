@@ -59,7 +59,6 @@ PARTITION_VIEWS = ("agg_country_day", "ooni_comparison", "ooni_disagreements")
 GLOBAL_VIEWS = (("agg_asn", ("probe_cc", "probe_asn"), ("probe_cc",)),
                 ("agg_domain", ("domain",), ()),
                 ("agg_category", ("category_code",), ()))
-AGG_ROWS_PER_TASK = 2_000_000  # (measurement, verdict) rows one aggregate task takes: ~0.3 GB of DuckDB
 CONTEXT_COLUMNS = ("measurement_id", "run_id", "test_name", "probe_network_ok", "start_time")
 PLACEHOLDER_RULE = "spark_context"
 DEFAULT_MASTER = f"local[{os.cpu_count() or 2}]"
@@ -176,7 +175,7 @@ def input_tables(root: str) -> list[str]:
     return [MEASUREMENTS] + [n for n in names if n != MEASUREMENTS]
 
 
-def plan(spark, root: str, tables: list[str], target: int = 50_000) -> tuple[list[Task], list[tuple[str, int]]]:
+def plan(spark, root: str, tables: list[str], target: int = 100_000) -> tuple[list[Task], list[tuple[str, int]]]:
     """The tasks (largest first) and the pooled ip_info ASNs, computed by Spark from the measurements.
 
     Partitions are packed into tasks of about ``target`` measurements, in the order (country then
@@ -196,7 +195,7 @@ def plan(spark, root: str, tables: list[str], target: int = 50_000) -> tuple[lis
     # Pack in the order that leaves the fewest runs split between tasks: country by country in day
     # order (a probe's runs stay in its country; those over midnight join neighbouring days), or day
     # by day (runs that move between countries within a day).
-    tasks, owner = min((_pack(order, target) for order in (parts, sorted(parts, key=lambda p: (p[1], p[0])))),
+    tasks, owner = min((_pack(order, target, runs) for order in (parts, sorted(parts, key=lambda p: (p[1], p[0])))),
                        key=lambda packed: _split_runs(packed[1], runs))
     for task in tasks:
         for day, cc, _n in task.parts:
@@ -217,15 +216,39 @@ def plan(spark, root: str, tables: list[str], target: int = 50_000) -> tuple[lis
     return sorted(tasks, key=lambda t: -t.count), asns
 
 
-def _pack(parts: list[tuple[str, str, int]], target: int) -> tuple[list[Task], dict[tuple[str, str], Task]]:
-    """Consecutive partitions (cc, day, n) into tasks of about ``target`` measurements."""
+def _pack(parts: list[tuple[str, str, int]], target: int,
+          runs: list[tuple[str, list[tuple[str, str]]]] = ()) -> tuple[list[Task], dict[tuple[str, str], Task]]:
+    """Consecutive partitions (cc, day, n) into tasks of ``target`` measurements at most (a larger
+    partition is a task of its own) and half of it at least: each task ends at the boundary, within
+    that window, that the fewest runs cross (e.g. midnight, not the middle of a day)."""
+    position = {(day, cc): i for i, (cc, day, _n) in enumerate(parts)}
+    crossing = [0] * (len(parts) + 1)  # crossing[i]: runs with partitions on both sides of the gap after i
+    for _run, keys in runs:
+        spots = [position[k] for k in keys if k in position]
+        if spots:
+            crossing[min(spots)] += 1
+            crossing[max(spots)] -= 1
+    for i in range(1, len(crossing)):
+        crossing[i] += crossing[i - 1]
     tasks: list[Task] = []
     owner: dict[tuple[str, str], Task] = {}
-    for cc, day, n in parts:
-        if not tasks or tasks[-1].count + n > target:
-            tasks.append(Task("", [], {}))
-        tasks[-1].parts.append((day, cc, n))
-        owner[(day, cc)] = tasks[-1]
+    start = 0
+    while start < len(parts):
+        end, size, best = start, parts[start][2], None
+        while True:
+            if size * 2 >= target and (best is None or crossing[end] <= crossing[best]):
+                best = end
+            if end + 1 >= len(parts) or size + parts[end + 1][2] > target:
+                break
+            end += 1
+            size += parts[end][2]
+        stop = end if end + 1 >= len(parts) or best is None else best
+        task = Task("", [], {})
+        for cc, day, n in parts[start:stop + 1]:
+            task.parts.append((day, cc, n))
+            owner[(day, cc)] = task
+        tasks.append(task)
+        start = stop + 1
     return tasks, owner
 
 
@@ -266,6 +289,11 @@ def load_partitions(con, task: Task, schema_sql: str | None, asns: Iterable[tupl
     measurements (loaded for the rules to read, not to be judged: listed in _s_context)."""
     if schema_sql:
         con.execute(schema_sql)
+        # The probe's primary key on measurements is half the load's time (an index over the ids)
+        # and the rules never use it: the same columns and types, without it.
+        con.execute("CREATE TABLE _s_measurements AS SELECT * FROM measurements LIMIT 0")
+        con.execute("DROP TABLE measurements")
+        con.execute("ALTER TABLE _s_measurements RENAME TO measurements")
     con.execute("CREATE TEMP TABLE _s_part (measurement_id VARCHAR, day VARCHAR, probe_cc VARCHAR)")
     created = set()
     for day, cc, _n in task.parts:
@@ -306,14 +334,18 @@ def load_partitions(con, task: Task, schema_sql: str | None, asns: Iterable[tupl
             con.execute(f"INSERT INTO tcp_connects BY NAME SELECT * FROM {_read(task.root, 'tcp_connects', day, cc)}"
                         f" WHERE side = 'probe' AND measurement_id IN (SELECT measurement_id FROM {source} WHERE {where})",
                         [runs])
-    context = con.execute("SELECT count(*) FROM _s_context").fetchone()[0]
+    context = con.execute("SELECT count(*) FROM _s_context").fetchall()[0][0]
     asns = list(asns)
     if asns:
         # The ip_info ASNs of every partition, by address (engine._asns pools them so), for the
         # addresses this task's DNS gave.
-        con.execute("CREATE TEMP TABLE _s_asn (ip VARCHAR, asn INTEGER)")
-        con.executemany("INSERT INTO _s_asn VALUES (?, ?)", asns)
-        first = con.execute("SELECT min(measurement_id) FROM _s_part").fetchone()[0]
+        import pyarrow as pa  # through Arrow: executemany costs ~1 ms a row, and a pool has many addresses
+
+        ips, numbers = zip(*asns)
+        con.register("_s_asn_rows", pa.table({"ip": pa.array(ips, pa.string()), "asn": pa.array(numbers, pa.int32())}))
+        con.execute("CREATE TEMP TABLE _s_asn AS SELECT ip, asn FROM _s_asn_rows")
+        con.unregister("_s_asn_rows")
+        first = con.execute("SELECT min(measurement_id) FROM _s_part").fetchall()[0][0]
         con.execute("INSERT INTO ip_info BY NAME SELECT ? AS measurement_id, 'control' AS side, a.ip, a.asn FROM _s_asn a"
                     " WHERE a.ip IN (SELECT DISTINCT lower(answer) FROM dns_answers WHERE answer IS NOT NULL)"
                     " AND a.ip NOT IN (SELECT lower(ip) FROM ip_info WHERE asn > 0)", [first])
@@ -366,6 +398,7 @@ def run_task(task: Task, out: str, options: dict[str, Any]) -> dict[str, Any]:
                     select = f"SELECT * FROM {view} WHERE measurement_id IN ({part})"
                 if con.execute(f"SELECT count(*) FROM ({select})").fetchone()[0]:
                     _write(con, f"{select} ORDER BY ALL", _part_dir(out, view, day, cc))
+        _write_tally(con, out)
         counts = con.execute("SELECT status, layer, method, count(*), count(*) FILTER (WHERE confirmed) FROM verdicts"
                              " GROUP BY ALL").fetchall()
     finally:
@@ -384,14 +417,24 @@ def _arrow(con, query: str):
     return fetch()
 
 
+TALLY = "_tally"  # OUT/_tally/: each task's agg_tally rows of the cross-partition grains (removed at the end)
+TALLY_KEYS = ("grain", "probe_cc", "day", "probe_asn", "domain", "category_code")
 AGG_MEASUREMENT_COLUMNS = (("measurement_id", "VARCHAR"), ("input", "VARCHAR"), ("probe_cc", "VARCHAR"),
                            ("probe_asn", "VARCHAR"), ("domain", "VARCHAR"), ("category_code", "VARCHAR"),
                            ("start_time", "TIMESTAMP"))
 
 
-def _aggregate_partition(out: str, views: tuple[str, ...]):
-    """A mapInArrow function: the rows of this Spark partition into DuckDB, 90_aggregates.sql over them,
-    ``views`` written under OUT (their keys are whole in this partition); yields (view, rows) counts."""
+def _write_tally(con, out: str) -> None:
+    """The task's agg_tally rows for the grains that cross partitions, to OUT/_tally/ (one file a task)."""
+    grains = ", ".join(_q(view[len("agg_"):]) for view, _key, _layout in GLOBAL_VIEWS)
+    _write(con, f"SELECT * FROM agg_tally WHERE grain IN ({grains})", f"{out}/{TALLY}", f"part-{uuid.uuid4().hex}.parquet")
+
+
+def _aggregate_partition(out: str):
+    """A mapInArrow function: summed tallies (every key of this Spark partition whole) into DuckDB as
+    agg_tally, 90_aggregates.sql's views over them, the cross-partition views written under OUT;
+    yields (view, rows) counts."""
+    views = tuple(view for view, _key, _layout in GLOBAL_VIEWS)
     layouts = {view: layout for view, _key, layout in GLOBAL_VIEWS}
 
     def run(batches):
@@ -406,13 +449,16 @@ def _aggregate_partition(out: str, views: tuple[str, ...]):
             return
         con = duckdb.connect(":memory:", config={"threads": 1})
         try:
-            con.register("_s_rows", table)
-            names = ", ".join(n for n, _t in AGG_MEASUREMENT_COLUMNS)
-            con.execute(f"CREATE TABLE measurements AS SELECT {names} FROM _s_rows")
+            # the views bind to the probe's tables: empty ones with the columns they read
+            con.execute("CREATE TABLE measurements (" + ", ".join(f"{n} {t}" for n, t in AGG_MEASUREMENT_COLUMNS) + ")")
             con.execute(_sql_text("00_verdicts.sql"))
-            con.execute("INSERT INTO verdicts (measurement_id, status, layer, method, confirmed) "
-                        "SELECT measurement_id, status, layer, method, confirmed FROM _s_rows WHERE status IS NOT NULL")
             install_views(con)
+            # then agg_tally is the sums: the same agg_counts and views run over them
+            columns = con.execute("DESCRIBE agg_tally").fetchall()
+            con.register("_s_rows", table)
+            select = ", ".join(f"CAST({name} AS {kind}) AS {name}" for name, kind, *_rest in columns)
+            con.execute(f"CREATE TABLE _s_tally AS SELECT {select} FROM _s_rows")
+            con.execute("CREATE OR REPLACE VIEW agg_tally AS SELECT * FROM _s_tally")
             counts = []
             for view in views:
                 n = con.execute(f"SELECT count(*) FROM {view}").fetchone()[0]
@@ -434,30 +480,23 @@ def _aggregate_partition(out: str, views: tuple[str, ...]):
     return run
 
 
-def aggregate(spark, root: str, out: str, measurements: int, partitions: int) -> dict[str, int]:
-    """agg_asn, agg_domain, agg_category over every measurement and verdict, by the SQL of 90_aggregates,
-    run by DuckDB in Spark tasks over the rows repartitioned by each view's key (one task for all three
-    when the rows are few)."""
+def aggregate(spark, out: str) -> dict[str, int]:
+    """agg_asn, agg_domain, agg_category over every measurement and verdict: each verdict task wrote
+    its measurements' agg_tally rows (OUT/_tally/); Spark sums them by grain and key (one shuffle of
+    the tallies, not of the measurements) and DuckDB runs 90_aggregates.sql's views over the sums."""
     from pyspark.sql import functions as F
 
     if _is_local(out):
         for view, _key, _layout in GLOBAL_VIEWS:
             shutil.rmtree(Path(_local(out)) / view, ignore_errors=True)
-    m = spark.read.option("basePath", f"{root}/{MEASUREMENTS}").parquet(f"{root}/{MEASUREMENTS}")
-    m = m.select(*[F.col(n).cast("string") if n != "start_time" else F.col(n) for n, _t in AGG_MEASUREMENT_COLUMNS])
-    v = (spark.read.option("basePath", f"{out}/verdicts").parquet(f"{out}/verdicts")
-         .select("measurement_id", "status", "layer", "method", "confirmed"))
-    rows = m.join(v, "measurement_id", "left")
-    schema = "view string, rows long"
+    tally = spark.read.parquet(f"{out}/{TALLY}")
+    counted = [c for c in tally.columns if c not in TALLY_KEYS]
+    sums = tally.groupBy(*TALLY_KEYS).agg(*[F.sum(c).alias(c) for c in counted])
     counts: dict[str, int] = {}
-    n = max(1, min(partitions, -(-measurements // AGG_ROWS_PER_TASK)))
-    if n == 1:
-        jobs = [(rows.repartition(1), tuple(view for view, _k, _l in GLOBAL_VIEWS))]
-    else:
-        jobs = [(rows.repartition(n, *key), (view,)) for view, key, _layout in GLOBAL_VIEWS]
-    for frame, views in jobs:
-        for r in frame.mapInArrow(_aggregate_partition(out, views), schema).collect():
-            counts[r["view"]] = counts.get(r["view"], 0) + r["rows"]
+    for r in sums.mapInArrow(_aggregate_partition(out), "view string, rows long").collect():
+        counts[r["view"]] = counts.get(r["view"], 0) + r["rows"]
+    if _is_local(out):
+        shutil.rmtree(Path(_local(out)) / TALLY, ignore_errors=True)
     return counts
 
 
@@ -477,7 +516,7 @@ def run(
     progress: Callable[[int, int], None] | None = None,
     spark=None,
     memory_limit: str | None = None,
-    task_size: int = 50_000,
+    task_size: int = 100_000,
 ) -> dict[str, Any]:
     """Verdicts and aggregates for the Parquet layout under ``input_dir``, written under ``out_dir``.
 
@@ -520,13 +559,13 @@ def run(
             "asn_db": os.path.abspath(asn_db) if asn_db else None, "schema_sql": schema_sql, "asns": asns,
             "memory_limit": memory_limit or os.environ.get("VANTAGE_ANALYZE_MEMORY")})
         if _is_local(out):
-            for name in ("verdicts",) + PARTITION_VIEWS:
+            for name in ("verdicts", TALLY) + PARTITION_VIEWS:
                 shutil.rmtree(Path(out) / name, ignore_errors=True)
         t0 = time.monotonic()
         results = _judge(sc, tasks, out, options, progress) if tasks else []
         judged = time.monotonic() - t0
         t0 = time.monotonic()
-        agg = aggregate(spark, root, out, sum(t.count for t in tasks), sc.defaultParallelism) if tasks else {}
+        agg = aggregate(spark, out) if tasks else {}
         aggregated = time.monotonic() - t0
         options.destroy()
     finally:

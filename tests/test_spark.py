@@ -75,18 +75,33 @@ def _spark_rows(out: Path) -> list[tuple]:
     return c.execute(f"SELECT {COLUMNS} FROM read_parquet('{out}/verdicts/*/*/*.parquet') ORDER BY measurement_id").fetchall()
 
 
-def _compare(con, tmp: Path, spark, **kwargs) -> dict:
+def _compare(con, tmp: Path, spark, task_size: int | None = None, **kwargs) -> dict:
     """Analyse ``con`` locally, export it, analyse the export on Spark; assert equal verdict rows."""
     analyze(con, **kwargs)
     export_parquet(con, tmp / "in")
     # the export holds the local verdicts too: Spark must ignore them and write its own
-    result = engine_spark.run(tmp / "in", tmp / "out", spark=spark, schema_sql=SCHEMA_SQL, **kwargs)
+    sizing = {"task_size": task_size} if task_size else {}
+    result = engine_spark.run(tmp / "in", tmp / "out", spark=spark, schema_sql=SCHEMA_SQL, **sizing, **kwargs)
     local, remote = _local_rows(con), _spark_rows(tmp / "out")
     assert len(remote) == len(local) == result["analysed"]
     differ = [(a, b) for a, b in zip(local, remote) if a != b]
     assert not differ, f"{len(differ)} verdicts differ, first: local {differ[0][0]} spark {differ[0][1]}"
     assert local == remote
     return result
+
+
+def _compare_views(con, out: Path) -> None:
+    """The aggregate views Spark wrote (90_aggregates.sql: per partition, or tallies summed across
+    tasks) equal the local views, row for row."""
+    c = duckdb.connect()
+    for view, layout in (("agg_country_day", "*/*/"), ("agg_asn", "*/"), ("agg_domain", ""), ("agg_category", "")):
+        cols = [d[0] for d in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
+        mine = con.execute(f"SELECT {', '.join(cols)} FROM {view} ORDER BY ALL").fetchall()
+        theirs = c.execute(f"SELECT {', '.join(cols)} FROM read_parquet('{out}/{view}/{layout}*.parquet', "
+                           "hive_partitioning = true) ORDER BY ALL").fetchall()
+        assert len(mine) > 0
+        assert [tuple(str(x) for x in r) for r in theirs] == [tuple(str(x) for x in r) for r in mine], view
+    assert not (out / engine_spark.TALLY).exists()  # the tasks' tallies are gone once summed
 
 
 # --- lab-like synthetic measurements ---------------------------------------------------------
@@ -188,15 +203,7 @@ def test_lab_like_measurements(spark, tmp_path):
                          " WHERE m.run_id = 'run-b'").fetchone()[0]
     assert pooled == "tcp_timeout"  # vouched by A's ip_info, not dns_unvouched_then_failed
     # the aggregate views, by 90_aggregates.sql in Spark's tasks, equal the local views
-    out = tmp_path / "out"
-    c = duckdb.connect()
-    for view, layout in (("agg_country_day", "*/*/"), ("agg_asn", "*/"), ("agg_domain", ""), ("agg_category", "")):
-        cols = [d[0] for d in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
-        mine = con.execute(f"SELECT {', '.join(cols)} FROM {view} ORDER BY ALL").fetchall()
-        theirs = c.execute(f"SELECT {', '.join(cols)} FROM read_parquet('{out}/{view}/{layout}*.parquet', "
-                           "hive_partitioning = true) ORDER BY ALL").fetchall()
-        assert len(mine) > 0
-        assert [tuple(str(x) for x in r) for r in theirs] == [tuple(str(x) for x in r) for r in mine], view
+    _compare_views(con, tmp_path / "out")
 
 
 def test_lab_like_measurements_one_partition_a_task(spark, tmp_path):
@@ -210,6 +217,7 @@ def test_lab_like_measurements_one_partition_a_task(spark, tmp_path):
     assert result["tasks"] == result["partitions"]
     assert result["context_measurements"] > 0
     assert _spark_rows(tmp_path / "out") == _local_rows(con)
+    _compare_views(con, tmp_path / "out")  # every task's tallies summed
 
 
 # --- OONI's QA measurements ---------------------------------------------------------------------
@@ -241,12 +249,34 @@ def test_hundred_thousand_synthetic(spark, tmp_path):
     bench.generate(db, 100_000)
     con = duckdb.connect(str(db))
     try:
-        result = _compare(con, tmp_path, spark, public_networks=PUBLIC, fingerprints_dir=_fingerprints())
+        # tasks of 15,000-30,000 measurements: several, each ending where the fewest runs cross
+        result = _compare(con, tmp_path, spark, task_size=30_000, public_networks=PUBLIC,
+                          fingerprints_dir=_fingerprints())
+        _compare_views(con, tmp_path / "out")
     finally:
         con.close()
     assert result["analysed"] == 100_000
     # the generator's runs cycle through five countries: they cross partitions everywhere
-    assert result["partitions"] > 5 and result["tasks"] >= 2
+    assert result["partitions"] > 5 and result["tasks"] >= 3
+    assert result["context_measurements"] > 0
+
+
+# --- packing partitions into tasks ---------------------------------------------------------------
+
+
+def test_pack_cuts_where_fewest_runs_cross():
+    """A task ends, within half to all of the target, at the gap the fewest runs cross (midnight, not
+    the middle of a day); a partition above the target is a task of its own."""
+    parts = [("IR", "d1", 10), ("RU", "d1", 10), ("IR", "d2", 10), ("RU", "d2", 10), ("IR", "d3", 50), ("RU", "d3", 5)]
+    runs = [("day1", [("d1", "IR"), ("d1", "RU")]), ("midnight", [("d1", "RU"), ("d2", "IR")]),
+            ("day2a", [("d2", "IR"), ("d2", "RU")]), ("day2b", [("d2", "IR"), ("d2", "RU")])]
+    tasks, owner = engine_spark._pack(parts, 30, runs)
+    assert [[(d, c) for d, c, _n in t.parts] for t in tasks] == [
+        [("d1", "IR"), ("d1", "RU")], [("d2", "IR"), ("d2", "RU")], [("d3", "IR")], [("d3", "RU")]]
+    assert engine_spark._split_runs(owner, runs) == 1  # only the run over midnight
+    # filling each task to the target instead would split the day's two runs as well
+    greedy = {("d1", "IR"): 0, ("d1", "RU"): 0, ("d2", "IR"): 0, ("d2", "RU"): 1}
+    assert sum(len({greedy[k] for k in keys}) - 1 for _r, keys in runs) == 2
 
 
 # --- errors -------------------------------------------------------------------------------------

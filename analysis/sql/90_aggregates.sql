@@ -16,8 +16,12 @@ SELECT m.measurement_id, m.probe_cc, m.probe_asn, m.domain, coalesce(m.category_
 FROM measurements m LEFT JOIN verdicts v USING (measurement_id);
 
 -- One GROUPING SETS pass holds the counts for every grain (the column list
--- is written once); each analyst view picks its grain out of it.
-CREATE OR REPLACE VIEW agg_counts AS
+-- is written once); each analyst view picks its grain out of it. agg_tally
+-- holds only counts, so tallies of disjoint sets of measurements add up to
+-- the tally of their union: the Spark engine (analysis/spark.py) tallies each
+-- task's measurements and sums the tallies by grain and key before the same
+-- agg_counts and views run over the sums. Every ratio is in agg_counts.
+CREATE OR REPLACE VIEW agg_tally AS
 SELECT CASE WHEN GROUPING(day) = 0 THEN 'country_day'
             WHEN GROUPING(probe_asn) = 0 THEN 'asn'
             WHEN GROUPING(domain) = 0 THEN 'domain'
@@ -32,10 +36,12 @@ SELECT CASE WHEN GROUPING(day) = 0 THEN 'country_day'
        count(*) FILTER (WHERE status = 'server_side') AS server_side,
        count(*) FILTER (WHERE status = 'down') AS down,
        count(*) FILTER (WHERE status = 'inconclusive') AS inconclusive,
-       round(count(*) FILTER (WHERE status IN ('blocked', 'throttled'))
-             / nullif(count(*) FILTER (WHERE status IN ('ok', 'blocked', 'throttled', 'server_side')), 0), 4) AS anomaly_rate
+       count(*) FILTER (WHERE status IN ('ok', 'blocked', 'throttled', 'server_side')) AS usable
 FROM agg_base
 GROUP BY GROUPING SETS ((probe_cc, day), (probe_cc, probe_asn), (domain), (category_code));
+
+CREATE OR REPLACE VIEW agg_counts AS
+SELECT * EXCLUDE (usable), round(anomaly / nullif(usable, 0), 4) AS anomaly_rate FROM agg_tally;
 
 CREATE OR REPLACE VIEW agg_country_day AS
 SELECT probe_cc, day, * EXCLUDE (grain, probe_cc, day, probe_asn, domain, category_code) FROM agg_counts WHERE grain = 'country_day';
