@@ -54,6 +54,7 @@ MAX_PACKETS = 96
 MAX_ADDRESSES = 250  # servers the run-wide program names at once (IPv4: jumps reach 255 instructions)
 MAX_FLOWS = 32   # connections one measurement's filter names (retries, redirects to the same address)
 ECHO_TIMEOUT = 1.0
+MAX_ECHOES = 4   # servers one measurement pings for a baseline (they are pinged at once)
 
 
 _PRIVILEGED: list[bool] = []
@@ -309,17 +310,21 @@ async def stop(capture: "Capture | None", keys: dict[str, Any], clock: Any = Non
         for p in packets:
             if p.flags & SYN and p.src not in by_server:
                 by_server[p.src] = (p.ip_ttl, p.ip_id)
+    # Servers that only ever answered with a RST: one echo each, all at once
+    # (at most MAX_ECHOES, so a measurement waits ECHO_TIMEOUT at most for them).
+    refused = list(dict.fromkeys(packets[0].src for packets in flows.values()
+                                 if packets[0].src not in by_server and any(p.flags & RST for p in packets)))
+    if refused:
+        refused = refused[:MAX_ECHOES]
+        answers = await asyncio.gather(*(_echo_ttl(ip, clock) for ip in refused))
+        keys["x_capture_echo"] = len(refused)
+        by_server.update({ip: answer for ip, answer in zip(refused, answers) if answer is not None})
     rows = keys.setdefault("x_packets", [])
     genuine_fins = 0
     shown: set[str] = set()  # servers whose SYN-ACK is stored
     for flow, packets in flows.items():
         syn_ack = next(((p.ip_ttl, p.ip_id) for p in packets if p.flags & SYN), None)
         baseline = syn_ack or by_server.get(packets[0].src)
-        if baseline is None and any(p.flags & RST for p in packets):
-            baseline = await _echo_ttl(packets[0].src, clock)
-            keys["x_capture_echo"] = keys.get("x_capture_echo", 0) + 1
-            if baseline is not None:
-                by_server[packets[0].src] = baseline
         for p in packets:
             kind = _kind(p)
             injected = None

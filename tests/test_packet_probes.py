@@ -181,6 +181,36 @@ def test_capture_stores_rsts_odd_fins_and_one_baseline_per_server(server):
     assert keys["x_packets"][1]["ip_id"] == (None if ":" in server else 1)
 
 
+def test_capture_pings_each_refusing_server_once_and_all_at_once(monkeypatch):
+    import asyncio
+
+    from probes import capture
+
+    calls, in_flight, most = [], [0], [0]
+
+    async def echo(ip, clock):
+        calls.append(ip)
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        await asyncio.sleep(0.05)
+        in_flight[0] -= 1
+        return None if ip.endswith(".3") else (61, 9)
+
+    monkeypatch.setattr(capture, "_echo_ttl", echo)
+    servers = [f"198.18.100.{i}" for i in range(1, 7)]
+    cap = capture.Capture(servers, 80, None)
+    # Three refused connections (a RST to the SYN) to each of six servers.
+    cap.packets = [_seen(ip, 80, 40000 + 10 * n + k, packets.RST | packets.ACK, 62) for n, ip in enumerate(servers)
+                   for k in range(3)]
+    keys: dict = {}
+    asyncio.run(capture.stop(cap, keys))
+    assert calls == servers[:capture.MAX_ECHOES] and most[0] == capture.MAX_ECHOES
+    assert keys["x_capture_echo"] == capture.MAX_ECHOES
+    marks = {(r["src"], r["injected"], r["baseline_ttl"]) for r in keys["x_packets"]}
+    assert marks == {(servers[0], True, 61), (servers[1], True, 61), (servers[2], None, None), (servers[3], True, 61),
+                     (servers[4], None, None), (servers[5], None, None)}
+
+
 def test_traceroute_pauses_after_each_blocked_probe_and_records_it(monkeypatch):
     import asyncio
 
