@@ -10,11 +10,15 @@ import asyncio
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
-
-import aiohttp
+from typing import TYPE_CHECKING, Callable
 
 from .errors import VantageError
+
+if TYPE_CHECKING:
+    import aiohttp
+
+# aiohttp is imported where it is used: the probe's database process
+# (probes/spool.py) imports this module for fsync_dir and never downloads.
 
 
 class DownloadFailed(VantageError):
@@ -27,6 +31,8 @@ class DownloadFailed(VantageError):
 
 def describe(exc: BaseException) -> str:
     """One short reason for an error line; aiohttp messages can be long."""
+    import aiohttp
+
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return "timed out"
     if isinstance(exc, aiohttp.ClientConnectorError):

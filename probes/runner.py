@@ -442,10 +442,31 @@ async def run_tests(
     ``config``. Every finished measurement is stored; the run is marked
     finished, timed_out, store_failed or interrupted (Ctrl-C) at the end.
 
-    ``con`` None (`vantage run`): this process never opens the database;
-    measurements go to a spool (the run's start as its first line) and a
-    short-lived process records the run and stores it (probes/spool.py). ``runs`` is filled with each run id and its
-    final status, also when the run is cut by Ctrl-C."""
+    ``con`` None (`vantage run`): a forked process measures, never opening
+    the database; its measurements go to a spool (the run's start as its
+    first line), and once it has exited this process records the runs and
+    stores the spools (probes/spool.py, ``measure_apart``). ``runs`` is filled
+    with each run id and its final status, also when the run is cut by Ctrl-C."""
+    if con is None:
+        from . import spool
+
+        async def measure(progress, warn, runs):
+            return await _measure_tests(None, db_file, tests, inputs, options, config, resume_id=resume_id,
+                                        concurrency=concurrency, max_runtime=max_runtime, progress=progress,
+                                        warn=warn, runs=runs)
+
+        return await spool.measure_apart(measure, db_file, progress=progress, warn=warn, runs=runs)
+    return await _measure_tests(con, db_file, tests, inputs, options, config, resume_id=resume_id,
+                                concurrency=concurrency, max_runtime=max_runtime, progress=progress, warn=warn,
+                                runs=runs)
+
+
+async def _measure_tests(con, db_file: str, tests: list[Experiment], inputs: list[tuple[str, str | None]],
+                         options: dict[str, Any], config, *, resume_id: str | None, concurrency: int | None,
+                         max_runtime: float | None, progress: Progress | None, warn: Callable[[str], None] | None,
+                         runs: dict[str, str] | None) -> list[RunSummary]:
+    """``run_tests``'s measuring: with ``con`` None, each run's spool is ended
+    (its end line) for the caller to store."""
     import aiohttp
 
     from . import spool, store
@@ -493,9 +514,8 @@ async def run_tests(
                 status = summary.status
                 summaries.append(summary)
             finally:
-                if con is None:
-                    # Stores the spool and marks the run; raises StoreError as sink.close does.
-                    _ended(spool.finish(db_file, this_run, sink, status), this_run, summaries, runs)
+                if con is None:  # measure_apart stores the spool once this process is gone
+                    sink.end(status)
                 else:
                     try:
                         sink.close()

@@ -1,12 +1,14 @@
 """The probe's spool: `vantage run` measures without DuckDB in its process.
 
-DuckDB's library and allocator cost a measuring process ~60 MB it never
-gives back (docs/benchmarks.md). So the process that measures only appends
-finished measurements to a spool file beside the database, and every
-database operation runs in a short-lived process (``python -m
-probes.spool``): one before measuring (open and migrate, store what earlier
-runs left, what a resumed run has left to do) and one at the end (record the
-run, store the spool, mark the run):
+DuckDB's library and allocator cost a process ~55-70 MB (docs/benchmarks.md),
+and a measuring process ~50 MB; side by side they never fit the probe's
+memory budget. So they never run side by side: `vantage run` first opens the
+database in a short-lived process (``python -m probes.spool prepare``: open
+and migrate, store what earlier runs left, what a resumed run has left to
+do), then forks the process that measures (``measure_apart``), which only
+appends finished measurements to a spool file beside the database, and once
+that process has exited opens the database itself and stores the spools
+(``store_runs``):
 
 - ``SpoolSink`` is the runner's sink. A new run's first line is what
   ``runner.start_run`` records (its inputs, options, location); then ``aput``
@@ -17,10 +19,14 @@ run, store the spool, mark the run):
   fsync'd at the end), so a power cut loses at most the last second of a run. A spool line
   is a rescue-file line (``store.rescue_line``): ``vantage results
   import-rescue`` reads a spool as it is.
-- At the end of a run the runner appends an end line (the run's status and
-  what the spool could not take) and a child process stores the spool
-  through ``store.Sink`` (batches, a record that fails alone goes to the
-  rescue file), marks the run, checkpoints and deletes the spool.
+- At the end of a run the measuring process appends an end line (the run's
+  status and what the spool could not take) and exits; `vantage run` stores
+  the spool through ``store.Sink`` (batches, a record that fails alone goes
+  to the rescue file), marks the run, checkpoints and deletes the spool.
+  Progress and warnings of the measuring process reach the terminal through
+  a pipe; Ctrl-C stops it (forwarded when sent to `vantage run` alone); it
+  dies with `vantage run` (PR_SET_PDEATHSIG), so a SIGKILL of either leaves
+  spools, never a run still measuring.
 - Every `vantage run` first stores what an earlier run left in a spool
   (killed, power cut, the database busy at the end): a spool without its
   end line is a run cut short, marked ``interrupted`` so ``--resume``
@@ -152,8 +158,8 @@ _HELD: set[int] = set()
 class SpoolSink(Sink):
     """``store.Sink`` for the measuring process: the same interface (``put``,
     ``aput``, ``failed``, ``run_status``, ``close``, the counters), but records
-    go to the spool file. Nothing is stored in the database here: the child
-    that stores the spool does (``finish``)."""
+    go to the spool file. Nothing is stored in the database here: `vantage
+    run` stores the spool once the measuring process is gone (``store_runs``)."""
 
     def __init__(self, path: str | os.PathLike, rescue_path: str | os.PathLike | None = None,
                  start: dict[str, Any] | None = None):
@@ -309,35 +315,269 @@ def start_entry(run_id: str, test_name: str, inputs, options: dict, location) ->
             "location": {"probe_cc": location.probe_cc, "probe_asn": location.probe_asn}}
 
 
-def finish(db_file: str, run_id: str, sink: SpoolSink, status: str) -> str:
-    """End the spool and store it; the sink's counters become the run's
-    (stored, not stored, rescued). Returns the run's final status; raises
-    StoreError as ``Sink.close`` does when the database refused writes, or
-    when it could not be opened (the spool then waits for the next run)."""
-    sink.end(status)
-    _give_back_memory()  # the measuring is over: what it freed need not sit beside the database process
+# --------------------------------------------------------------------------
+# The measuring process: a fork of `vantage run` that never holds DuckDB.
+#
+# Summed, a measuring process (~50 MB: aiohttp, dnspython, the tests) and a
+# DuckDB process (~55 MB for DuckDB alone, before a single insert) never fit a
+# Raspberry Pi's 100 MB budget side by side (docs/benchmarks.md). So they never
+# live side by side: `vantage run` forks the process that measures, waits for
+# it with nothing but the CLI in memory (~27 MB), and only once it is gone
+# opens the database itself and stores the spools.
+
+STORE_BATCH = 50  # records per transaction when a spool is stored (fewer: less DuckDB memory, slower)
+STORE_QUEUE = 50
+
+
+class MeasuringDied(VantageError):
+    """The measuring process was killed (OOM killer, a signal to it alone)."""
+
+
+def _send(fd: int, message: tuple) -> None:
+    import pickle
+
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     try:
-        answer = _child("finish", {"db": db_file, "run_id": run_id})
-    except StoreError as exc:  # the database could not be opened: the spool keeps every measurement
-        raise StoreError(f"{exc}; the {sink.written} measurements of this run are kept in {sink.path} and the next "
-                         "`vantage run` stores them") from None
-    sink.written, sink.not_stored, sink.rescued = answer["stored"], answer["not_stored"], answer["rescued"]
-    if answer.get("failed"):
-        sink.error = StoreError(answer["failed"])
-        raise StoreError(answer["failed"])
-    return answer["status"]
-
-
-def _give_back_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
+        _write_all(fd, len(data).to_bytes(4, "big") + data)
+    except OSError:  # the parent is gone: PR_SET_PDEATHSIG ends this process
         pass
+
+
+def _messages(fd: int):
+    """The measuring process's messages, until it closes the pipe (or dies)."""
+    import pickle
+
+    buffer = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        buffer += chunk
+        while len(buffer) >= 4:
+            size = int.from_bytes(buffer[:4], "big")
+            if len(buffer) < 4 + size:
+                break
+            message, buffer = pickle.loads(buffer[4:4 + size]), buffer[4 + size:]
+            yield message
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent dies (a `kill -9` of `vantage run`
+    must not leave a measuring orphan holding the run lock). Linux only."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class _RunsRelay(dict):
+    """``runs`` in the measuring process: every status set is told to the parent."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+
+    def __setitem__(self, run_id: str, status: str) -> None:
+        super().__setitem__(run_id, status)
+        _send(self.fd, ("run", run_id, status))
+
+
+async def measure_apart(measure, db_file: str, *, progress=None, warn=None, runs: dict[str, str] | None = None):
+    """Run ``await measure(progress=, warn=, runs=)`` (``runner.run_tests``'s
+    measuring, whose sink is a ``SpoolSink`` that ends each spool with its end
+    line) in a forked process, relay its progress and warnings here, then,
+    once it has exited, store every spool it wrote and mark the runs (this
+    process: ``store_runs``). Returns ``measure``'s summaries with the final
+    statuses. Ctrl-C reaches the measuring process (forwarded if sent to this
+    one alone): it stops measuring, the spools are stored, and
+    KeyboardInterrupt is raised here as `vantage run` expects. A measuring
+    process killed outright leaves its spools, stored here as interrupted."""
+    import signal
+    import sys as _sys
+
+    parent = os.getpid()
+    read_fd, write_fd = os.pipe()
+    for stream in (_sys.stdout, _sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    pid = os.fork()
+    if pid == 0:  # ------------------------------------------------ the measuring process
+        os.close(read_fd)
+        code = 0
+        try:
+            _die_with_parent(parent)
+            import asyncio
+
+            # The caller's event loop is not this process's (asyncio ties a running
+            # loop to its pid, and its epoll set is shared with the parent): a new one.
+            asyncio.run(_measure_here(measure, write_fd))
+        except BaseException:  # never back into the caller's code: this process only measures
+            code = 1
+            if os.environ.get("VANTAGE_DEBUG"):
+                import traceback
+
+                traceback.print_exc()
+        finally:
+            for stream in (_sys.stdout, _sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(code)
+    # ------------------------------------------------------------------- this process
+    os.close(write_fd)
+    interrupted = False
+
+    def forward(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+    previous = signal.signal(signal.SIGINT, forward)
+    outcome: tuple | None = None
+    started: dict[str, str] = {}
+    shown = None  # the progress display of the test being measured
+    on_result = None
+    try:
+        try:
+            for message in _messages(read_fd):
+                kind = message[0]
+                if kind == "run":
+                    started[message[1]] = message[2]
+                    if runs is not None:
+                        runs[message[1]] = message[2]
+                elif kind == "test":
+                    shown = (progress or _no_progress)(message[1], message[2])
+                    on_result = shown.__enter__()
+                elif kind == "result":
+                    if on_result:
+                        on_result(message[1], message[2])
+                elif kind == "test_end":
+                    if shown is not None:
+                        shown.__exit__(None, None, None)
+                        shown = on_result = None
+                elif kind == "warn":
+                    if warn:
+                        warn(message[1])
+                else:  # done, interrupted, error: the last word
+                    outcome = message
+        finally:
+            if shown is not None:
+                shown.__exit__(None, None, None)
+            os.close(read_fd)
+            _, status = os.waitpid(pid, 0)
+        # Storing takes seconds and loses nothing if cut, but is not cut by Ctrl-C
+        # (the measuring process was the one to stop; as the database process was).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        summaries = outcome[1] if outcome and outcome[0] in ("done", "interrupted") else []
+        finals = store_runs(db_file, list(started))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    for run_id, final in finals.items():
+        if runs is not None:
+            runs[run_id] = final
+        for summary in summaries:
+            if summary.run_id == run_id:
+                summary.status = final
+    if outcome is None:
+        how = (f"was killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exited with status {os.waitstatus_to_exitcode(status)}")
+        cut = [r for r, s in finals.items() if s == "interrupted"]
+        hint = f"; finish with `vantage run --resume {cut[0]}`" if cut else ""
+        raise MeasuringDied(f"the measuring process {how}; what it finished is stored{hint}")
+    if outcome[0] == "error":
+        raise outcome[1]
+    if outcome[0] == "interrupted" or interrupted:
+        raise KeyboardInterrupt
+    return summaries
+
+
+async def _measure_here(measure, fd: int) -> None:
+    """The measuring process's side of ``measure_apart``."""
+    import asyncio
+    import contextlib
+    import signal
+
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def stop(signum, frame):  # once: a second Ctrl-C must not cut the spool's end line
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            loop.call_soon_threadsafe(task.cancel)
+
+    signal.signal(signal.SIGINT, stop)
+
+    @contextlib.contextmanager
+    def progress(name: str, total: int):
+        _send(fd, ("test", name, total))
+        try:
+            yield lambda url, label: _send(fd, ("result", url, label))
+        finally:
+            _send(fd, ("test_end",))
+
+    try:
+        summaries = await measure(progress=progress, warn=lambda text: _send(fd, ("warn", text)), runs=_RunsRelay(fd))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        _send(fd, ("interrupted", []))
+        return
+    except BaseException as exc:
+        try:
+            import pickle
+
+            pickle.dumps(exc)
+        except Exception:
+            exc = RuntimeError(f"{type(exc).__name__}: {_first_line(exc)}")
+        _send(fd, ("error", exc))
+        return
+    _send(fd, ("done", summaries))
+
+
+def _no_progress(name: str, total: int):
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def store_runs(db_file: str, run_ids: list[str]) -> dict[str, str]:
+    """Store the spools of ``run_ids`` in this process, in order, and mark
+    their runs; returns each run's final status. Raises StoreError when the
+    database cannot be opened (the spools wait for the next run) or refused
+    writes (after storing what it could)."""
+    todo = [(run_id, spool_path(db_file, run_id)) for run_id in run_ids]
+    todo = [(run_id, path) for run_id, path in todo if path.exists()]
+    if not todo:
+        return {}
+    try:
+        con = _connect(db_file)
+    except StoreError as exc:  # the database could not be opened: the spools keep every measurement
+        kept = ", ".join(str(path) for _, path in todo)
+        raise StoreError(f"{exc}; the measurements of this run are kept in {kept} and the next `vantage run` "
+                         "stores them") from None
+    finals: dict[str, str] = {}
+    failed = None
+    try:
+        for run_id, path in todo:
+            answer = store_spool(con, db_file, path)
+            finals[run_id] = answer["status"]
+            failed = failed or answer.get("failed")
+    finally:
+        con.close()
+    if failed:
+        raise StoreError(failed)
+    return finals
 
 
 # --------------------------------------------------------------------------
@@ -366,7 +606,7 @@ def store_spool(con, db_file: str, spool: Path) -> dict[str, Any]:
     from .store import Sink
 
     run_id = _run_of(spool, db_file)
-    sink = Sink(con, rescue_path=runner.rescue_path(db_file, run_id))
+    sink = Sink(con, batch_size=STORE_BATCH, queue_size=STORE_QUEUE, rescue_path=runner.rescue_path(db_file, run_id))
     end: dict[str, Any] | None = None
     with open(spool, encoding="utf-8", errors="replace") as fh:
         for line in fh:
@@ -450,16 +690,7 @@ def _record_start(con, entry: dict[str, Any]) -> None:
                      runner.Location(**entry["location"]))
 
 
-def _task_finish(payload: dict[str, Any]) -> dict[str, Any]:
-    db = payload["db"]
-    con = _connect(db)
-    try:
-        return store_spool(con, db, spool_path(db, payload["run_id"]))
-    finally:
-        con.close()
-
-
-_TASKS = {"prepare": _task_prepare, "finish": _task_finish}
+_TASKS = {"prepare": _task_prepare}
 
 
 def main(argv: list[str]) -> int:
