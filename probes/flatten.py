@@ -21,6 +21,7 @@ made the probe record.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import json
@@ -128,6 +129,16 @@ def _url_parts(url: Any) -> tuple[str | None, str | None, int | None]:
     """(domain, scheme, port) of the input URL; None for what does not parse."""
     if not isinstance(url, str) or "://" not in url:
         return None, None, None
+    return _url_parts_of(url) if len(url) <= _CACHED_TEXT else _url_parts_of.__wrapped__(url)
+
+
+# Inputs and addresses repeat from measurement to measurement (a test list, a
+# country's resolvers): their parses are cached, for texts up to this long.
+_CACHED_TEXT = 2048
+
+
+@functools.lru_cache(maxsize=8192)
+def _url_parts_of(url: str) -> tuple[str | None, str | None, int | None]:
     try:
         parts = urlsplit(url)
         host = parts.hostname
@@ -466,6 +477,11 @@ def _throughput(mid: str, s: dict[str, Any], side: Any, variant: Any) -> Row:
 def _answer_type(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
+    return _answer_type_of(value) if len(value) <= _CACHED_TEXT else _answer_type_of.__wrapped__(value)
+
+
+@functools.lru_cache(maxsize=8192)
+def _answer_type_of(value: str) -> str:
     try:
         return "AAAA" if ipaddress.ip_address(value).version == 6 else "A"
     except ValueError:

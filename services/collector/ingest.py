@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ class Ingestor:
         self._on_commit = on_commit or (lambda ingestor: None)
         self._poll = poll
         self._thread: threading.Thread | None = None
+        self._counting = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="vantage-ingest", daemon=True)
@@ -121,41 +123,59 @@ class Ingestor:
         line has committed."""
         con = self._connection()
         self.busy = True
+        writer = _Writer(self, con)
         try:
-            batch: list[tuple[dict[str, Any], str | None]] = []
-            seen: set[str] = set()
-            finished: list[Path] = []  # read to the end; deleted after the next commit
-
-            def commit() -> None:
-                if batch:
-                    self._write(con, batch)
-                    batch.clear()
-                    seen.clear()
-                for done in finished:
-                    done.unlink()
-                    self.segments += 1
-                if finished:
-                    fsync_dir(finished[0].parent)
-                finished.clear()
-                self._on_commit(self)
-
-            for path in segments:
-                with open(path, "rb") as fh:
-                    for line, last in _with_last(fh):
-                        item = self._parse(line, last)
-                        if item is None:
-                            continue
-                        if item[0]["measurement_id"] in seen:
-                            self.duplicates += 1
-                            continue
-                        seen.add(item[0]["measurement_id"])
-                        batch.append(item)
-                        if len(batch) >= self.batch_size:
-                            commit()
-                finished.append(path)
-            commit()
+            with store.bulk_gc() as collect:
+                self._read(segments, writer, collect)
         finally:
             self.busy = False
+            writer.close()
+
+    def _read(self, segments: list[Path], writer: _Writer, collect) -> None:
+        batch: list[tuple[dict[str, Any], str | None]] = []
+        seen: set[str] = set()
+        finished: list[Path] = []  # read to the end; deleted after the commit of the batch that ends them
+        duplicates = 0
+
+        def hand_over() -> None:
+            nonlocal batch, seen, finished, duplicates
+            refused: list = []
+            tables, ids = store.arrow_tables_each(batch, lambda item, exc: refused.append((item, exc)))
+            writer.put(_Flattened(batch, tables, ids, refused, finished, duplicates))
+            batch, seen, finished, duplicates = [], set(), [], 0
+            collect()
+
+        for path in segments:
+            with open(path, "rb") as fh:
+                for line, last in _with_last(fh):
+                    item = self._parse(line, last)
+                    if item is None:
+                        continue
+                    if item[0]["measurement_id"] in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(item[0]["measurement_id"])
+                    batch.append(item)
+                    if len(batch) >= self.batch_size:
+                        hand_over()
+            finished.append(path)
+        hand_over()
+
+    def _add(self, **counts: int) -> None:
+        with self._counting:  # both threads count
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def _commit(self, con, done: _Flattened) -> None:
+        """One batch into the database, then its finished segments deleted."""
+        if done.ids or done.refused:
+            self._write(con, done)
+        for path in done.finished:
+            path.unlink()
+        if done.finished:
+            fsync_dir(done.finished[0].parent)
+        self._add(duplicates=done.duplicates, segments=len(done.finished))
+        self._on_commit(self)
 
     def _parse(self, line: bytes, last: bool) -> tuple[dict[str, Any], str | None] | None:
         """The record of one spool line. Only the segment's last line can be
@@ -192,15 +212,16 @@ class Ingestor:
             os.fsync(fh.fileno())
         if new:
             fsync_dir(path.parent)
-        self.rejected += 1
+        self._add(rejected=1)
 
-    def _write(self, con, batch: list) -> None:
-        refused: list = []
-        stored = store.write_each(con, batch, lambda item, exc: refused.append((item, exc)), columnar=True)
-        if refused:
+    def _write(self, con, done: _Flattened) -> None:
+        refused = list(done.refused)  # records that could not be flattened
+        items = {record["measurement_id"]: (record, category) for record, category in done.batch}
+        stored = store.insert_each(con, done.tables, done.ids, lambda mid, exc: refused.append((items[mid], exc))) \
+            if done.ids else 0
+        if len(refused) > len(done.refused):
             con.execute("SELECT 1").fetchall()  # the database itself failing: raise, keep the segment
-        self.ingested += stored
-        self.duplicates += len(batch) - stored - len(refused)
+        self._add(ingested=stored, duplicates=len(done.batch) - stored - len(refused))
         if refused:
             self._reject(refused)
 
@@ -210,7 +231,35 @@ class Ingestor:
                 fh.write(store.rescue_line(record, category, exc))
             fh.flush()
             os.fsync(fh.fileno())
-        self.rejected += len(refused)
+        self._add(rejected=len(refused))
+
+
+@dataclass
+class _Flattened:
+    """A batch read and flattened, for the writer thread."""
+
+    batch: list[tuple[dict[str, Any], str | None]]
+    tables: dict[str, Any]          # probes.store.arrow_tables
+    ids: list[str]                  # the measurements in ``tables``
+    refused: list                   # (item, exception): records that could not be flattened
+    finished: list[Path]            # segments whose last line is in this batch (or before)
+    duplicates: int                 # lines skipped as already in the batch
+
+
+class _Writer:
+    """Commits the batches ``put`` to it, in order. (In the reading thread:
+    a writer thread, with DuckDB's inserts overlapping the next batch's
+    flattening, was slower: the two threads fought over the GIL.)"""
+
+    def __init__(self, ingestor: Ingestor, con):
+        self._ingestor = ingestor
+        self._con = con
+
+    def put(self, done: _Flattened) -> None:
+        self._ingestor._commit(self._con, done)
+
+    def close(self) -> None:
+        pass
 
 
 def _with_last(lines):
