@@ -48,11 +48,20 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def _wait_helper(ns: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (/proc/<pid>/stat), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _wait_helper(ns: str, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the helper exited: {proc.stderr.read()[-800:]}")
+            raise SystemExit(f"the helper exited: {log.read_text()[-800:]}")
         probe = sh("ip", "netns", "exec", ns, sys.executable, "-c",
                    f"import urllib.request; urllib.request.urlopen('http://{HELPER}/health', timeout=1)", check=False)
         if probe.returncode == 0:
@@ -73,6 +82,7 @@ def run_once(ns: str, count: int, concurrency: int | None, workdir: Path, helper
     if concurrency:
         cmd += ["--concurrency", str(concurrency)]
     helper_before = _status_kb(helper_pid, "VmHWM")
+    helper_cpu = _cpu_seconds(helper_pid)
     load_before = _load()
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
@@ -108,6 +118,9 @@ def run_once(ns: str, count: int, concurrency: int | None, workdir: Path, helper
         "probe_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
         "helper_peak_rss_mb": round(max(_status_kb(helper_pid, "VmHWM"), helper_rss_kb) / 1024, 1),
         "helper_peak_rss_before_mb": round(helper_before / 1024, 1),
+        # The helper's CPU for this run, per URL: what one control costs it.
+        "helper_cpu_seconds": round(_cpu_seconds(helper_pid) - helper_cpu, 2),
+        "helper_cpu_ms_per_url": round((_cpu_seconds(helper_pid) - helper_cpu) * 1000 / count, 1),
         "load_1min": [load_before, _load()],
     }
 
@@ -139,12 +152,13 @@ def main() -> None:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if servers.stdout.readline().strip() != "ready":
             raise SystemExit(f"benchmark servers did not start: {servers.stderr.read()[-500:]}")
+        helper_log = (workdir / "helper.log").open("w")  # it logs every request: a pipe nobody reads would block it
         helper = subprocess.Popen(
             ["ip", "netns", "exec", ns, "/usr/bin/env", f"HOME={workdir}", sys.executable, "-m", "cli.main", "helper",
              "serve", "--listen", HELPER, "--allow", "127.0.0.0/8", "--resolver", "127.0.0.1:53",
              *shlex.split(args.helper_args)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
-        _wait_helper(ns, helper)
+            stdout=subprocess.DEVNULL, stderr=helper_log, cwd=HERE.parent)
+        _wait_helper(ns, helper, workdir / "helper.log")
         for n in counts:
             results.append(run_once(ns, n, args.concurrency, workdir, helper.pid))
             print(json.dumps(results[-1]), flush=True)
