@@ -43,7 +43,9 @@ summary = import_ooni(con, [sys.argv[2]])
 seconds = time.perf_counter() - t0
 con.close()
 print(json.dumps({"seconds": seconds, "imported": summary.imported, "bad": summary.bad,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "duplicates": summary.duplicates,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "reader_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
 
@@ -90,12 +92,15 @@ def run(count: int, threads: int, workdir: Path, which: str) -> dict:
     raw, disk = make_file(data, count, which)
     made = time.perf_counter() - t0
     db = workdir / f"import-{count}.duckdb"
+    load = round(os.getloadavg()[0], 2)  # other jobs on the machine lower every figure
     out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(data), str(db), str(threads)],
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result.update({
         "samples": which, "measurements": count, "per_second": round(result["imported"] / result["seconds"]),
         "seconds": round(result["seconds"], 2), "peak_rss_mb": round(result["peak_rss_mb"], 1),
+        "reader_peak_rss_mb": round(result["reader_peak_rss_mb"], 1),
+        "load_average_1m_at_start": load, "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "json_mb": round(raw / 1e6, 1), "gz_mb": round(disk / 1e6, 1), "db_mb": round(db.stat().st_size / 1e6, 1),
         "generate_seconds": round(made, 1),
     })

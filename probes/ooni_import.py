@@ -287,7 +287,7 @@ WORKER_BYTES = 4 * 1024 * 1024
 WORKER_QUEUE = 2
 # DuckDB's buffer pool during an import (its default is 80% of RAM): the
 # import's memory stays flat whatever the file size (docs/benchmarks.md).
-IMPORT_MEMORY_LIMIT = "512MB"
+IMPORT_MEMORY_LIMIT = "256MB"
 
 
 @dataclass

@@ -5,8 +5,9 @@ One ingestor owns the database connection, in a child process of the
 collector (``IngestProcess``: requests and ingestion each get a core). For each ready segment, in order:
 read its lines, convert each measurement with probes.ooni_import's
 ``record_from_ooni`` (the collector stores OONI's envelope, Vantage's ``x_``
-keys included, exactly as ``vantage import ooni`` would), write them with
-``probes.store.write_each`` (each batch one transaction; a measurement the
+keys included, exactly as ``vantage import ooni`` would), flatten the batch
+into Arrow tables (``probes.store.arrow_tables_each``) and write them with
+``probes.store.insert_each`` (each batch one transaction; a measurement the
 database refuses even alone goes to ``rejected.jsonl``), and only then delete
 the segment. A crash anywhere in between leaves the segment in place; the
 next start ingests it again and the store skips the measurements already
@@ -62,7 +63,6 @@ class Ingestor:
         self._on_commit = on_commit or (lambda ingestor: None)
         self._poll = poll
         self._thread: threading.Thread | None = None
-        self._counting = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="vantage-ingest", daemon=True)
@@ -123,15 +123,13 @@ class Ingestor:
         line has committed."""
         con = self._connection()
         self.busy = True
-        writer = _Writer(self, con)
         try:
             with store.bulk_gc() as collect:
-                self._read(segments, writer, collect)
+                self._read(con, segments, collect)
         finally:
             self.busy = False
-            writer.close()
 
-    def _read(self, segments: list[Path], writer: _Writer, collect) -> None:
+    def _read(self, con, segments: list[Path], collect) -> None:
         batch: list[tuple[dict[str, Any], str | None]] = []
         seen: set[str] = set()
         finished: list[Path] = []  # read to the end; deleted after the commit of the batch that ends them
@@ -141,7 +139,7 @@ class Ingestor:
             nonlocal batch, seen, finished, duplicates
             refused: list = []
             tables, ids = store.arrow_tables_each(batch, lambda item, exc: refused.append((item, exc)))
-            writer.put(_Flattened(batch, tables, ids, refused, finished, duplicates))
+            self._commit(con, _Flattened(batch, tables, ids, refused, finished, duplicates))
             batch, seen, finished, duplicates = [], set(), [], 0
             collect()
 
@@ -161,11 +159,6 @@ class Ingestor:
             finished.append(path)
         hand_over()
 
-    def _add(self, **counts: int) -> None:
-        with self._counting:  # both threads count
-            for name, n in counts.items():
-                setattr(self, name, getattr(self, name) + n)
-
     def _commit(self, con, done: _Flattened) -> None:
         """One batch into the database, then its finished segments deleted."""
         if done.ids or done.refused:
@@ -174,7 +167,8 @@ class Ingestor:
             path.unlink()
         if done.finished:
             fsync_dir(done.finished[0].parent)
-        self._add(duplicates=done.duplicates, segments=len(done.finished))
+        self.duplicates += done.duplicates
+        self.segments += len(done.finished)
         self._on_commit(self)
 
     def _parse(self, line: bytes, last: bool) -> tuple[dict[str, Any], str | None] | None:
@@ -212,7 +206,7 @@ class Ingestor:
             os.fsync(fh.fileno())
         if new:
             fsync_dir(path.parent)
-        self._add(rejected=1)
+        self.rejected += 1
 
     def _write(self, con, done: _Flattened) -> None:
         refused = list(done.refused)  # records that could not be flattened
@@ -221,7 +215,8 @@ class Ingestor:
             if done.ids else 0
         if len(refused) > len(done.refused):
             con.execute("SELECT 1").fetchall()  # the database itself failing: raise, keep the segment
-        self._add(ingested=stored, duplicates=len(done.batch) - stored - len(refused))
+        self.ingested += stored
+        self.duplicates += len(done.batch) - stored - len(refused)
         if refused:
             self._reject(refused)
 
@@ -231,12 +226,12 @@ class Ingestor:
                 fh.write(store.rescue_line(record, category, exc))
             fh.flush()
             os.fsync(fh.fileno())
-        self._add(rejected=len(refused))
+        self.rejected += len(refused)
 
 
 @dataclass
 class _Flattened:
-    """A batch read and flattened, for the writer thread."""
+    """A batch read and flattened, ready to commit."""
 
     batch: list[tuple[dict[str, Any], str | None]]
     tables: dict[str, Any]          # probes.store.arrow_tables
@@ -244,22 +239,6 @@ class _Flattened:
     refused: list                   # (item, exception): records that could not be flattened
     finished: list[Path]            # segments whose last line is in this batch (or before)
     duplicates: int                 # lines skipped as already in the batch
-
-
-class _Writer:
-    """Commits the batches ``put`` to it, in order. (In the reading thread:
-    a writer thread, with DuckDB's inserts overlapping the next batch's
-    flattening, was slower: the two threads fought over the GIL.)"""
-
-    def __init__(self, ingestor: Ingestor, con):
-        self._ingestor = ingestor
-        self._con = con
-
-    def put(self, done: _Flattened) -> None:
-        self._ingestor._commit(self._con, done)
-
-    def close(self) -> None:
-        pass
 
 
 def _with_last(lines):

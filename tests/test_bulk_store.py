@@ -1,0 +1,168 @@
+"""The bulk writer (probes/store.py: arrow_tables, insert_tables, insert_each)
+and the import's reader process (probes/ooni_import.py): the same rows, the
+same summary, whichever road the records take."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import duckdb
+import pytest
+
+from probes import flatten, store
+from probes.ooni_import import import_ooni, record_from_ooni
+from shared import shared_path
+from test_ooni_import import _qa_lines, _write_gz
+
+pytestmark = pytest.mark.shared
+
+TABLES = flatten.FLATTENED_TABLES
+
+
+def _rows(db) -> dict[str, list]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return {t: sorted(map(repr, con.execute(f"SELECT * FROM {t}").fetchall())) for t in TABLES}
+    finally:
+        con.close()
+
+
+def _records(count: int) -> list:
+    """QA measurements as records, each with an id of its own."""
+    return [(record_from_ooni(d) | {"measurement_id": f"m{n}"}, None) for n, d in enumerate(_qa_lines()[:count])]
+
+
+def _layout(tmp_path):
+    """OONI's published layout with a corrupt line, a truncated .gz, another
+    test and a plain .json (tests/test_ooni_import.py's case)."""
+    docs = _qa_lines(copies=3)
+    day = tmp_path / "raw" / "20240102"
+    _write_gz(day / "00" / "IR" / "webconnectivity" / "a.jsonl.gz", docs[:50], corrupt_line=7)
+    truncated = day / "01" / "IR" / "webconnectivity" / "b.jsonl.gz"
+    _write_gz(truncated, docs[50:150] + docs[:10])  # ten measurements twice
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size * 3 // 4])
+    _write_gz(day / "00" / "IR" / "telegram" / "t.jsonl.gz", [{"test_name": "telegram", "test_keys": {}}] * 4)
+    plain = day / "02" / "IR" / "webconnectivity" / "one.json"
+    plain.parent.mkdir(parents=True)
+    plain.write_text(json.dumps(docs[0] | {"report_id": "plain"}))
+    return tmp_path / "raw"
+
+
+@pytest.mark.parametrize("batch_size", [7, 1000])
+def test_the_reader_process_imports_what_the_single_process_does(tmp_path, batch_size):
+    raw = _layout(tmp_path)
+    results = {}
+    for worker in (False, True):
+        db = tmp_path / f"{worker}.duckdb"
+        con = store.connect(db)
+        try:
+            first = import_ooni(con, [raw], batch_size=batch_size, worker=worker).as_dict()
+            again = import_ooni(con, [raw], batch_size=batch_size, worker=worker).as_dict()
+        finally:
+            con.close()
+        results[worker] = (first, again, _rows(db))
+    assert results[True] == results[False]
+    first, again, rows = results[True]
+    assert first["partial"] and first["bad"] == 2 and first["imported"] > 50
+    assert again["imported"] == 0 and again["duplicates"] == first["imported"] + first["duplicates"]
+    assert len(rows["measurements"]) == first["imported"]
+
+
+def test_the_reader_process_reports_file_and_line_of_what_cannot_be_flattened(tmp_path, monkeypatch):
+    docs = _qa_lines()[:20]
+    docs[5] = docs[5] | {"report_id": "poison"}
+    path = tmp_path / "x.jsonl.gz"
+    _write_gz(path, docs)
+    real = flatten.flatten
+
+    def poisoned(record, category=None):
+        if record.get("report_id") == "poison":
+            raise ValueError("poisoned")
+        return real(record, category)
+
+    monkeypatch.setattr(flatten, "flatten", poisoned)  # the in-process road
+    con = store.connect(tmp_path / "v.duckdb")
+    try:
+        summary = import_ooni(con, [path], worker=False).as_dict()
+    finally:
+        con.close()
+    assert summary["imported"] + summary["duplicates"] == 19 and summary["bad"] == 1, summary
+    assert summary["errors"] == [{"file": str(path), "line": 6, "error": "not stored: poisoned"}]
+
+
+def test_insert_tables_skips_stored_measurements_with_their_rows(tmp_path):
+    records = _records(30)
+    con = store.connect(tmp_path / "a.duckdb")
+    try:
+        assert store.insert_tables(con, store.arrow_tables(records[::2])) == 15
+        assert store.insert_tables(con, store.arrow_tables(records)) == 15  # a batch half stored already
+        assert store.insert_tables(con, store.arrow_tables(records)) == 0
+    finally:
+        con.close()
+    con = store.connect(tmp_path / "b.duckdb")
+    try:
+        store.write_records(con, records)  # the probe's VALUES road, all at once
+    finally:
+        con.close()
+    assert _rows(tmp_path / "a.duckdb") == _rows(tmp_path / "b.duckdb")
+
+
+def test_insert_each_stores_all_but_the_measurement_the_database_refuses(tmp_path, monkeypatch):
+    records = _records(10)
+    tables = store.arrow_tables(records)
+    ids = [r["measurement_id"] for r, _ in records]
+    real = store._insert_arrow
+
+    def refusing(con, table, data, where="", returning=False):  # the database refuses ids[3], alone or not
+        if table == "measurements" and ids[3] in data.column("measurement_id").to_pylist():
+            raise duckdb.ConversionError("refused")
+        return real(con, table, data, where, returning)
+
+    monkeypatch.setattr(store, "_insert_arrow", refusing)
+    refused = []
+    con = store.connect(tmp_path / "a.duckdb")
+    try:
+        stored = store.insert_each(con, tables, ids, lambda mid, exc: refused.append(mid))
+        got = {m for (m,) in con.execute("SELECT measurement_id FROM measurements").fetchall()}
+        rows = sum(con.execute(f"SELECT count(*) FROM {t} WHERE measurement_id = ?", [ids[3]]).fetchone()[0]
+                   for t in TABLES)
+    finally:
+        con.close()
+    assert refused == [ids[3]] and stored == 9 and got == set(ids) - {ids[3]} and rows == 0
+
+
+def test_bulk_gc_and_memory_limit_restore_what_they_change(tmp_path):
+    con = store.connect(tmp_path / "a.duckdb")
+    try:
+        def limit() -> float:
+            return store._bytes(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])
+
+        before = limit()
+        with store.memory_limit(con, "100MB"):
+            assert limit() == pytest.approx(100e6, rel=0.01)
+        assert limit() == pytest.approx(before, rel=0.01)  # DuckDB shows it rounded to 0.1 GiB
+        con.execute("SET memory_limit = '50MB'")
+        with store.memory_limit(con, "100MB"):  # a lower limit of the caller's stays
+            assert limit() == pytest.approx(50e6, rel=0.01)
+    finally:
+        con.close()
+    assert gc.isenabled()
+    with store.bulk_gc() as collect:
+        assert not gc.isenabled()
+        collect()
+    assert gc.isenabled() and not gc.get_freeze_count()
+
+
+def test_the_shared_folder_imports_alike_in_both_roads(tmp_path):
+    folder = shared_path("data", "ooni")
+    results = []
+    for worker in (False, True):
+        db = tmp_path / f"{worker}.duckdb"
+        con = store.connect(db)
+        try:
+            summary = import_ooni(con, [folder], worker=worker).as_dict()
+        finally:
+            con.close()
+        results.append((summary, _rows(db)))
+    assert results[0] == results[1]
