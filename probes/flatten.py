@@ -257,16 +257,27 @@ def _without_bodies(record: dict[str, Any]) -> dict[str, Any]:
     return record | {"test_keys": keys | {"requests": slim}}
 
 
+def _json_length(value: Any) -> int:
+    """Bytes of ``value`` as JSON, or more than TEXT_BUDGET when orjson
+    cannot write it (lone surrogates, huge integers...)."""
+    if orjson is not None:
+        try:
+            return len(orjson.dumps(value))
+        except (TypeError, ValueError):
+            pass
+    return TEXT_BUDGET + 1
+
+
 def _text_budget(sides: list[dict[str, list[Row]]], notes: dict[str, Any]) -> None:
     """At most TEXT_BUDGET characters of text in one record's rows (1,024
     hops with 64 KiB bodies and headers each made a 128 MB transaction that
     DuckDB could not commit in 32 MB): past the budget, strings longer than
     SMALL_TEXT become NULL (ids, sides, addresses and failures are shorter)."""
     used = RECORD_JSON_CAP  # measurements.record, built last
-    # Almost every record is far below the budget: one sum of the lengths
-    # (measurement ids included, so it is an upper bound) says so.
-    if used + sum([len(v) for side in sides for table_rows in side.values() for row in table_rows
-                   for v in row.values() if isinstance(v, str)]) <= TEXT_BUDGET:
+    # Almost every record is far below the budget, and the rows' JSON says so
+    # at C speed: its UTF-8 length bounds the characters of every string in
+    # it (measurement ids and non-strings included: an upper bound).
+    if used + _json_length(sides) <= TEXT_BUDGET:
         return
     dropped = 0
     for table_rows in (r for side in sides for r in side.values()):
