@@ -70,11 +70,19 @@ def _wait_helper(ns: str, proc: subprocess.Popen, log: Path, timeout: float = 30
     raise SystemExit("the helper did not answer /health")
 
 
-def run_once(ns: str, count: int, concurrency: int | None, workdir: Path, helper_pid: int) -> dict:
+def _python(profile: str | None, name: str) -> list[str]:
+    """The interpreter, under bench/profiled.py when profiling (``profile``: a directory)."""
+    if not profile:
+        return [sys.executable]
+    return [sys.executable, str(HERE / "profiled.py"), str(Path(profile) / name)]
+
+
+def run_once(ns: str, count: int, concurrency: int | None, workdir: Path, helper_pid: int,
+             profile: str | None = None, servers_pid: int | None = None) -> dict:
     urls = workdir / f"urls-{count}.txt"
     urls.write_text("".join(f"http://site{i}.bench.test/page\n" for i in range(count)))
     db = workdir / f"real-{count}-{uuid.uuid4().hex[:6]}.duckdb"
-    cmd = ["ip", "netns", "exec", ns, "/usr/bin/env", f"HOME={workdir}", sys.executable, "-m", "cli.main", "run", "web",
+    cmd = ["ip", "netns", "exec", ns, "/usr/bin/env", f"HOME={workdir}", *_python(profile, f"probe-{count}"), "-m", "cli.main", "run", "web",
            "--input-file", str(urls), "--db", str(db), "--yes", "--quiet", "--json", "--no-doh",
            "--resolver", "127.0.0.1", "--probe-cc", "ZZ", "--probe-asn", "AS0", "--helper", f"http://{HELPER}/"]
     if "--no-capture" in sh(sys.executable, "-m", "cli.main", "run", "--help", check=False).stdout:
@@ -83,6 +91,7 @@ def run_once(ns: str, count: int, concurrency: int | None, workdir: Path, helper
         cmd += ["--concurrency", str(concurrency)]
     helper_before = _status_kb(helper_pid, "VmHWM")
     helper_cpu = _cpu_seconds(helper_pid)
+    servers_cpu = _cpu_seconds(servers_pid) if servers_pid else 0.0
     load_before = _load()
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
@@ -116,11 +125,15 @@ def run_once(ns: str, count: int, concurrency: int | None, workdir: Path, helper
         "stored": stored, "controlled": controlled, "control_failures": failures, "outcomes": summary["outcomes"],
         "probe_peak_total_rss_mb": round(total_kb / 1024, 1),
         "probe_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+        "probe_cpu_ms_per_url": round((usage.ru_utime + usage.ru_stime) * 1000 / count, 1),
         "helper_peak_rss_mb": round(max(_status_kb(helper_pid, "VmHWM"), helper_rss_kb) / 1024, 1),
         "helper_peak_rss_before_mb": round(helper_before / 1024, 1),
         # The helper's CPU for this run, per URL: what one control costs it.
         "helper_cpu_seconds": round(_cpu_seconds(helper_pid) - helper_cpu, 2),
         "helper_cpu_ms_per_url": round((_cpu_seconds(helper_pid) - helper_cpu) * 1000 / count, 1),
+        # The bench's DNS and web servers: two fetches and up to four lookups a URL.
+        "servers_cpu_ms_per_url": (round((_cpu_seconds(servers_pid) - servers_cpu) * 1000 / count, 1)
+                                   if servers_pid else None),
         "load_1min": [load_before, _load()],
     }
 
@@ -133,6 +146,8 @@ def main() -> None:
     parser.add_argument("--helper-args", default="--rate-per-minute 0",
                         help="options for `vantage helper serve` (default: %(default)s)")
     parser.add_argument("--out", default=str(HERE / "results" / "probe_real_run.json"))
+    parser.add_argument("--profile", metavar="DIR",
+                        help="run the helper and the probe under cProfile (bench/profiled.py), .prof files in DIR")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("this benchmark needs root (it creates a network namespace)")
@@ -154,13 +169,13 @@ def main() -> None:
             raise SystemExit(f"benchmark servers did not start: {servers.stderr.read()[-500:]}")
         helper_log = (workdir / "helper.log").open("w")  # it logs every request: a pipe nobody reads would block it
         helper = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "/usr/bin/env", f"HOME={workdir}", sys.executable, "-m", "cli.main", "helper",
+            ["ip", "netns", "exec", ns, "/usr/bin/env", f"HOME={workdir}", *_python(args.profile, "helper"), "-m", "cli.main", "helper",
              "serve", "--listen", HELPER, "--allow", "127.0.0.0/8", "--resolver", "127.0.0.1:53",
              *shlex.split(args.helper_args)],
             stdout=subprocess.DEVNULL, stderr=helper_log, cwd=HERE.parent)
         _wait_helper(ns, helper, workdir / "helper.log")
         for n in counts:
-            results.append(run_once(ns, n, args.concurrency, workdir, helper.pid))
+            results.append(run_once(ns, n, args.concurrency, workdir, helper.pid, args.profile, servers.pid))
             print(json.dumps(results[-1]), flush=True)
     finally:
         for proc in (helper, servers):

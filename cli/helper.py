@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import tomllib
 from typing import Any
 
@@ -11,6 +10,7 @@ import click
 
 from core.errors import VantageError
 from services.helper import HelperConfig, serve_forever
+from services.helper import log as helper_log
 from services.helper.config import HelperConfigError
 
 
@@ -48,16 +48,19 @@ def helper() -> None:
               help="Rate-limit by the last X-Forwarded-For entry (only behind your own reverse proxy).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="TOML file with the same keys (listen, allow, max_inflight, ...); options override it.")
-@click.option("-v", "--verbose", is_flag=True, help="Log every control request (never client addresses).")
+@click.option("--access-log", is_flag=True, default=None,
+              help="Log one line per control request (status, duration; never client addresses nor URLs). "
+                   "Without it: a summary a minute.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every control request (never client addresses), and INFO lines.")
 def serve(listen, allow, max_inflight, rate_per_minute, resolver, doh_url, ca_file, asn_db, trust_forwarded_for,
-          config_file, verbose) -> None:
+          config_file, access_log, verbose) -> None:
     """Serve control requests until interrupted."""
     settings = _load_config(config_file)
     from_file = set(settings)
     overrides = {
         "listen": listen, "allow": list(allow) or None, "max_inflight": max_inflight,
         "rate_per_minute": rate_per_minute, "resolver": resolver, "doh_url": doh_url, "ca_file": ca_file,
-        "asn_db": asn_db, "trust_forwarded_for": trust_forwarded_for,
+        "asn_db": asn_db, "trust_forwarded_for": trust_forwarded_for, "access_log": access_log or verbose or None,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     try:
@@ -67,12 +70,13 @@ def serve(listen, allow, max_inflight, rate_per_minute, resolver, doh_url, ca_fi
         raise VantageError(f"helper: {exc}{where}") from None
     except (TypeError, ValueError) as exc:
         raise VantageError(str(exc)) from None
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("vantage.helper").setLevel(logging.INFO)
+    # Through a queue and a writer thread: a stderr nobody reads never blocks the loop.
+    pipe = helper_log.configure(verbose)
     try:
         asyncio.run(serve_forever(config))
     except KeyboardInterrupt:
         pass
     except (OSError, ValueError) as exc:
         raise VantageError(f"helper: {exc}") from None
+    finally:
+        pipe.stop()

@@ -522,15 +522,22 @@ def test_rate_limiter_refills_and_prunes():
     assert len(limiter) == 0
 
 
-async def test_logs_never_contain_client_addresses(dns_server, http_server, caplog):
+@pytest.mark.parametrize("access_log", [True, False])
+async def test_logs_never_contain_client_addresses(dns_server, http_server, caplog, access_log):
+    # The access log (--access-log) has a line per request; without it, the
+    # periodic summary counts them. Neither names the client nor the URL.
     dns_server.program("site.test", answer=["127.0.0.1"])
     caplog.set_level(logging.DEBUG)
-    async with HelperUnderTest(config(dns_server)) as helper:
+    async with HelperUnderTest(config(dns_server, access_log=access_log)) as helper:
         await helper.post({"http_request": f"http://site.test:{http_server.port}/", "tcp_connect": []})
         await helper.post(None, raw=b"nope")
+        summary = helper.helper.log_summary(60)
     messages = [r.getMessage() for r in caplog.records if r.name.startswith(("vantage", "aiohttp"))]
-    assert any("control request" in m for m in messages)
-    assert not any("127.0.0.1" in m for m in messages)
+    per_request = [m for m in messages if m.startswith("control request status=")]
+    assert len(per_request) == (2 if access_log else 0)
+    assert summary is not None and summary in messages
+    assert "control requests in the last 60 s: 2 (200: 1, 400: 1)" in summary
+    assert not any("127.0.0.1" in m or "site.test" in m for m in messages)
 
 
 def test_cli_serve_options_and_config(tmp_path):

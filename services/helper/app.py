@@ -14,6 +14,7 @@ from core.net import endpoint
 from probes.records import SOFTWARE_VERSION
 
 from . import limits
+from . import log as helper_log
 from .config import HelperConfig, parse_listen
 from .measure import Measurer
 from .protocol import BadRequest, parse_request
@@ -34,6 +35,7 @@ class Helper:
         self.limiter = limits.RateLimiter(config.rate_per_minute)
         self.inflight = limits.InFlight(config.max_inflight)
         self.served = 0
+        self.stats = helper_log.RequestStats()  # for the periodic summary (services/helper/log.py)
 
     @property
     def in_flight(self) -> int:
@@ -82,10 +84,26 @@ class Helper:
             return web.json_response(result)
         finally:
             self.inflight.leave()
-            # No client address, no URL: the log says how the service is doing,
-            # not who measured what.
-            log.info("control request status=%d duration=%.3fs in_flight=%d", status, time.monotonic() - started,
-                     self.in_flight)
+            duration = time.monotonic() - started
+            self.stats.add(status, duration)
+            if self.config.access_log:
+                # No client address, no URL: the log says how the service is
+                # doing, not who measured what. Queued, never written from the
+                # loop (services/helper/log.py).
+                log.info("control request status=%d duration=%.3fs in_flight=%d", status, duration, self.in_flight)
+
+    def log_summary(self, interval: float) -> str | None:
+        """Log (and return) the summary of the requests since the last one;
+        nothing when there were none."""
+        line = self.stats.summary(interval, self.in_flight, self.shed, helper_log.dropped())
+        if line is not None:
+            log.info("%s", line)
+        return line
+
+    async def summarize_every(self, interval: float = helper_log.SUMMARY_SECONDS) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.log_summary(interval)
 
     async def handle_health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "version": SOFTWARE_VERSION, "in_flight": self.in_flight})
@@ -103,10 +121,14 @@ async def start(helper: Helper, listen: str) -> tuple[web.AppRunner, list[str]]:
 
 
 async def serve_forever(config: HelperConfig) -> None:
-    runner, bound = await start(Helper(config), config.listen)
-    log.info("vantage helper %s listening on %s (max_inflight=%d, rate_per_minute=%d, allow=%s)",
-             SOFTWARE_VERSION, ", ".join(bound), config.max_inflight, config.rate_per_minute, config.allow or "none")
+    helper = Helper(config)
+    runner, bound = await start(helper, config.listen)
+    log.info("vantage helper %s listening on %s (max_inflight=%d, rate_per_minute=%d, allow=%s, access_log=%s)",
+             SOFTWARE_VERSION, ", ".join(bound), config.max_inflight, config.rate_per_minute, config.allow or "none",
+             "on" if config.access_log else "off")
+    summaries = asyncio.ensure_future(helper.summarize_every())
     try:
         await asyncio.Event().wait()
     finally:
+        summaries.cancel()
         await runner.cleanup()

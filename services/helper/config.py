@@ -38,6 +38,7 @@ class HelperConfig:
     ca_file: str | None = None  # extra trusted CA (the lab's)
     asn_db: str | None = None  # directory holding a MaxMind ASN .mmdb
     trust_forwarded_for: bool = False  # behind a reverse proxy: client = last X-Forwarded-For entry
+    access_log: bool = False  # one log line per control request (else a summary a minute)
     max_request_body: int = 64 * 1024
     max_response_body: int = 512 * 1024
     max_redirects: int = 10
@@ -46,8 +47,8 @@ class HelperConfig:
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(dns=5.0, connect=8.0, tls=8.0, http=15.0))
 
     KEYS = ("listen", "allow", "max_inflight", "rate_per_minute", "resolver", "doh_url", "ca_file", "asn_db",
-            "trust_forwarded_for", "max_request_body", "max_response_body", "max_redirects", "max_endpoints",
-            "request_timeout")
+            "trust_forwarded_for", "access_log", "max_request_body", "max_response_body", "max_redirects",
+            "max_endpoints", "request_timeout")
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> "HelperConfig":
@@ -190,6 +191,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "ca_file": _optional(_ca_file),
     "asn_db": _optional(_directory),
     "trust_forwarded_for": _flag,
+    "access_log": _flag,
     "max_request_body": _whole(1),
     "max_response_body": _whole(1),
     "max_redirects": _whole(0),
