@@ -113,6 +113,19 @@ async def uploader(url: str, index: int, batch: int, until: float, stats: dict, 
             stats["acked"].extend(ids)
 
 
+async def ingested_total(url: str) -> int | None:
+    """The collector's ``vantage_collector_ingested_total`` (its metrics endpoint)."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+            async with s.get(url + "/metrics") as r:
+                for line in (await r.text()).splitlines():
+                    if line.startswith("vantage_collector_ingested_total"):
+                        return int(float(line.split()[-1]))
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        pass
+    return None
+
+
 def children(pid: int) -> list[int]:
     found = []
     try:
@@ -180,6 +193,7 @@ async def main() -> None:
     interval = args.batch * args.uploaders / args.rate if args.rate else None
     await asyncio.gather(*(uploader(url, i, args.batch, until, stats, blob, interval) for i in range(args.uploaders)))
     window = time.monotonic() - started
+    ingested_at_stop = await ingested_total(f"http://127.0.0.1:{metrics_port}")
     stop_at = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(600)
@@ -199,6 +213,11 @@ async def main() -> None:
         "ingested": len(stored),
         "ingested_per_second_incl_drain": round(len(stored) / (drained - started)),
         "drain_seconds_after_sigterm": round(drained - stop_at, 1),
+        # written while the uploads ran (the ingestor sharing the cores with the server and the uploaders) ...
+        "ingested_per_second_during_uploads": round(ingested_at_stop / window) if ingested_at_stop is not None else None,
+        # ... and once they stopped, the backlog alone (SIGTERM: the collector ingests what is spooled, then exits)
+        "ingested_per_second_drain": round((len(stored) - ingested_at_stop) / (drained - stop_at))
+        if ingested_at_stop is not None and len(stored) - ingested_at_stop > 1000 else None,
         "missing_acknowledged": len(acked - stored),
         "request_latency_ms": {"p50": round(1000 * statistics.median(latency), 1),
                                "p99": round(1000 * latency[int(len(latency) * 0.99) - 1], 1)} if latency else None,
