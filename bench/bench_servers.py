@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import struct
 from typing import Callable
 
 import dns.message
@@ -18,6 +19,38 @@ import dns.rrset
 from aiohttp import web
 
 PAGE = "<html><head><title>Bench site</title></head><body>" + "lorem ipsum " * 400 + "</body></html>"
+
+
+_LOCALHOST_A = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + bytes([127, 0, 0, 1])  # -> the question's name
+
+
+def _fast_answer(data: bytes) -> bytes | None:
+    """The reply to a plain query (one question, no EDNS nor other records),
+    built by hand: what dnspython's make_response gives (QR, the query's RD
+    and opcode; one A record for an A question, no data otherwise), at a
+    fraction of its CPU (the bench's servers share the machine with what they
+    measure). None for anything else: dnspython answers those."""
+    if len(data) < 17:
+        return None
+    ident, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!HHHHHH", data)
+    if flags & 0x8000 or qdcount != 1 or ancount or nscount or arcount:
+        return None
+    at = 12
+    while True:  # the question's name: labels, no compression in a query
+        length = data[at]
+        if length & 0xC0:
+            return None
+        at += 1 + length
+        if length == 0:
+            break
+        if at >= len(data):
+            return None
+    if at + 4 != len(data):
+        return None
+    qtype, qclass = struct.unpack_from("!HH", data, at)
+    answer = _LOCALHOST_A if qtype == 1 and qclass == 1 else b""
+    reply_flags = 0x8000 | (flags & 0x7900)  # QR + opcode + RD (dns.message.make_response)
+    return struct.pack("!HHHHHH", ident, reply_flags, 1, 1 if answer else 0, 0, 0) + data[12:] + answer
 
 
 class DNSProtocol(asyncio.DatagramProtocol):
@@ -37,6 +70,10 @@ class DNSProtocol(asyncio.DatagramProtocol):
             self._answer(data, addr)
 
     def _answer(self, data, addr):
+        fast = _fast_answer(data)
+        if fast is not None:
+            self.transport.sendto(fast, addr)
+            return
         try:
             query = dns.message.from_wire(data)
         except Exception:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import os
+import queue
 import socket
 import threading
 from typing import Any, Callable
@@ -51,14 +53,64 @@ def parse_server(server: str, default_port: int = 53) -> tuple[str, int]:
 # --- system ---------------------------------------------------------------------
 
 
+class _DaemonThreads:
+    """Daemon threads kept for the next call once idle (a thread a lookup
+    costs ~0.1-0.5 ms of CPU to start; a run makes one lookup a URL or more),
+    each leaving after ``IDLE_SECONDS`` without work. Never joined by anyone:
+    a thread stuck in getaddrinfo is abandoned at exit, as before."""
+
+    IDLE_SECONDS = 10.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = 0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1  # this job is that thread's
+        self._jobs.put(job)
+        if start:
+            threading.Thread(target=self._work, name="vantage-getaddrinfo", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0 and self._jobs.empty():
+                        self._idle -= 1
+                        return
+                continue  # a job was handed to this thread just now: take it
+            job()
+            with self._lock:
+                self._idle += 1
+
+
+_threads = _DaemonThreads()
+
+
+def _forget_threads() -> None:
+    """A forked child (the measuring process) has none of its parent's threads."""
+    global _threads
+    _threads = _DaemonThreads()
+
+
+os.register_at_fork(after_in_child=_forget_threads)
+
+
 async def in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in a thread of its own that nobody waits for at exit.
+    """``fn(*args)`` in a daemon thread that nobody waits for at exit.
 
     getaddrinfo cannot be interrupted. In the loop's executor, a lookup hung
     on a dead resolver kept Ctrl-C waiting until glibc gave up (asyncio.run
     joins the default executor's threads, and so does interpreter exit): 15 s
     with no word. A daemon thread is abandoned instead; it ends by itself when
-    getaddrinfo returns."""
+    getaddrinfo returns. Idle threads are reused (``_DaemonThreads``); a busy
+    one is never waited for: each call gets a thread of its own."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 
@@ -80,7 +132,7 @@ async def in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
-    threading.Thread(target=work, name="vantage-getaddrinfo", daemon=True).start()
+    _threads.submit(work)
     return await future
 
 
@@ -98,7 +150,8 @@ async def system_lookup(hostname: str, *, clock: Clock, txid: int, timeout: floa
     answers: list[dict[str, Any]] = []
     failure: str | None = None
     try:
-        infos = await asyncio.wait_for(getaddrinfo(hostname, 443, socket.AF_UNSPEC, socket.SOCK_STREAM), timeout)
+        async with asyncio.timeout(timeout):  # (wait_for would add a task a lookup)
+            infos = await getaddrinfo(hostname, 443, socket.AF_UNSPEC, socket.SOCK_STREAM)
         seen: set[str] = set()
         for family, _type, _proto, _canon, sockaddr in infos:
             ip = sockaddr[0]
@@ -296,7 +349,8 @@ async def udp_lookup(
             if remaining <= 0:
                 break
             try:
-                t, data, error = await asyncio.wait_for(protocol.queue.get(), remaining)
+                async with asyncio.timeout(remaining):  # (wait_for would add a task a datagram)
+                    t, data, error = await protocol.queue.get()
             except (asyncio.TimeoutError, TimeoutError):
                 break
             if error is not None:
