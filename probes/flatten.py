@@ -90,12 +90,24 @@ def _endpoint(value: Any) -> tuple[str | None, int | None]:
 def _headers_json(headers: Any) -> str | None:
     if headers is None:
         return None
+    if isinstance(headers, dict) and any(isinstance(v, dict) for v in headers.values()):
+        headers = {k: _header_text(v) for k, v in headers.items()}
     text = _dumps_sorted(headers)
     if len(text) > STRING_CAP or text.count(",") >= LIST_CAP:  # see _stored_json
         text = json.dumps(_clip(headers, {}), ensure_ascii=False, sort_keys=True)
     if len(text) > HEADERS_JSON_CAP:
         return json.dumps({"x_dropped_by_store": f"{len(text)} characters of headers"})
     return text
+
+
+def _header_text(value: Any) -> Any:
+    """A header value as text: OONI writes a value that is not UTF-8 as a
+    base64 object (df-001 MaybeBinaryData); the rules match text (a
+    blockpage's Location, a censor's Server), so it is decoded, invalid bytes
+    replaced."""
+    if isinstance(value, dict) and value.get("format") == "base64":
+        return body_bytes(value).decode("utf-8", "replace")
+    return value
 
 
 def _dumps_sorted(value: Any) -> str:

@@ -168,6 +168,29 @@ def test_odd_records_degrade_a_field_not_the_measurement(tmp_path):
     assert con.execute("SELECT ooni_blocking, ooni_accessible FROM measurements WHERE run_id = 'odd2'").fetchone() == ("false", True)
 
 
+def test_binary_header_values_are_stored_as_text(tmp_path):
+    """OONI writes a header value that is not UTF-8 as a base64 object
+    (df-001 MaybeBinaryData): it is stored as text, so the rules that read
+    a Location or a Server header see it."""
+    import base64
+
+    location = "http://blocked.example/\xff".encode("latin-1")
+    doc = {"test_name": "web_connectivity", "test_version": "0.4.3", "report_id": "bin1", "input": "http://c.example/",
+           "measurement_start_time": "2024-01-02 03:04:05",
+           "test_keys": {"requests": [{"request": {"url": "http://c.example/"},
+                                       "response": {"code": 302, "body": "",
+                                                    "headers": {"Location": {"format": "base64",
+                                                                             "data": base64.b64encode(location).decode()},
+                                                                "Server": "x"}}}]}}
+    path = tmp_path / "bin.jsonl"
+    path.write_text(json.dumps(doc) + "\n")
+    con = connect(tmp_path / "v.duckdb")
+    assert import_ooni(con, [path]).imported == 1
+    row = con.execute("SELECT json_extract_string(headers, '$.Location'), json_extract_string(headers, '$.Server') "
+                      "FROM http_transactions").fetchone()
+    assert row == ("http://blocked.example/\ufffd", "x")
+
+
 # --- a published layout with a corrupt line and a truncated .gz -----------------
 
 
