@@ -23,13 +23,18 @@ import base64
 import ipaddress
 import os
 import queue
+import re
 import socket
+import struct
 import threading
 from typing import Any, Callable
 
 import dns.asyncquery
+import dns.entropy
 import dns.exception
 import dns.flags
+import dns.ipv4
+import dns.ipv6
 import dns.message
 import dns.rcode
 import dns.rdatatype
@@ -182,16 +187,23 @@ async def system_lookup(hostname: str, *, clock: Clock, txid: int, timeout: floa
 # --- parsing responses -----------------------------------------------------------
 
 
-def _answers_of(response: dns.message.Message) -> list[dict[str, Any]]:
+def _answers_of(response: dns.message.Message | _Reply) -> list[dict[str, Any]]:
     """A, AAAA and CNAME records of the answer section (CNAMEs show where a
     censor redirected a name); other types are kept with a generic ``value``."""
     out: list[dict[str, Any]] = []
+    if isinstance(response, _Reply):
+        for rtype, ttl, values in response.rrsets:
+            for value in values:
+                out.append(dns_answer(_RTYPE_TEXT[rtype], value, ttl))
+                if len(out) >= MAX_ANSWERS:
+                    return out
+        return out
     for rrset in response.answer:
         rtype = dns.rdatatype.to_text(rrset.rdtype)
         for rdata in rrset:
-            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-                value = rdata.address
-            elif rrset.rdtype == dns.rdatatype.CNAME:
+            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) and hasattr(rdata, "address"):
+                value = rdata.address  # (an A of another class than IN is generic rdata: its text below)
+            elif rrset.rdtype == dns.rdatatype.CNAME and hasattr(rdata, "target"):
                 value = rdata.target.to_text(omit_final_dot=True)
             else:
                 value = rdata.to_text()
@@ -201,8 +213,8 @@ def _answers_of(response: dns.message.Message) -> list[dict[str, Any]]:
     return out
 
 
-def _response_failure(response: dns.message.Message, qtype: str) -> str | None:
-    rcode = response.rcode()
+def _response_failure(response: dns.message.Message | _Reply, qtype: str) -> str | None:
+    rcode = response.rcode if isinstance(response, _Reply) else response.rcode()
     if rcode == dns.rcode.NXDOMAIN:
         return failures.DNS_NXDOMAIN
     if rcode == dns.rcode.REFUSED:
@@ -212,15 +224,18 @@ def _response_failure(response: dns.message.Message, qtype: str) -> str | None:
     if rcode != dns.rcode.NOERROR:
         return failures.classify(f"dns rcode {dns.rcode.to_text(rcode)}")
     wanted = dns.rdatatype.from_text(qtype)
-    if not any(rrset.rdtype == wanted for rrset in response.answer):
-        return failures.DNS_NO_ANSWER
-    return None
+    if isinstance(response, _Reply):
+        present = any(rtype == wanted for rtype, _, _ in response.rrsets)
+    else:
+        present = any(rrset.rdtype == wanted for rrset in response.answer)
+    return None if present else failures.DNS_NO_ANSWER
 
 
 def _entry_from_response(
-    response: dns.message.Message, *, engine: str, resolver: str, hostname: str, qtype: str,
+    response: dns.message.Message | _Reply, *, engine: str, resolver: str, hostname: str, qtype: str,
     t0: float, t: float, txid: int, index: int = 0,
 ) -> dict[str, Any]:
+    rcode = response.rcode if isinstance(response, _Reply) else response.rcode()
     return dns_query(
         engine=engine,
         resolver=resolver,
@@ -228,12 +243,169 @@ def _entry_from_response(
         query_type=qtype,
         answers=_answers_of(response),
         failure=_response_failure(response, qtype),
-        rcode=dns.rcode.to_text(response.rcode()),
+        rcode=dns.rcode.to_text(rcode),
         t0=t0,
         t=t,
         transaction_id=txid,
         response_index=index,
     )
+
+
+# --- the common case by hand ------------------------------------------------------
+# dnspython builds and parses a message in pure Python: ~0.3 ms of CPU for a
+# query and its reply, two or three of them a URL on each side (the probe, the
+# helper). The plain case is built and read here: a query for an ASCII name,
+# a reply with one question and A/AAAA/CNAME answers only. Anything else
+# (EDNS, authority or additional records, truncation, escapes, a malformed or
+# odd message) goes to dnspython as before. Same records either way:
+# tests/test_dns_wire.py compares the two on replies of every shape.
+
+_PLAIN_NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?")
+_TEXT_LABEL = re.compile(rb"[A-Za-z0-9_-]+")
+_QTYPES = {"A": 1, "AAAA": 28, "CNAME": 5}
+_RTYPE_TEXT = {1: "A", 28: "AAAA", 5: "CNAME"}
+_RD = 0x0100
+
+
+class _Query:
+    """A query as sent: its wire, id, question; ``message`` (dnspython's,
+    parsed from the wire) only when a reply needs dnspython."""
+
+    __slots__ = ("wire", "id", "qname", "qtype", "_message")
+
+    def __init__(self, wire: bytes, qname: bytes | None = None, qtype: int | None = None,
+                 message: dns.message.Message | None = None) -> None:
+        self.wire = wire
+        self.id = int.from_bytes(wire[:2], "big")
+        self.qname = qname  # lowercased wire form; None: only dnspython reads the replies
+        self.qtype = qtype
+        self._message = message
+
+    @property
+    def message(self) -> dns.message.Message:
+        if self._message is None:
+            self._message = dns.message.from_wire(self.wire)
+        return self._message
+
+
+def make_query(hostname: str, qtype: str) -> _Query:
+    """What ``dns.message.make_query(hostname, qtype).to_wire()`` sends (RD, a
+    random id, no EDNS), built by hand for a plain ASCII name."""
+    code = _QTYPES.get(qtype)
+    if code is not None and len(hostname) <= 253 and _PLAIN_NAME.fullmatch(hostname):
+        labels = hostname.rstrip(".").encode("ascii").split(b".")
+        qname = b"".join(bytes((len(label),)) + label for label in labels) + b"\0"
+        header = struct.pack("!HHHHHH", dns.entropy.random_16(), _RD, 1, 0, 0, 0)
+        return _Query(header + qname + struct.pack("!HH", code, 1), qname.lower(), code)
+    message = dns.message.make_query(hostname, qtype)
+    return _Query(message.to_wire(), message=message)
+
+
+class _Reply:
+    """A plain reply read by hand: what the records need of it."""
+
+    __slots__ = ("rcode", "rrsets")
+
+    def __init__(self, rcode: int, rrsets: list[tuple[int, int, list[str]]]) -> None:
+        self.rcode = rcode
+        self.rrsets = rrsets  # (type, ttl, values) in dnspython's order: by first appearance
+
+
+def _read_name(data: bytes, at: int) -> tuple[tuple[bytes, ...], int] | None:
+    """The labels of the name at ``at`` and where it ends in place; None when
+    dnspython could refuse it (a pointer not strictly backwards of the last
+    one, a target overlapping the name, a long chain, a name over 255 bytes,
+    an unknown label type): then dnspython reads the message."""
+    labels: list[bytes] = []
+    end = None
+    size = 1
+    hops = 0
+    limit = at  # a pointer must point before this (dnspython's biggest_pointer)
+    bound = len(data)  # reading stops before this (the previous segment's start)
+    while True:
+        if at >= bound:
+            return None
+        length = data[at]
+        if length == 0:
+            return tuple(labels), (at + 1 if end is None else end)
+        if length >= 0xC0:
+            if at + 1 >= bound or hops >= 8:
+                return None
+            target = ((length & 0x3F) << 8) | data[at + 1]
+            if end is None:
+                end = at + 2
+            if target >= limit:
+                return None
+            bound, limit, at = limit, target, target  # dnspython: restrict_end(start), biggest_pointer
+            hops += 1
+            continue
+        if length >= 0x40 or at + 1 + length > bound:
+            return None
+        size += length + 1
+        if size > 255:
+            return None
+        labels.append(data[at + 1:at + 1 + length])
+        at += 1 + length
+
+
+def _fast_reply(data: bytes, query: _Query) -> _Reply | None:
+    """The reply to ``query`` when it is plain (see above), else None (read
+    it with dnspython, which also tells a stranger from a reply)."""
+    if query.qname is None or len(data) < 12:
+        return None
+    ident, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!HHHHHH", data)
+    # A reply (QR) to our id, opcode QUERY, not truncated, one question, only answers.
+    if ident != query.id or flags & 0xFA00 != 0x8000 or qdcount != 1 or nscount or arcount:
+        return None
+    end = 12 + len(query.qname)
+    if data[12:end].lower() != query.qname or data[end:end + 4] != struct.pack("!HH", query.qtype, 1):
+        return None
+    at = end + 4
+    rrsets: list[tuple[int, int, list[str]]] = []
+    where: dict[tuple[bytes, int], int] = {}
+    for _ in range(ancount):
+        owner = _read_name(data, at)
+        if owner is None:
+            return None
+        labels, at = owner
+        if at + 10 > len(data):
+            return None
+        rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", data, at)
+        at += 10
+        rdata = data[at:at + rdlen]
+        if rclass != 1 or len(rdata) != rdlen:
+            return None
+        if rtype == 1 and rdlen == 4:
+            value = dns.ipv4.inet_ntoa(rdata)
+        elif rtype == 28 and rdlen == 16:
+            value = dns.ipv6.inet_ntoa(rdata)
+        elif rtype == 5:
+            target = _read_name(data, at)
+            if target is None or target[1] != at + rdlen or not target[0]:
+                return None
+            if not all(_TEXT_LABEL.fullmatch(label) for label in target[0]):
+                return None  # escapes: dnspython's text
+            value = b".".join(target[0]).decode("ascii")
+        else:
+            return None
+        at += rdlen
+        if ttl > 0x7FFFFFFF:
+            ttl = 0  # as dnspython reads it
+        key = (tuple(label.lower() for label in labels), rtype)
+        index = where.get(key)
+        if index is None:
+            where[key] = len(rrsets)
+            rrsets.append((rtype, ttl, [value]))
+            continue
+        _, kept_ttl, values = rrsets[index]
+        if rtype == 5:
+            return None  # a second CNAME for one name: dnspython keeps the last
+        rrsets[index] = (rtype, min(kept_ttl, ttl), values)
+        if value not in values:
+            values.append(value)
+    if at != len(data):
+        return None  # trailing bytes: dnspython's TrailingJunk
+    return _Reply(flags & 0x000F, rrsets)
 
 
 # --- UDP --------------------------------------------------------------------------
@@ -261,10 +433,14 @@ class _Collector(asyncio.DatagramProtocol):
             self.queue.put_nowait((self.clock.now(), None, exc))
 
 
-def _parse_reply(data: bytes, query: dns.message.Message) -> tuple[dns.message.Message | None, bool]:
+def _parse_reply(data: bytes, query: _Query) -> tuple[dns.message.Message | _Reply | None, bool]:
     """(the reply, whether it is truncated) for a datagram answering ``query``;
     (None, False) for anything else. A truncated reply may be cut mid-record:
     its header and question are enough to know it asks for TCP."""
+    fast = _fast_reply(data, query)
+    if fast is not None:
+        return fast, False
+    query = query.message
     try:
         response = dns.message.from_wire(data)
     except dns.exception.DNSException:
@@ -322,7 +498,7 @@ async def udp_lookup(
     """
     ip, port = parse_server(server)
     resolver = endpoint(ip, port)
-    query = dns.message.make_query(hostname, qtype)
+    query = make_query(hostname, qtype)
     loop = asyncio.get_running_loop()
     t0 = clock.now()
 
@@ -342,7 +518,7 @@ async def udp_lookup(
     retry: asyncio.Task | None = None
     started = loop.time()
     try:
-        transport.sendto(query.to_wire())
+        transport.sendto(query.wire)
         deadline = started + timeout
         while len(entries) < MAX_RESPONSES:
             remaining = deadline - loop.time()
@@ -371,7 +547,7 @@ async def udp_lookup(
             if truncated and retry is None:
                 budget = max(0.1, started + timeout - loop.time())
                 retry = asyncio.ensure_future(tcp_lookup(
-                    hostname, server, qtype, clock=clock, txid=txid, timeout=budget, query=query))
+                    hostname, server, qtype, clock=clock, txid=txid, timeout=budget, query=query.message))
             if len(entries) == 1:
                 deadline = loop.time() + linger
         if retry is not None:
