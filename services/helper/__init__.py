@@ -21,6 +21,7 @@ One job per module:
 - page.py: title, hashes and simhash of a fetched page;
 - asn.py: ``ip_info.asn`` from a MaxMind ASN database;
 - limits.py: client key, rate limit, in-flight limit, bounded body read;
+- log.py: logging through a queue and a writer thread, the summary a minute;
 - app.py: the aiohttp application, /health, serving.
 """
 
