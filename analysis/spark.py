@@ -31,9 +31,11 @@ only the partition's own measurements while the rules see the whole run.
 The ip_info ASNs are pooled by Spark and handed to every task.
 
 The aggregate views (sql/90_aggregates.sql) are computed by the same SQL:
-agg_country_day (and the per-measurement OONI views) in each partition's task,
-agg_asn / agg_domain / agg_category by DuckDB inside Spark tasks over the
-(measurement, verdict) rows repartitioned by the view's key.
+agg_country_day (and the per-measurement OONI views) in each partition's task;
+for agg_asn / agg_domain / agg_category each task writes its measurements'
+agg_tally rows (counts only, so they add up), Spark sums them by grain and key
+(one shuffle of counts, not of the measurements), and DuckDB runs the views
+over the sums in Spark tasks.
 
 Spark is optional (``pip install 'vantage[spark]'``) and needs Java 17+;
 a missing one is an ``AnalysisError`` naming what to install.
