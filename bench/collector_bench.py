@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import aiohttp
 import duckdb
+import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -84,17 +86,17 @@ async def uploader(url: str, index: int, batch: int, until: float, stats: dict, 
     async with aiohttp.ClientSession(timeout=timeout) as s:
         async with s.post(url + "/report", data=json.dumps(OPEN)) as r:
             rid = (await r.json())["report_id"]
-        mine = blob.replace(b"UPLOADER", str(index).encode())
+        # The body's parts around the sequence number, once: a measurement costs
+        # the client one join (no JSON encoding, no repeated replace).
+        parts = blob.replace(b"UPLOADER", str(index).encode()).split(b"SEQUENCE")
         sequence = 0
         next_at = time.monotonic() + (interval or 0) * random.random()
         while time.monotonic() < until:
             if interval:  # paced: the offered rate, not as fast as possible
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                 next_at += interval
-            lines = []
-            for _ in range(batch):
-                lines.append(mine.replace(b"SEQUENCE", str(sequence).encode()))
-                sequence += 1
+            lines = [(b"%d" % n).join(parts) for n in range(sequence, sequence + batch)]
+            sequence += batch
             started = time.monotonic()
             if batch == 1:
                 data = b'{"format": "json", "content": ' + lines[0] + b"}"
@@ -103,7 +105,7 @@ async def uploader(url: str, index: int, batch: int, until: float, stats: dict, 
                 data = b"\n".join(lines)
                 path = f"/report/{rid}/x_batch"
             async with s.post(url + path, data=data, headers={"Content-Type": "application/json"}) as r:
-                answer = await r.json()
+                answer = orjson.loads(await r.read())
                 if r.status != 200:
                     stats["errors"][r.status] = stats["errors"].get(r.status, 0) + 1
                     await asyncio.sleep(0.1)
@@ -126,14 +128,28 @@ async def ingested_total(url: str) -> int | None:
     return None
 
 
-def children(pid: int) -> list[int]:
+def direct_children(pid: int) -> list[int]:
     found = []
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
             found += [int(c) for c in (task / "children").read_text().split()]
     except OSError:
         pass
+    return found
+
+
+def children(pid: int) -> list[int]:
+    found = direct_children(pid)
     return found + [g for c in found for g in children(c)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user + system, /proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -155,12 +171,19 @@ async def main() -> None:
                         help="offered measurements per second in all (0: as fast as the collector answers)")
     parser.add_argument("--label", default="max_rate", help="the key of this run in the results file")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--profile", metavar="PATH",
+                        help="profile the server process (cProfile, pstats file at PATH; slows it: figures not comparable)")
     args = parser.parse_args()
 
     load_at_start = round(os.getloadavg()[0], 2)  # a busy machine (other jobs) lowers every figure
     work = Path(tempfile.mkdtemp(prefix="collector-bench-"))
     port, metrics_port = free_port(), free_port()
-    command = [sys.executable, "-c", "from cli.main import main; main()", "collector", "serve",
+    entry = "from cli.main import main; main()"
+    if args.profile:  # cProfile in the server process (its main thread: the event loop), dumped when it exits
+        entry = ("import cProfile, sys\nfrom cli.main import main\nprofile = cProfile.Profile()\nprofile.enable()\n"
+                 "try:\n    main()\nexcept SystemExit:\n    pass\nfinally:\n    profile.disable()\n"
+                 f"    profile.dump_stats({str(Path(args.profile).resolve())!r})\n")
+    command = [sys.executable, "-c", entry, "collector", "serve",
                "--listen", f"127.0.0.1:{port}", "--db", str(work / "central.duckdb"), "--spool", str(work / "spool"),
                "--metrics-listen", f"127.0.0.1:{metrics_port}", "--rate-per-minute", "0"]
     cores = "0-1"
@@ -176,11 +199,13 @@ async def main() -> None:
         except OSError:
             time.sleep(0.05)
     peak = {}  # pid -> VmHWM (MB): the server and its children (the ingestor, multiprocessing's tracker)
+    cpu = {}   # pid -> CPU seconds (user + system), the last reading
 
     def sample() -> None:  # VmHWM only grows: the last reading before exit is the peak
         while proc.poll() is None:
             for pid in [proc.pid] + children(proc.pid):
                 peak[pid] = max(peak.get(pid, 0.0), peak_rss_mb(pid))
+                cpu[pid] = max(cpu.get(pid, 0.0), cpu_seconds(pid))
             time.sleep(0.1)
 
     import threading
@@ -189,15 +214,28 @@ async def main() -> None:
     blob = template()
     stats = {"acked": [], "latency": [], "errors": {}}
     started = time.monotonic()
+    clients_cpu = resource.getrusage(resource.RUSAGE_SELF)
     until = started + args.seconds
     interval = args.batch * args.uploaders / args.rate if args.rate else None
     await asyncio.gather(*(uploader(url, i, args.batch, until, stats, blob, interval) for i in range(args.uploaders)))
     window = time.monotonic() - started
+    now = resource.getrusage(resource.RUSAGE_SELF)  # the uploaders (and this sampler): the bench's own CPU
+    clients_cpu = now.ru_utime + now.ru_stime - clients_cpu.ru_utime - clients_cpu.ru_stime
+    server_cpu_at_stop = cpu_seconds(proc.pid)
+    # The ingestor: the server's child holding the most memory (the other is multiprocessing's resource
+    # tracker); its reader: the ingestor's child holding the most.
+    ingestor_pid = max(direct_children(proc.pid), key=lambda pid: peak.get(pid, 0.0), default=None)
+    reader_pid = max(direct_children(ingestor_pid), key=lambda pid: peak.get(pid, 0.0), default=None) \
+        if ingestor_pid else None
+    ingestor_cpu_at_stop = cpu_seconds(ingestor_pid) if ingestor_pid else 0.0
+    reader_cpu_at_stop = cpu_seconds(reader_pid) if reader_pid else 0.0
     ingested_at_stop = await ingested_total(f"http://127.0.0.1:{metrics_port}")
     stop_at = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(600)
     drained = time.monotonic()
+    collector_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)  # the server and everything it waited for
+    collector_cpu = collector_cpu.ru_utime + collector_cpu.ru_stime
     con = duckdb.connect(str(work / "central.duckdb"), read_only=True)
     stored = {r[0] for r in con.execute("SELECT measurement_id FROM measurements").fetchall()}
     con.close()
@@ -222,14 +260,25 @@ async def main() -> None:
         "request_latency_ms": {"p50": round(1000 * statistics.median(latency), 1),
                                "p99": round(1000 * latency[int(len(latency) * 0.99) - 1], 1)} if latency else None,
         "errors": stats["errors"],
+        # CPU per acknowledged measurement while the uploads ran (the 2 cores' budget is 1,000 us per
+        # measurement at 2,000/s), and the collector's in all (drain included)
+        "cpu_us_per_measurement_during_uploads": {
+            "server": round(1e6 * server_cpu_at_stop / max(1, len(acked))),
+            "ingestor": round(1e6 * ingestor_cpu_at_stop / max(1, len(acked))),
+            "ingest_reader": round(1e6 * reader_cpu_at_stop / max(1, len(acked))),
+            "uploaders": round(1e6 * clients_cpu / max(1, len(acked)))},
+        "collector_cpu_us_per_measurement_total": round(1e6 * collector_cpu / max(1, len(stored))),
         "offered_per_second": args.rate or None,
         "collector_peak_rss_mb": round(sum(peak.values()), 1),
         "server_peak_rss_mb": round(peak.get(proc.pid, 0.0), 1),
-        "ingestor_peak_rss_mb": round(max([v for k, v in peak.items() if k != proc.pid] or [0.0]), 1),
+        "ingestor_peak_rss_mb": round(peak.get(ingestor_pid, 0.0), 1),
+        "ingest_reader_peak_rss_mb": round(peak.get(reader_pid, 0.0), 1),
+        "ingest_reader": os.environ.get("VANTAGE_COLLECTOR_INGEST_READER", "1") != "0",
         "collector_exit_code": code,
         "collector_cores": cores,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_1m_at_start": load_at_start},
+                    "load_average_1m_at_start": load_at_start,
+                    "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
     }
     print(json.dumps(result, indent=2))
     out = Path(args.out)

@@ -413,9 +413,13 @@ async def test_a_kill_during_ingestion_loses_nothing(fresh_collector):
     assert re.findall(r"(\d+) torn lines", proc.log.read_text()) == ["1"], proc.log.read_text()
 
 
-def test_only_a_segments_torn_last_line_is_skipped_others_go_to_rejected(tmp_path):
+@pytest.mark.parametrize("reader", [False, True], ids=["one-process", "reader-process"])
+def test_only_a_segments_torn_last_line_is_skipped_others_go_to_rejected(tmp_path, reader):
     """An unreadable line that is not a segment's last was acknowledged: it is
-    kept (raw, with the reason, in rejected.jsonl), not counted as torn."""
+    kept (raw, with the reason, in rejected.jsonl), not counted as torn; the
+    same whether the ingestor reads itself or through its reader process."""
+    import threading
+
     from services.collector.ingest import Ingestor, _SpoolDir
 
     spool = tmp_path / "spool"
@@ -425,17 +429,89 @@ def test_only_a_segments_torn_last_line_is_skipped_others_go_to_rejected(tmp_pat
         good[0] + b'{"m": "vc1", "r": {"test_na\n' + b'{"m": "vc2"}\n' + b'[1, 2]\n' + good[1]
         + b'{"m": "vc3", "r": {"test_na')  # not JSON mid-segment, no "r", not an object; then a torn tail
     (spool / "seg-000000000002.ready").write_bytes(good[2] + b'{"m": "vc4"}')  # a last line that is JSON
-    ingestor = Ingestor(tmp_path / "central.duckdb", _SpoolDir(spool))
+    stop = threading.Event()
+    stop.set()  # ingest what is ready, then return
+    ingestor = Ingestor(tmp_path / "central.duckdb", _SpoolDir(spool), stop=stop, reader=reader, poll=0.1)
     try:
-        ingestor.ingest(sorted(spool.glob("seg-*.ready")))
+        if reader:
+            ingestor._loop()
+        else:
+            ingestor.ingest(sorted(spool.glob("seg-*.ready")))
     finally:
         ingestor._close()
-    assert (ingestor.ingested, ingestor.torn, ingestor.rejected) == (3, 1, 4)
+    assert (ingestor.ingested, ingestor.torn, ingestor.rejected, ingestor.errors) == (3, 1, 4, 0)
     assert not list(spool.glob("seg-*"))
     kept = [json.loads(line) for line in (spool / "rejected.jsonl").read_text().splitlines()]
     assert [k["raw"] for k in kept] == ['{"m": "vc1", "r": {"test_na', '{"m": "vc2"}', "[1, 2]", '{"m": "vc4"}']
     assert kept[0]["reason"].startswith("not JSON") and kept[1]["reason"].startswith("KeyError")
     assert kept[2]["reason"].startswith("TypeError") and kept[3]["reason"].startswith("KeyError")
+
+
+def test_the_reader_process_batches_a_busy_database_and_a_reader_that_dies(tmp_path, monkeypatch):
+    """Through the reader process: batches span segments, a batch the
+    database refused for a while (busy) is committed later without being
+    read again, and a reader that died is started again; every measurement
+    is stored once and every segment deleted."""
+    import threading
+
+    from services.collector import ingest as ingest_module
+    from services.collector.ingest import Ingestor, _SpoolDir, read_batches, _lines_at
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    lines = [_spool_line(measurement(9, n), "20250101T000000Z_AS0_test") for n in range(7)]
+    for number, chunk in enumerate((lines[0:3], lines[3:5], lines[5:7]), 1):
+        (spool / f"seg-{number:012d}.ready").write_bytes(b"".join(chunk))
+    segments = sorted(spool.glob("seg-*.ready"))
+    batches = list(read_batches(segments, 4))
+    assert [len(b.ids) for b in batches] == [4, 3] and [len(b.finished) for b in batches] == [1, 2]
+    # Where each line is, to read it again for rejected.jsonl when the database refuses it:
+    again = _lines_at(batches[1].where, set(batches[1].ids))
+    assert [again[mid] for mid in batches[1].ids] == lines[4:7]
+
+    failures = {"left": 2}
+    real = Ingestor._connection
+
+    def busy(self):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ingest_module.store.StoreError("the database is busy (held by an analyst)")
+        return real(self)
+
+    monkeypatch.setattr(Ingestor, "_connection", busy)
+    monkeypatch.setattr(ingest_module, "_reader_main", _reader_once_then_die)  # the first reader dies
+    stop = threading.Event()
+    ingestor = Ingestor(tmp_path / "central.duckdb", _SpoolDir(spool), batch_size=4, stop=stop, reader=True, poll=0.1)
+    thread = threading.Thread(target=ingestor._loop)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while ingestor.ingested < 7 and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(30)
+        ingestor._close()
+    assert (spool / "reader-died").exists()  # the first reader did die
+    (spool / "reader-died").unlink()
+    assert (ingestor.ingested, ingestor.duplicates, ingestor.rejected) == (7, 0, 0)
+    assert ingestor.errors == 3 and "busy" in ingestor.last_error  # the reader's death, then twice busy
+    assert not list(spool.glob("seg-*"))
+    con = duckdb.connect(str(tmp_path / "central.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*), count(DISTINCT measurement_id) FROM measurements").fetchone() == (7, 7)
+    con.close()
+
+
+def _reader_once_then_die(spool_dir, batch_size, out, parent):
+    """A reader process that dies (SIGKILL, as the OOM killer would) the first
+    time, and reads normally once started again (a marker file says which)."""
+    from services.collector import ingest as ingest_module
+
+    marker = Path(spool_dir) / "reader-died"
+    if not marker.exists():
+        marker.write_text("once")
+        os.kill(os.getpid(), signal.SIGKILL)
+    ingest_module._reader_main(spool_dir, batch_size, out, parent)
 
 
 def test_a_restarted_ingest_process_keeps_its_counters_and_publishes_its_error(tmp_path):

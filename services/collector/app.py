@@ -67,6 +67,9 @@ class CollectorConfig:
     trust_forwarded_for: bool = False
     segment_seconds: float = 1.0
     segment_bytes: int = 16 << 20
+    # Ingestion reads and flattens in a reader process of its own while the ingestor writes (the bench's
+    # VANTAGE_COLLECTOR_INGEST_READER=0 turns it off to compare).
+    ingest_reader: bool = os.environ.get("VANTAGE_COLLECTOR_INGEST_READER", "1") != "0"
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
@@ -78,7 +81,7 @@ class Collector:
         self.config = config
         self.log = log or (lambda message: print(f"vantage collector: {message}", file=sys.stderr, flush=True))
         self.spool = Spool(config.spool, config.segment_bytes, config.segment_seconds)
-        self.ingestor = IngestProcess(config.db, config.spool)
+        self.ingestor = IngestProcess(config.db, config.spool, reader=config.ingest_reader)
         self.limiter = RateLimiter(config.rate_per_minute)
         self.in_flight = InFlight(config.max_in_flight)
         self.metrics = Metrics()

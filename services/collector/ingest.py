@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 
@@ -44,8 +44,9 @@ THREADS = 2
 
 class Ingestor:
     def __init__(self, db_path: str | os.PathLike, spool: Spool, batch_size: int = 2000, idle_close: float = 5.0,
-                 log=None, stop=None, on_commit=None, poll: float = 0.5):
+                 log=None, stop=None, on_commit=None, poll: float = 0.5, reader: bool = False):
         self.db_path = str(db_path)
+        self.reader = reader    # read and flatten in a reader process while this one writes (_piped_loop)
         self.spool = spool
         self.batch_size = batch_size
         self.idle_close = idle_close
@@ -78,6 +79,8 @@ class Ingestor:
         self._close()
 
     def _loop(self) -> None:
+        if self.reader:
+            return self._piped_loop()
         idle_since = time.monotonic()
         while True:
             stopping = self._stop.is_set()
@@ -88,11 +91,7 @@ class Ingestor:
                     self.ingest(segments[:64])
                     idle_since = time.monotonic()
                 except Exception as exc:  # the database is busy or failing: the spool keeps everything
-                    self.errors += 1
-                    self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                    self.log(f"ingestion paused: {self.last_error}")
-                    self._on_commit(self)
-                    self._close()
+                    self._failed(exc)
                     if stopping:
                         return
                     self._stop.wait(1.0)
@@ -102,6 +101,66 @@ class Ingestor:
             if self._con is not None and time.monotonic() - idle_since >= self.idle_close:
                 self._close()
             self.spool.ready.wait(self._poll)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        self.log(f"ingestion paused: {self.last_error}")
+        self._on_commit(self)
+        self._close()
+
+    def _piped_loop(self) -> None:
+        """Ingestion in two processes: a reader process (``_reader_main``)
+        reads, converts and flattens the ready segments into Arrow tables
+        while this one writes the previous batch (DuckDB). A batch that fails
+        to commit (the database busy or failing) is kept and committed again
+        a second later, not read again; a reader that died or could not read
+        the spool is started again and reads what is still there (the store
+        skips what was committed)."""
+        idle_since = time.monotonic()
+        reader: _Reader | None = None
+        pending: _Flattened | None = None
+        with store.bulk_gc() as collect:
+            try:
+                while True:
+                    stopping = self._stop.is_set()
+                    try:
+                        if pending is None:
+                            if reader is None:
+                                reader = _Reader(self.spool.dir, self.batch_size)
+                            pending = reader.get(self._poll)
+                    except Exception as exc:  # the reader died or could not read: start it again
+                        self._failed(exc)
+                        if reader is not None:
+                            reader.stop()
+                        reader = None
+                        if stopping:
+                            return
+                        self._stop.wait(1.0)
+                        continue
+                    if pending is not None:
+                        self.busy = True
+                        try:
+                            self._commit(self._connection(), pending)
+                        except Exception as exc:  # the database is busy or failing: the spool keeps everything
+                            self._failed(exc)
+                            if stopping:
+                                return
+                            self._stop.wait(1.0)
+                            continue
+                        finally:
+                            self.busy = False
+                        pending = None
+                        collect()
+                        idle_since = time.monotonic()
+                        continue
+                    if stopping and not self.spool.ready_segments():
+                        return
+                    if self._con is not None and time.monotonic() - idle_since >= self.idle_close:
+                        self._close()
+            finally:
+                if reader is not None:
+                    reader.stop()
 
     def _connection(self):
         if self._con is None:
@@ -125,120 +184,146 @@ class Ingestor:
         self.busy = True
         try:
             with store.bulk_gc() as collect:
-                self._read(con, segments, collect)
+                for done in read_batches(segments, self.batch_size):
+                    self._commit(con, done)
+                    collect()
         finally:
             self.busy = False
 
-    def _read(self, con, segments: list[Path], collect) -> None:
-        batch: list[tuple[dict[str, Any], str | None]] = []
-        seen: set[str] = set()
-        finished: list[Path] = []  # read to the end; deleted after the commit of the batch that ends them
-        duplicates = 0
-
-        def hand_over() -> None:
-            nonlocal batch, seen, finished, duplicates
-            refused: list = []
-            tables, ids = store.arrow_tables_each(batch, lambda item, exc: refused.append((item, exc)))
-            self._commit(con, _Flattened(batch, tables, ids, refused, finished, duplicates))
-            batch, seen, finished, duplicates = [], set(), [], 0
-            collect()
-
-        for path in segments:
-            with open(path, "rb") as fh:
-                for line, last in _with_last(fh):
-                    item = self._parse(line, last)
-                    if item is None:
-                        continue
-                    if item[0]["measurement_id"] in seen:
-                        duplicates += 1
-                        continue
-                    seen.add(item[0]["measurement_id"])
-                    batch.append(item)
-                    if len(batch) >= self.batch_size:
-                        hand_over()
-            finished.append(path)
-        hand_over()
-
     def _commit(self, con, done: _Flattened) -> None:
-        """One batch into the database, then its finished segments deleted."""
-        if done.ids or done.refused:
-            self._write(con, done)
+        """One batch into the database, what it refused (and the lines that
+        could not be read) kept in rejected.jsonl, then its finished segments
+        deleted."""
+        rescue = list(done.rescue)  # records that could not be flattened
+        stored = 0
+        if done.ids:
+            refused: list = []
+            stored = store.insert_each(con, done.tables, done.ids, lambda mid, exc: refused.append((mid, exc)))
+            if refused:
+                con.execute("SELECT 1").fetchall()  # the database itself failing: raise, keep the segment
+                lines = _lines_at(done.where, {mid for mid, _ in refused})
+                for mid, exc in refused:
+                    record, category = _record(lines[mid])
+                    rescue.append(store.rescue_line(record, category, exc))
+            self.duplicates += len(done.ids) - stored - len(refused)
+        if rescue or done.bad_lines:
+            self._keep(rescue, done.bad_lines)
+        self.ingested += stored
+        self.torn += done.torn
         for path in done.finished:
-            path.unlink()
+            Path(path).unlink(missing_ok=True)  # missing: a batch of a reader that was restarted, committed twice
         if done.finished:
-            fsync_dir(done.finished[0].parent)
+            fsync_dir(Path(done.finished[0]).parent)
         self.duplicates += done.duplicates
         self.segments += len(done.finished)
         self._on_commit(self)
 
-    def _parse(self, line: bytes, last: bool) -> tuple[dict[str, Any], str | None] | None:
-        """The record of one spool line. Only the segment's last line can be
-        torn (cut by a crash, acknowledged to nobody) and is skipped; any other
-        line that cannot be read was acknowledged: it goes to rejected.jsonl."""
-        if not line.strip():
-            return None
-        try:
-            entry = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            if last:
-                self.torn += 1
-                return None
-            self._reject_line(line, f"not JSON: {exc}")
-            return None
-        try:
-            record = record_from_ooni(entry["r"])
-            record["measurement_id"] = entry["m"]
-        except Exception as exc:
-            self._reject_line(line, f"{type(exc).__name__}: {str(exc)[:200]}")
-            return None
-        return record, None
-
-    def _reject_line(self, line: bytes, reason: str) -> None:
-        """Keep an unreadable acknowledged line (raw, with the reason) in
-        rejected.jsonl, fsync'd before its segment can be deleted. A failure
+    def _keep(self, rescue: list[str], bad_lines: list[bytes]) -> None:
+        """Measurements the database refused (the rescue format) and
+        acknowledged lines that cannot be read (``{"raw", "reason"}``) into
+        rejected.jsonl, fsync'd before their segment can be deleted. A failure
         here raises: ingestion pauses and the segment stays."""
         path = self.spool.dir / REJECTED
         new = not path.exists()
-        entry = {"raw": line.rstrip(b"\n").decode("utf-8", "replace"), "reason": reason}
         with open(path, "ab") as fh:
-            fh.write(orjson.dumps(entry) + b"\n")
+            for line in rescue:
+                fh.write(line.encode("utf-8"))
+            for line in bad_lines:
+                fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
         if new:
             fsync_dir(path.parent)
-        self.rejected += 1
-
-    def _write(self, con, done: _Flattened) -> None:
-        refused = list(done.refused)  # records that could not be flattened
-        items = {record["measurement_id"]: (record, category) for record, category in done.batch}
-        stored = store.insert_each(con, done.tables, done.ids, lambda mid, exc: refused.append((items[mid], exc))) \
-            if done.ids else 0
-        if len(refused) > len(done.refused):
-            con.execute("SELECT 1").fetchall()  # the database itself failing: raise, keep the segment
-        self.ingested += stored
-        self.duplicates += len(done.batch) - stored - len(refused)
-        if refused:
-            self._reject(refused)
-
-    def _reject(self, refused: list) -> None:
-        with open(self.spool.dir / REJECTED, "a", encoding="utf-8") as fh:
-            for (record, category), exc in refused:
-                fh.write(store.rescue_line(record, category, exc))
-            fh.flush()
-            os.fsync(fh.fileno())
-        self.rejected += len(refused)
+        self.rejected += len(rescue) + len(bad_lines)
 
 
 @dataclass
 class _Flattened:
-    """A batch read and flattened, ready to commit."""
+    """A batch read and flattened, ready to commit (what the reader process
+    hands the writer: no record dicts, which would cost a pickling each)."""
 
-    batch: list[tuple[dict[str, Any], str | None]]
     tables: dict[str, Any]          # probes.store.arrow_tables
     ids: list[str]                  # the measurements in ``tables``
-    refused: list                   # (item, exception): records that could not be flattened
-    finished: list[Path]            # segments whose last line is in this batch (or before)
+    where: dict[str, tuple[str, int]]  # id -> (segment, offset) of its line: a measurement the database refuses
+                                       # is read again from there for rejected.jsonl (its segment is still there)
+    rescue: list[str]               # rescue lines of records that could not be flattened
+    bad_lines: list[bytes]          # rejected.jsonl entries of lines that cannot be read
+    torn: int                       # a segment's torn last line (acknowledged to nobody)
+    finished: list[str]             # segments whose last line is in this batch (or before)
     duplicates: int                 # lines skipped as already in the batch
+
+
+def _record(line: bytes) -> tuple[dict[str, Any], str | None]:
+    """The record of one spool line ``{"m": id, "r": the measurement as stored}``."""
+    entry = orjson.loads(line)
+    record = record_from_ooni(entry["r"])
+    record["measurement_id"] = entry["m"]
+    return record, None
+
+
+def _lines_at(where: dict[str, tuple[str, int]], ids: set[str]) -> dict[str, bytes]:
+    """The spool lines of ``ids``, read again from their segments."""
+    found = {}
+    for mid in ids:
+        path, offset = where[mid]
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            found[mid] = fh.readline()
+    return found
+
+
+def _bad_line(line: bytes, reason: str) -> bytes:
+    return orjson.dumps({"raw": line.rstrip(b"\n").decode("utf-8", "replace"), "reason": reason}) + b"\n"
+
+
+def read_batches(segments: list[Path], batch_size: int) -> Iterator[_Flattened]:
+    """The measurements of ``segments``, in order, flattened in batches of
+    at most ``batch_size`` that may span segments. Only a segment's last line
+    can be torn (cut by a crash, acknowledged to nobody) and is skipped; any
+    other line that cannot be read was acknowledged: it is kept (``bad_lines``)."""
+    batch: list[tuple[dict[str, Any], str | None]] = []
+    where: dict[str, tuple[str, int]] = {}
+    bad: list[bytes] = []
+    finished: list[str] = []
+    torn = duplicates = 0
+
+    def hand_over() -> _Flattened:
+        nonlocal batch, where, bad, finished, torn, duplicates
+        rescue: list[str] = []
+        tables, ids = store.arrow_tables_each(batch, lambda item, exc: rescue.append(store.rescue_line(*item, exc)))
+        done = _Flattened(tables, ids, where, rescue, bad, torn, finished, duplicates)
+        batch, where, bad, finished, torn, duplicates = [], {}, [], [], 0, 0
+        return done
+
+    for path in segments:
+        name = str(path)
+        offset = 0
+        with open(path, "rb") as fh:
+            for line, last in _with_last(fh):
+                at, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue
+                try:
+                    item = _record(line)
+                except orjson.JSONDecodeError as exc:
+                    if last:
+                        torn += 1
+                    else:
+                        bad.append(_bad_line(line, f"not JSON: {exc}"))
+                    continue
+                except Exception as exc:
+                    bad.append(_bad_line(line, f"{type(exc).__name__}: {str(exc)[:200]}"))
+                    continue
+                mid = item[0]["measurement_id"]
+                if mid in where:
+                    duplicates += 1
+                    continue
+                where[mid] = (name, at)
+                batch.append(item)
+                if len(batch) >= batch_size:
+                    yield hand_over()
+        finished.append(name)
+    yield hand_over()
 
 
 def _with_last(lines):
@@ -250,6 +335,85 @@ def _with_last(lines):
         previous = line
     if previous is not None:
         yield previous, True
+
+
+# --- The reader process ------------------------------------------------------------
+
+READER_QUEUE = 2  # batches read ahead of the writer: bounds the reader's memory
+READER_POLL = 0.1  # seconds between looks at the spool folder when nothing is ready
+
+
+class IngestReaderError(Exception):
+    """The reader process died or could not read the spool."""
+
+
+def _reader_main(spool_dir: str, batch_size: int, out, parent: int) -> None:
+    """Read, convert and flatten ready segments (``read_batches``) and hand
+    the batches to the writer through ``out`` (bounded: this process waits
+    when it is ahead). A segment handed over is not read again while it
+    exists (the writer deletes it once committed)."""
+    _die_with_parent()
+    if os.getppid() != parent:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    directory = Path(spool_dir)
+    handed: set[str] = set()
+    try:
+        with store.bulk_gc() as collect:
+            while True:
+                ready = sorted(directory.glob("seg-*.ready"))
+                handed &= {str(path) for path in ready}
+                todo = [path for path in ready if str(path) not in handed][:64]
+                if not todo:
+                    time.sleep(READER_POLL)
+                    continue
+                for done in read_batches(todo, batch_size):
+                    out.put(("batch", done))
+                    collect()
+                handed.update(str(path) for path in todo)
+    except BaseException as exc:
+        out.put(("error", f"{type(exc).__name__}: {str(exc)[:200]}"))
+
+
+class _Reader:
+    """The reader process and the queue it fills, seen from the writer."""
+
+    def __init__(self, spool_dir: str | os.PathLike, batch_size: int):
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB's threads
+        self.queue = ctx.Queue(maxsize=READER_QUEUE)
+        self.proc = ctx.Process(target=_reader_main, name="vantage-ingest-reader", daemon=True,
+                                args=(str(spool_dir), batch_size, self.queue, os.getpid()))
+        # The ingestor is itself a daemonic child (it dies with the collector); multiprocessing refuses
+        # children to those, for fear of orphans: the reader dies with the ingestor (PR_SET_PDEATHSIG).
+        me = multiprocessing.current_process()
+        daemon = me._config.pop("daemon", None)
+        try:
+            self.proc.start()
+        finally:
+            if daemon is not None:
+                me._config["daemon"] = daemon
+
+    def get(self, timeout: float) -> _Flattened | None:
+        """The next batch, None when none came within ``timeout``."""
+        import queue
+
+        try:
+            kind, value = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            if not self.proc.is_alive():
+                raise IngestReaderError(f"the reader process died (exit code {self.proc.exitcode})") from None
+            return None
+        if kind == "error":
+            raise IngestReaderError(f"reading the spool failed: {value}")
+        return value
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()  # it holds nothing: it only reads the spool
+        self.proc.join(5)
+        self.queue.close()
+        self.queue.cancel_join_thread()
 
 
 # --- In a process of its own ------------------------------------------------------
@@ -281,7 +445,8 @@ def _die_with_parent() -> None:
 ERROR_BYTES = 512  # the shared buffer holding the child's last error
 
 
-def _process_main(db_path: str, spool_dir: str, batch_size: int, stats, stop, parent: int, error=None) -> None:
+def _process_main(db_path: str, spool_dir: str, batch_size: int, stats, stop, parent: int, error=None,
+                  reader: bool = True) -> None:
     _die_with_parent()
     if os.getppid() != parent:
         return
@@ -297,7 +462,8 @@ def _process_main(db_path: str, spool_dir: str, batch_size: int, stats, stop, pa
     def log(message: str) -> None:
         print(f"vantage collector: {message}", file=sys.stderr, flush=True)
 
-    ingestor = Ingestor(db_path, _SpoolDir(spool_dir), batch_size, log=log, stop=stop, on_commit=publish, poll=0.2)
+    ingestor = Ingestor(db_path, _SpoolDir(spool_dir), batch_size, log=log, stop=stop, on_commit=publish, poll=0.2,
+                        reader=reader)
     for name, value in zip(_STATS, stats):  # a restarted ingestor carries on counting: metrics never go backwards
         setattr(ingestor, name, int(value))
     try:
@@ -316,10 +482,12 @@ class IngestProcess:
 
     busy = False
 
-    def __init__(self, db_path: str | os.PathLike, spool_dir: str | os.PathLike, batch_size: int = 2000):
+    def __init__(self, db_path: str | os.PathLike, spool_dir: str | os.PathLike, batch_size: int = 2000,
+                 reader: bool = True):
         self.db_path = str(db_path)
         self.spool_dir = str(spool_dir)
         self.batch_size = batch_size
+        self.reader = reader  # the child reads and flattens in a reader process of its own (Ingestor._piped_loop)
         self._proc = None
         self._ctx = multiprocessing.get_context("spawn")
         self._stats = self._ctx.Array("d", len(_STATS), lock=False)
@@ -333,7 +501,7 @@ class IngestProcess:
         self._stop = self._ctx.Event()
         self._proc = self._ctx.Process(target=_process_main, name="vantage-ingest", daemon=True,
                                        args=(self.db_path, self.spool_dir, self.batch_size, self._stats, self._stop,
-                                             os.getpid(), self._error))
+                                             os.getpid(), self._error, self.reader))
         self._proc.start()
 
     @property
