@@ -42,6 +42,26 @@ def _in_child() -> None:
     _start()
 
 
+def _profile_threads() -> None:
+    """Each thread that ends writes its own profile (``OUT_PREFIX.<pid>.<thread
+    name>.prof``): e.g. the store's writer thread."""
+    import threading
+
+    run = threading.Thread.run
+
+    def profiled_run(self) -> None:
+        profiler = cProfile.Profile(time.thread_time)
+        profiler.enable()
+        try:
+            run(self)
+        finally:
+            profiler.disable()
+            name = "".join(c if c.isalnum() else "-" for c in self.name)
+            profiler.dump_stats(f"{_state['prefix']}.{os.getpid()}.{name}.{threading.get_ident()}.prof")
+
+    threading.Thread.run = profiled_run
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -60,6 +80,8 @@ def main() -> None:
 
     os._exit = exit_dumping
     os.register_at_fork(after_in_child=_in_child)
+    if os.environ.get("PROFILE_THREADS"):
+        _profile_threads()
     signal.signal(signal.SIGTERM, _interrupt)
     _start()
     try:
