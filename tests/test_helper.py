@@ -503,6 +503,8 @@ async def test_rate_limit_per_client(dns_server):
         status, body, headers = await helper.post(None, raw=b"{}")
     assert statuses == [400, 400, 400, 429]
     assert status == 429 and int(headers["Retry-After"]) >= 1
+    # The summary a minute counts refused requests too.
+    assert "control requests in the last 60 s: 5 (400: 3, 429: 2)" in helper.helper.log_summary(60)
     # The bucket table holds keyed digests, never the address itself.
     buckets = helper.helper.limiter._buckets
     assert len(buckets) == 1 and all(b"127.0.0.1" not in key for key in buckets)

@@ -57,14 +57,16 @@ class Helper:
         return web.json_response({"error": reason}, status=status, headers=headers)
 
     async def handle_control(self, request: web.Request) -> web.Response:
+        started = time.monotonic()
         allowed, wait = self.limiter.allow(limits.client_address(request, self.config.trust_forwarded_for))
         if not allowed:
+            self.stats.add(429, time.monotonic() - started)
             return self._error(429, "rate limit exceeded", {"Retry-After": str(max(1, int(wait + 0.999)))})
         if not self.inflight.enter():
             # Shedding immediately keeps latency bounded for the requests we
             # do accept; a probe retries later or asks its next helper.
+            self.stats.add(503, time.monotonic() - started)
             return self._error(503, "overloaded", {"Retry-After": "5"})
-        started = time.monotonic()
         status = 200
         try:
             try:
