@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--helper-args", default="--rate-per-minute 0",
                         help="options for `vantage helper serve` (default: %(default)s)")
     parser.add_argument("--out", default=str(HERE / "results" / "probe_real_run.json"))
+    parser.add_argument("--aiohttp-servers", action="store_true",
+                        help="serve the page with aiohttp (as probe_bench.py) rather than a bare asyncio protocol")
     parser.add_argument("--profile", metavar="DIR",
                         help="run the helper and the probe under cProfile (bench/profiled.py), .prof files in DIR")
     args = parser.parse_args()
@@ -182,7 +184,8 @@ def main() -> None:
         netns_etc.mkdir(parents=True, exist_ok=True)
         (netns_etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
         servers = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, str(HERE / "bench_servers.py"), "--delay", str(args.delay)],
+            ["ip", "netns", "exec", ns, sys.executable, str(HERE / "bench_servers.py"), "--delay", str(args.delay),
+             *([] if args.aiohttp_servers else ["--raw-http"])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if servers.stdout.readline().strip() != "ready":
             raise SystemExit(f"benchmark servers did not start: {servers.stderr.read()[-500:]}")
@@ -209,7 +212,8 @@ def main() -> None:
         shutil.rmtree(netns_etc, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
     report = {"benchmark": "probe_real_run", "delay_seconds": args.delay, "cpus": os.cpu_count(),
-              "helper_args": args.helper_args, "runs": results, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "helper_args": args.helper_args, "web_server": "aiohttp" if args.aiohttp_servers else "raw asyncio",
+              "runs": results, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
