@@ -261,7 +261,8 @@ class Measurer:
             await self._fetch_chain(req, addrs, failure, clock, txids, state, max_body=fetch_body, until=retry_until)
 
         main = asyncio.ensure_future(dns_then_rest())
-        doh = asyncio.ensure_future(self.doh(req.host, clock, txids)) if req.host_ip is None else None
+        # (no task at all without a DoH server: x_doh is [] either way)
+        doh = asyncio.ensure_future(self.doh(req.host, clock, txids)) if req.host_ip is None and self.config.doh_url else None
         deadline = started + budget
         try:
             async with asyncio.timeout_at(deadline):
