@@ -17,8 +17,13 @@ collector's peak RSS (VmHWM, /proc).
 
     python bench/collector_bench.py [--seconds 20] [--uploaders 50] [--batch 100] [--rate N] [--label NAME]
 
+Also the CPU per acknowledged measurement of the server, the ingestor (the
+writer), its reader process and the uploaders (this process), and
+``--profile PATH`` runs the server under cProfile.
+
 docs/benchmarks.md's figures: ``--label max_rate`` (defaults), ``--rate 2000
---label paced_2000`` (is ingestion keeping up with 2,000/s offered?) and
+--label paced_2000`` and ``--rate 2500 --label paced_2500`` (is ingestion
+keeping up with what is offered?) and
 ``--batch 1 --seconds 10 --label single_submit`` (bk-003's one-per-request).
 
 Writes bench/results/collector.json. Loopback only.

@@ -390,7 +390,9 @@ def _spool_line(content: dict, public: str) -> bytes:
 async def test_a_kill_during_ingestion_loses_nothing(fresh_collector):
     proc = fresh_collector
     proc.spool.mkdir()
-    total, per_segment = 2500, 125  # ingested in batches of 2000: the kill comes between the two commits
+    # Ingested in batches of 2000 (three commits; the reader process has the next batch ready as one commits,
+    # so there must be more than one commit after the first for the kill to land between them).
+    total, per_segment = 6000, 250
     for seg in range(total // per_segment):
         lines = b"".join(_spool_line(measurement(1000 + seg, n), "20250101T000000Z_AS0_test")
                          for n in range(per_segment))
@@ -512,6 +514,35 @@ def _reader_once_then_die(spool_dir, batch_size, out, parent):
         marker.write_text("once")
         os.kill(os.getpid(), signal.SIGKILL)
     ingest_module._reader_main(spool_dir, batch_size, out, parent)
+
+
+def test_the_spools_vectored_write_finishes_partial_writes(tmp_path, monkeypatch):
+    """A group commit's lines go out in one writev (no joined copy); a write
+    the kernel takes only in part is finished from where it stopped."""
+    from services.collector import spool as spool_module
+
+    pieces = [bytes([65 + n % 26]) * (1 + n * 37 % 500) + b"\n" for n in range(3000)]  # more than IOV_MAX
+    real = os.writev
+    calls = []
+
+    def partial(fd, buffers):
+        calls.append(len(buffers))
+        first = bytes(buffers[0])
+        return real(fd, [first[: max(1, len(first) // 2)]])  # half the first piece, nothing more
+
+    path = tmp_path / "seg"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        spool_module._write_all(fd, pieces[:10] + [b""])
+        monkeypatch.setattr(spool_module.os, "writev", partial)
+        spool_module._write_all(fd, pieces[10:20])
+        monkeypatch.setattr(spool_module.os, "writev", real)
+        spool_module._write_all(fd, pieces[20:])
+        spool_module._write_all(fd, b"bytes too\n")
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(pieces) + b"bytes too\n"
+    assert len(calls) > 10 and max(calls) <= spool_module._IOV_MAX
 
 
 def test_a_restarted_ingest_process_keeps_its_counters_and_publishes_its_error(tmp_path):

@@ -198,7 +198,7 @@ class Collector:
             day = dt.datetime.now(dt.timezone.utc)
             public = f"{day:%Y%m%d}T000000Z_{content['probe_asn']}_single"
         stored = protocol.prepare(content, mid, public, peer, scrub)
-        return mid, orjson.dumps({"m": mid, "r": stored}) + b"\n"
+        return mid, orjson.dumps({"m": mid, "r": stored}, option=orjson.OPT_APPEND_NEWLINE)
 
     @staticmethod
     def _envelope(doc: Any) -> Any:
@@ -259,7 +259,7 @@ class Collector:
                 raise Reject(exc.status, f"line {number}: {exc.reason}") from None
             ids.append(mid)
             out.append(stored)
-        await self.spool.append(b"".join(out), len(out))
+        await self.spool.append(out, len(out))
         self.metrics.inc("vantage_collector_measurements_acknowledged_total", by=len(out))
         return _json(200, {"measurement_ids": ids})
 

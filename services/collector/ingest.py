@@ -14,6 +14,11 @@ next start ingests it again and the store skips the measurements already
 committed (ids are primary keys, and rows of a stored measurement are never
 written twice): ingestion is idempotent.
 
+In the collector the ingestor works in two processes (``Ingestor._piped_loop``):
+a reader process reads, converts and flattens the next batch
+(``read_batches``) while the ingestor writes the previous one; only Arrow
+tables and the lines' places travel between them.
+
 When there is nothing to ingest for ``idle_close`` seconds the connection is
 closed, so an analyst can open the database (`vantage analyze`) between
 bursts; if the database is busy the spool simply waits.

@@ -55,11 +55,24 @@ class Report:
     closed: bool = False
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def _write_all(fd: int, data: bytes | list[bytes]) -> None:
+    """Write ``data`` (bytes, or a list of pieces: one writev, no joined
+    copy of a group commit's megabytes) to the end of ``fd``."""
+    pieces = [memoryview(piece) for piece in ([data] if isinstance(data, (bytes, bytearray)) else data) if piece]
+    first = 0
+    while first < len(pieces):
+        written = os.writev(fd, pieces[first:first + _IOV_MAX])
+        while written:  # skip what was written; a piece written in part goes again from where it stopped
+            size = len(pieces[first])
+            if written >= size:
+                written -= size
+                first += 1
+            else:
+                pieces[first] = pieces[first][written:]
+                written = 0
 
 
 class Spool:
@@ -80,7 +93,7 @@ class Spool:
         self._opened = 0.0
         self._reports_fd: int | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vantage-spool")
-        self._pending: list[tuple[bytes, bytes, int, asyncio.Future]] = []
+        self._pending: list[tuple[bytes | list[bytes], bytes, int, asyncio.Future]] = []
         self._wake: asyncio.Event | None = None
         self._flusher: asyncio.Task | None = None
         self._closing = False
@@ -153,9 +166,10 @@ class Spool:
 
     # --- appending ---------------------------------------------------------------
 
-    async def append(self, lines: bytes, count: int = 1, report_event: bytes = b"") -> None:
-        """Return once ``lines`` (``count`` measurements) and ``report_event``
-        are on disk; raises OSError when they could not be made durable."""
+    async def append(self, lines: bytes | list[bytes], count: int = 1, report_event: bytes = b"") -> None:
+        """Return once ``lines`` (``count`` measurements: bytes, or a list of
+        lines) and ``report_event`` are on disk; raises OSError when they
+        could not be made durable."""
         if self._closing:
             raise OSError("the spool is closing")
         future = asyncio.get_running_loop().create_future()
@@ -181,7 +195,12 @@ class Spool:
             self._wake.clear()
             batch, self._pending = self._pending, []
             if batch:
-                data = b"".join(b[0] for b in batch)
+                data: list[bytes] = []
+                for lines, *_ in batch:
+                    if isinstance(lines, list):
+                        data += lines
+                    elif lines:
+                        data.append(lines)
                 events = b"".join(b[1] for b in batch)
                 try:
                     await loop.run_in_executor(self._executor, self._commit, data, events)
@@ -201,7 +220,7 @@ class Spool:
 
     # --- on the spool thread -------------------------------------------------------
 
-    def _commit(self, data: bytes, events: bytes) -> None:
+    def _commit(self, data: list[bytes], events: bytes) -> None:
         started = time.monotonic()
         if events:
             _write_all(self._reports_fd, events)
@@ -222,7 +241,7 @@ class Spool:
                     pass
                 self._rotate()
                 raise
-            self._size += len(data)
+            self._size += sum(map(len, data))
             if self._size >= self.segment_bytes or time.monotonic() - self._opened >= self.segment_seconds:
                 self._rotate()
         self.fsyncs += 1
