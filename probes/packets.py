@@ -137,18 +137,26 @@ def flow_program(remote_ips: list[str], remote_port: int | None, local_port: int
     for n, ip in enumerate(remote_ips):
         last = n == len(remote_ips) - 1
         p.op(JEQ_K, _ip_int(ip), len(remote_ips) - n - 1, "drop" if last else 0)
-    p.op(LDX_B_MSH, 0)
+    p.op(LDX_B_MSH, 0)  # X: the IPv4 header's length; the transport header is read relative to it
+    return _transport_checks(p, remote_port, local_port, flags, LD_H_IND, LD_B_IND)
+
+
+def _transport_checks(p: Program, remote_port: int | None, local_port: int | list[int] | None, flags: int,
+                      load_half: int, load_byte: int) -> Program:
+    """The ports and TCP flags of both families' programs; ``load_half`` and
+    ``load_byte`` read the transport header (IPv4: relative to X, IPv6: at
+    the start of the data)."""
     if remote_port is not None:
-        p.op(LD_H_IND, 0).op(JEQ_K, remote_port, 0, "drop")
+        p.op(load_half, 0).op(JEQ_K, remote_port, 0, "drop")
     if isinstance(local_port, list):
-        p.op(LD_H_IND, 2)
+        p.op(load_half, 2)
         for n, lport in enumerate(local_port):
             last = n == len(local_port) - 1
             p.op(JEQ_K, lport, len(local_port) - n - 1, "drop" if last else 0)
     elif local_port is not None:
-        p.op(LD_H_IND, 2).op(JEQ_K, local_port, 0, "drop")
+        p.op(load_half, 2).op(JEQ_K, local_port, 0, "drop")
     if flags:
-        p.op(LD_B_IND, 13).op(JSET_K, flags, "accept", "drop")
+        p.op(load_byte, 13).op(JSET_K, flags, "accept", "drop")
     return p
 
 
@@ -168,18 +176,7 @@ def flow_program6(remote_ips: list[str], remote_port: int | None, local_port: in
             p.op(LD_W_ABS, (SKF_NET_OFF + 8 + 4 * w) & 0xFFFFFFFF).op(JEQ_K, word, 0, miss)
         p.op(JA, "ports")  # all four words matched
     p.label("ports")
-    if remote_port is not None:
-        p.op(LD_H_ABS, 0).op(JEQ_K, remote_port, 0, "drop")
-    if isinstance(local_port, list):
-        p.op(LD_H_ABS, 2)
-        for n, lport in enumerate(local_port):
-            last = n == len(local_port) - 1
-            p.op(JEQ_K, lport, len(local_port) - n - 1, "drop" if last else 0)
-    elif local_port is not None:
-        p.op(LD_H_ABS, 2).op(JEQ_K, local_port, 0, "drop")
-    if flags:
-        p.op(LD_B_ABS, 13).op(JSET_K, flags, "accept", "drop")
-    return p
+    return _transport_checks(p, remote_port, local_port, flags, LD_H_ABS, LD_B_ABS)
 
 
 def icmp_program(local_port: int, snaplen: int = 256) -> Program:
