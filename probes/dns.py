@@ -71,7 +71,9 @@ class _DaemonThreads:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = 0
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], Callable[[], None]]) -> None:
+        """Run ``job`` in an idle thread (or a new one); what it returns is
+        called once the thread counts as idle again."""
         with self._lock:
             start = self._idle == 0
             if not start:
@@ -90,9 +92,10 @@ class _DaemonThreads:
                         self._idle -= 1
                         return
                 continue  # a job was handed to this thread just now: take it
-            job()
-            with self._lock:
+            deliver = job()
+            with self._lock:  # idle before the caller hears back: its next lookup finds this thread
                 self._idle += 1
+            deliver()
 
 
 _threads = _DaemonThreads()
@@ -127,15 +130,19 @@ async def in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
         else:
             future.set_exception(value)
 
-    def work() -> None:
+    def work() -> Callable[[], None]:
         try:
             value, ok = fn(*args), True
         except BaseException as exc:  # handed to the caller, never lost in the thread
             value, ok = exc, False
-        try:
-            loop.call_soon_threadsafe(deliver, ok, value)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+
+        def hand_over() -> None:
+            try:
+                loop.call_soon_threadsafe(deliver, ok, value)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+        return hand_over
 
     _threads.submit(work)
     return await future
