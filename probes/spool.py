@@ -409,6 +409,9 @@ async def measure_apart(measure, db_file: str, *, progress=None, warn=None, runs
             pass
     pid = os.fork()
     if pid == 0:  # ------------------------------------------------ the measuring process
+        # A Ctrl-C before _measure_here's own handler is noted, not raised: a
+        # KeyboardInterrupt here would end this process without the spool's end line.
+        signal.signal(signal.SIGINT, _note_early_interrupt)
         os.close(read_fd)
         code = 0
         try:
@@ -433,11 +436,8 @@ async def measure_apart(measure, db_file: str, *, progress=None, warn=None, runs
             os._exit(code)
     # ------------------------------------------------------------------- this process
     os.close(write_fd)
-    interrupted = False
 
-    def forward(signum, frame):
-        nonlocal interrupted
-        interrupted = True
+    def forward(signum, frame):  # Ctrl-C sent to this process alone: the measuring process stops
         try:
             os.kill(pid, signal.SIGINT)
         except ProcessLookupError:
@@ -497,9 +497,17 @@ async def measure_apart(measure, db_file: str, *, progress=None, warn=None, runs
         raise MeasuringDied(f"the measuring process {how}; what it finished is stored{hint}")
     if outcome[0] == "error":
         raise outcome[1]
-    if outcome[0] == "interrupted" or interrupted:
+    if outcome[0] == "interrupted":  # (a Ctrl-C after the last measurement changes nothing)
         raise KeyboardInterrupt
     return summaries
+
+
+_early_interrupt = False
+
+
+def _note_early_interrupt(signum, frame) -> None:
+    global _early_interrupt
+    _early_interrupt = True
 
 
 async def _measure_here(measure, fd: int) -> None:
@@ -519,6 +527,8 @@ async def _measure_here(measure, fd: int) -> None:
             loop.call_soon_threadsafe(task.cancel)
 
     signal.signal(signal.SIGINT, stop)
+    if _early_interrupt:  # Ctrl-C came between the fork and this handler
+        stop(signal.SIGINT, None)
 
     @contextlib.contextmanager
     def progress(name: str, total: int):

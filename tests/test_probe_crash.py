@@ -241,3 +241,20 @@ def test_every_file_beside_the_database_uses_its_whole_name(tmp_path):
         assert spool.spool_path(db, "R1") == tmp_path / f"{db.name}.spool-R1.jsonl"
         assert runner.rescue_path(db, "R1") == tmp_path / f"{db.name}.rescue-R1.jsonl"
         assert runner.rescue_path(str(db), "R1") == runner.rescue_path(db, "R1")
+
+
+def test_ctrl_c_between_the_fork_and_the_measuring_handler_interrupts_the_run(tmp_path, monkeypatch):
+    """A Ctrl-C the measuring process gets before its own handler is set is
+    kept for it: the run stops as interrupted (KeyboardInterrupt, exit 130
+    in the CLI), not as a measuring process that died."""
+    from probes import spool
+
+    async def measure(progress, warn, runs):  # would measure for a minute
+        await asyncio.sleep(60)
+        return []
+
+    monkeypatch.setattr(spool, "_early_interrupt", True)  # as if SIGINT came right after the fork
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(spool.measure_apart(measure, str(tmp_path / "v.duckdb")))
+    assert time.monotonic() - start < 30
