@@ -7,6 +7,7 @@ set of files, a directory fsync, a directory swap)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -121,7 +122,7 @@ def exchange(new: str | os.PathLike, old: str | os.PathLike) -> bool:
     at_cwd = -100  # AT_FDCWD
     if function(at_cwd, os.fsencode(new), at_cwd, os.fsencode(old), _RENAME_EXCHANGE) == 0:
         return True
-    errno = ctypes.get_errno()
-    if errno in (38, 22, 95):  # ENOSYS, EINVAL (flag unknown), EOPNOTSUPP (file system)
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # no such call, flag unknown, file system cannot
         return False
-    raise OSError(errno, os.strerror(errno), os.fspath(new))
+    raise OSError(error, os.strerror(error), os.fspath(new))

@@ -147,8 +147,9 @@ class RunLock:
         self.release()
 
 
-# Lock descriptors this process holds: passed to the database children, so a
-# child storing a spool keeps the database locked even if its parent dies.
+# Lock descriptors this process holds: passed to the process that prepares the
+# database (``python -m probes.spool prepare``), so it keeps the database
+# locked even if its parent dies.
 _HELD: set[int] = set()
 
 
@@ -164,8 +165,8 @@ class SpoolSink(Sink):
     def __init__(self, path: str | os.PathLike, rescue_path: str | os.PathLike | None = None,
                  start: dict[str, Any] | None = None):
         """``start`` (a new run: ``start_entry``) is the spool's first line:
-        the child that stores the spool records the run from it, so no
-        process opens the database before measuring starts."""
+        `vantage run` records the run from it when it stores the spool, so
+        the measuring process never opens the database."""
         # No writer thread: writes happen in the thread that hands the record over.
         self.con = None
         self.path = Path(path)
@@ -231,7 +232,7 @@ class SpoolSink(Sink):
 
     def end(self, status: str) -> None:
         """Close the spool with its end line: the runner's status and what the
-        spool could not take (the child adds it to the run's outcome)."""
+        spool could not take (``store_runs`` adds it to the run's outcome)."""
         with self._lock:
             if self._fd is None:
                 return
@@ -240,7 +241,7 @@ class SpoolSink(Sink):
             try:
                 _write_all(self._fd, (json.dumps(entry) + "\n").encode())
             except OSError:
-                pass  # the child then takes the run for one cut short: still nothing lost
+                pass  # store_runs then takes the run for one cut short: still nothing lost
             self._close_fd()
 
     def close(self) -> None:

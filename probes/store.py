@@ -1,9 +1,9 @@
 """The only code that writes the DuckDB file.
 
 DuckDB allows one writer, so all writes go through one ``Sink``: a bounded
-queue drained by a single thread that inserts records in batches, as
-multi-row ``INSERT ... VALUES`` statements (~20x faster than executemany, and
-no pyarrow to load). Memory stays flat however long the run: at most
+queue drained by a single thread that inserts records in batches, one
+``INSERT ... SELECT unnest(?), ...`` a table with one list parameter a column
+(no pyarrow to load; ``insert_rows``). Memory stays flat however long the run: at most
 ``queue_size + batch_size`` records are held at once, and each record's rows
 are bounded (probes/flatten.py, docs/schema.md "Bounds").
 
@@ -381,7 +381,7 @@ def arrow_tables_each(batch: list[tuple[dict[str, Any], str | None]],
 def insert_columns(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
     """``insert_rows`` for bulk imports: the same rows, columns and coercions
     (a value of the wrong type becomes NULL), inserted as one Arrow table per
-    call: ~30x faster than multi-row VALUES, at the cost of loading pyarrow
+    call: faster again than ``insert_rows``' lists, at the cost of loading pyarrow
     (which the probe does not: see docs/benchmarks.md)."""
     _insert_arrow(con, table, arrow_table(table, rows))
 
@@ -472,8 +472,8 @@ def write_records(con: duckdb.DuckDBPyConnection, batch: list[tuple[dict[str, An
                   columnar: bool = False) -> int:
     """Insert a batch of records atomically; records already stored are
     skipped. Returns how many were new. ``columnar``: insert through Arrow
-    (``arrow_tables``, ``insert_tables``; imports), else multi-row VALUES (the
-    probe)."""
+    (``arrow_tables``, ``insert_tables``; imports), else list parameters
+    (``insert_rows``; the probe)."""
     if columnar:
         seen: set = set()
         unique = [item for item in batch if item[0]["measurement_id"] not in seen and not seen.add(item[0]["measurement_id"])]
