@@ -135,7 +135,10 @@ class _Hub:
         for a in addresses:
             self.active[a] = self.active.get(a, 0) + 1
         if any(a not in self.filtered for a in addresses):
-            self.filtered = [a for a in self.active][:MAX_ADDRESSES]
+            # Past the cap, the newest measurement's servers are kept (older ones
+            # lose theirs first): else every later measurement would miss its own
+            # and re-attach the program each time.
+            self.filtered = list(dict.fromkeys([*addresses, *self.active]))[:MAX_ADDRESSES]
             attach(self.sock, self.program(self.filtered, None, None, flags=SYN | FIN | RST, snaplen=SNAPLEN), drain=False)
 
     def release(self, capture: Capture) -> None:

@@ -570,3 +570,24 @@ def test_capture_is_on_by_default_and_reads_ipv6_hop_limits(lab6):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_capture_filter_past_its_cap_keeps_the_newest_measurements_servers(monkeypatch):
+    """More servers measured at once than the kernel program names (50
+    workers with 8 addresses each): each new measurement's servers are in the
+    filter, and a measurement whose servers are already there re-attaches
+    nothing."""
+    from probes import capture
+
+    attached = []
+    monkeypatch.setattr(capture, "attach", lambda sock, program, drain=True: attached.append(program))
+    hub = object.__new__(capture._Hub)
+    hub.family, hub.owner, hub.active, hub.filtered, hub.sock = socket.AF_INET, {}, {}, [], None
+    hub.program = lambda ips, *args, **kwargs: list(ips)
+    for n in range(capture.MAX_ADDRESSES // 8 + 10):  # well past the cap
+        mine = [f"198.18.{n}.{k}" for k in range(1, 9)]
+        hub.want(mine)
+        assert set(mine) <= set(hub.filtered) and len(hub.filtered) <= capture.MAX_ADDRESSES
+    before = len(attached)
+    hub.want(mine)  # the same servers again: the program already names them
+    assert len(attached) == before
