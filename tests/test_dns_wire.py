@@ -145,3 +145,40 @@ def test_a_stranger_is_not_a_reply():
     wrong_id = dns.message.make_response(query.message)
     wrong_id.id = (query.id + 1) % 65536
     assert vdns._parse_reply(wrong_id.to_wire(), query) == (None, False)
+
+
+def _answer_with_name(query: vdns._Query, name: bytes) -> bytes:
+    """A reply to ``query`` whose one A answer has the owner name ``name``
+    (raw wire bytes: pointers and all)."""
+    import struct
+
+    header = struct.pack("!HHHHHH", query.id, 0x8180, 1, 1, 0, 0)
+    question = query.wire[12:]
+    return header + question + name + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, 9])
+
+
+def test_hostile_names_and_headers_are_never_read_by_hand():
+    """Pointer tricks, oversized names, an echoed query and another opcode:
+    the hand reader declines each (dnspython then reads or refuses it, as
+    before), so it never loops, reads out of bounds or takes a stranger."""
+    query = vdns.make_query("site.test", "A")
+    end = len(query.wire)  # the answer starts here
+    cases = {
+        "pointer to itself": bytes([0xC0 | (end >> 8), end & 0xFF]),
+        "pointer forward, past the end": b"\xc0\xff",
+        "pointer loop through a label": b"\x01a" + bytes([0xC0 | (end >> 8), end & 0xFF]),
+        "name over 255 bytes": b"".join(b"\x3f" + b"a" * 63 for _ in range(5)) + b"\x00",
+        "label cut by the datagram's end": b"\x3fabc",
+    }
+    for what, name in cases.items():
+        data = _answer_with_name(query, name)
+        assert vdns._fast_reply(data, query) is None, what
+        got, want = _both(data, query, "A")
+        assert got == want, what
+    echoed = query.wire  # QR clear: our own query reflected back
+    assert vdns._parse_reply(echoed, query) == (None, False)
+    other_opcode = bytearray(_answer_with_name(query, b"\xc0\x0c"))
+    other_opcode[2] |= 0x28  # opcode 5 (UPDATE)
+    assert vdns._fast_reply(bytes(other_opcode), query) is None
+    plain = _answer_with_name(query, b"\xc0\x0c")  # the same reply, a pointer to the question: read by hand
+    assert vdns._fast_reply(plain, query) is not None
