@@ -374,7 +374,7 @@ def _merge(summary: ImportSummary, read: ImportSummary) -> None:
     for version, count in read.versions.items():
         summary.versions[version] = summary.versions.get(version, 0) + count
     summary.bad += read.bad
-    summary.errors += read.errors[:MAX_ERRORS_LISTED - len(summary.errors)]
+    summary.errors += read.errors[:max(0, MAX_ERRORS_LISTED - len(summary.errors))]
 
 
 def import_ooni(con, paths: Iterable[str | os.PathLike], *, batch_size: int = 1000,

@@ -122,6 +122,10 @@ class RequestStats:
     last one: how many, their statuses, their durations."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        """A new interval."""
         self.statuses: Counter[int] = Counter()
         self.durations: list[float] = []
         self.longest = 0.0
@@ -149,5 +153,5 @@ class RequestStats:
         line = (f"control requests in the last {interval:.0f} s: {count} ({statuses}); duration median "
                 f"{median:.3f}s p90 {p90:.3f}s max {self.longest:.3f}s; in_flight={in_flight} shed_total={shed} "
                 f"log_lines_dropped={dropped}")
-        self.__init__()
+        self._reset()
         return line
