@@ -276,6 +276,9 @@ async def test_garbage_replies_are_ignored():
 CTRL_C_WHILE_RESOLVING = r"""
 import asyncio, os, signal, socket, sys, threading, time
 sys.path.insert(0, sys.argv[1])
+# As in a terminal: a shell starts background jobs with SIGINT ignored, and
+# this test may run under one (CI started with `&`): that is not the probe's.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 _real = socket.getaddrinfo
 def hung(host, *args, **kwargs):  # a resolver that never answers, as glibc sees it
     if host == "hang.test":
