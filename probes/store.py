@@ -446,18 +446,26 @@ def insert_each(con: duckdb.DuckDBPyConnection, tables: dict[str, Any], ids: lis
     """``insert_tables``; when it fails, each measurement of ``ids`` alone,
     so a measurement the database refuses fails alone (``on_failure`` gets
     its id). Returns how many measurements were new."""
+    return _alone_on_failure(ids, lambda part: insert_tables(con, tables if part is ids else only(tables, _text(part[0]))),
+                             on_failure)
+
+
+def _alone_on_failure(batch: list, write: Callable[[list], int], on_failure: Callable[[Any, BaseException], None]) -> int:
+    """``write(batch)``; when it fails, ``write([item])`` for each item, so an
+    item that cannot be stored fails alone (``on_failure(item, exc)``).
+    Returns how many were stored."""
     try:
-        return insert_tables(con, tables)
+        return write(batch)
     except Exception as exc:
-        if len(ids) == 1:
-            on_failure(ids[0], exc)
+        if len(batch) == 1:
+            on_failure(batch[0], exc)
             return 0
     stored = 0
-    for mid in ids:
+    for item in batch:
         try:
-            stored += insert_tables(con, only(tables, _text(mid)))
+            stored += write([item])
         except Exception as exc:
-            on_failure(mid, exc)
+            on_failure(item, exc)
     return stored
 
 
@@ -503,19 +511,7 @@ def write_each(con: duckdb.DuckDBPyConnection, batch: list[tuple[dict[str, Any],
     """``write_records`` for the batch; when it fails, each record alone, so a
     record that cannot be stored fails alone (``on_failure`` gets it). Returns
     how many records were stored."""
-    try:
-        return write_records(con, batch, columnar)
-    except Exception as exc:
-        if len(batch) == 1:
-            on_failure(batch[0], exc)
-            return 0
-    stored = 0
-    for item in batch:
-        try:
-            stored += write_records(con, [item], columnar)
-        except Exception as exc:
-            on_failure(item, exc)
-    return stored
+    return _alone_on_failure(batch, lambda part: write_records(con, part, columnar), on_failure)
 
 
 @contextlib.contextmanager
