@@ -71,6 +71,16 @@ def _family(pid: int) -> list[int]:
     return found
 
 
+def finished(proc: subprocess.Popen, start: float) -> tuple[dict, float]:
+    """The JSON summary of a `vantage run --json` that has exited, and its
+    wall time since ``start``; a failed run ends the benchmark with its error."""
+    out, err = proc.communicate()
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"vantage run failed ({proc.returncode}): {err.strip()[-500:]}")
+    return json.loads(out)[0], seconds
+
+
 def run_once(ns: str, count: int, concurrency: int | None, workdir: Path, extra: list[str] | None = None) -> dict:
     urls = workdir / f"urls-{count}.txt"
     urls.write_text("".join(f"http://site{i}.bench.test/page\n" for i in range(count)))
@@ -97,13 +107,9 @@ def run_once(ns: str, count: int, concurrency: int | None, workdir: Path, extra:
         total_kb = max(total_kb, sum(_status_kb(p, "VmRSS") for p in family))
         total_pss_kb = max(total_pss_kb, sum(_pss_kb(p) for p in family))
         time.sleep(0.05)
-    out, err = proc.communicate()
-    seconds = time.monotonic() - start
+    summary, seconds = finished(proc, start)
     family_peak_kb = usage.ru_maxrss  # kB on Linux
     # `ip netns exec` execs the command, so the pid sampled is the probe itself.
-    if proc.returncode != 0:
-        raise SystemExit(f"vantage run failed ({proc.returncode}): {err.strip()[-500:]}")
-    summary = json.loads(out)[0]
     import duckdb
 
     con = duckdb.connect(str(db), read_only=True)

@@ -39,13 +39,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from probe_bench import _family, _status_kb, sh  # noqa: E402  (bench/ is this script's folder)
+from probe_bench import _family, _load, _status_kb, finished, sh  # noqa: E402  (bench/ is this script's folder)
 
 HELPER = "127.0.0.1:8081"
-
-
-def _load() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -111,11 +107,7 @@ def run_once(ns: str, count: int, concurrency: int | None, workdir: Path, helper
                 child_seen[p] = (child_seen.get(p, (time.monotonic(),))[0], time.monotonic())
         helper_rss_kb = max(helper_rss_kb, _status_kb(helper_pid, "VmRSS"))
         time.sleep(0.05)
-    out, err = proc.communicate()
-    seconds = time.monotonic() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"vantage run failed ({proc.returncode}): {err.strip()[-500:]}")
-    summary = json.loads(out)[0]
+    summary, seconds = finished(proc, start)
     import duckdb
 
     con = duckdb.connect(str(db), read_only=True)
