@@ -9,11 +9,12 @@ the UDP resolver and HTTP are all exercised and no packet leaves loopback.
 
 Writes bench/results/probe.json; docs/benchmarks.md summarises it.
 Targets: >= 50 URLs/s at the default concurrency on 2 cores (issue 2); peak
-RSS of the measuring process < 100 MB for 1,000 URLs and < 120 MB for 10,000
-(issue 13). `vantage run` keeps DuckDB in short-lived processes
-(probes/spool.py): their peak is reported apart (db_process_peak_rss_mb), and
-peak_total_rss_mb is what the probe and its children held at once (sampled
-every 50 ms).
+RSS of the probe < 100 MB for 1,000 URLs and < 120 MB for 10,000 (issue 13):
+peak_total_rss_mb, what the probe and its children held at once (sampled
+every 50 ms). `vantage run` does its database work in images its own pid
+exec's through (probes/spool.py, the hand-over): peak_rss_mb is the largest
+VmHWM seen; a child that held more than the probe would show as
+db_process_peak_rss_mb.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from cli import common
 from cli.common import safe
 from core.errors import VantageError
 
@@ -56,6 +57,15 @@ def cli() -> None:
     """Vantage: measure internet censorship (DNS, TCP, TLS, HTTP) against a control."""
 
 
+def program() -> None:
+    """The `vantage` command as the process's own program (the console script,
+    ``python -m cli.main``): only then is re-running ``sys.orig_argv`` this
+    command again, as `vantage run`'s hand-over needs (probes/spool.py).
+    A caller's process (a test calling ``main()``) must never be exec'd over."""
+    common.OWN_PROGRAM = True
+    main()
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
@@ -80,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program()

@@ -13,6 +13,7 @@ import click
 from core.errors import VantageError
 from probes.runner import TESTS
 
+from . import common
 from .common import cell, console, db_option, json_option, safe, to_json
 
 
@@ -106,17 +107,21 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
     from .consent import ensure_consent, print_essentials
 
     config = load_config(config_path)
+    # `vantage run` as its own program hands its database work over (probes/spool.py):
+    # this process becomes the database process and comes back, here, twice.
+    back = spool.handed_back() if common.OWN_PROGRAM else None
     if unattended:
         from probes.schedule import NO_CONSENT_UNATTENDED
 
         if not config.consent_given:  # never asked, never --yes: the volunteer consents at a terminal
             _record_unattended(str(db_path or config.db), "refused: no consent recorded", [])
             raise VantageError(NO_CONSENT_UNATTENDED.format(config=config.path))
-        from probes.schedule import rotate_log
+        if back is None:
+            from probes.schedule import rotate_log
 
-        rotate_log()
+            rotate_log()
         quiet = True
-    elif not ensure_consent(config, assume_yes=assume_yes):
+    elif back is None and not ensure_consent(config, assume_yes=assume_yes):
         raise VantageError(NO_CONSENT_MESSAGE)
 
     # The same checks as the config file (one-line errors, exit 2).
@@ -138,7 +143,9 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
     # One run per database at a time; this process never opens the database
     # itself (probes/spool.py: DuckDB stays out of the measuring process).
     lock = spool.RunLock(db_file)
-    if not lock.acquire():
+    if back is not None:
+        lock.adopt(back["lock_fd"])
+    elif not lock.acquire():
         holder = lock.holder()
         who = f" (pid {holder})" if holder and holder > 0 else ""
         if unattended:
@@ -147,8 +154,14 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
             return
         raise VantageError(f"another `vantage run`{who} is using {db_file}: wait for it to end, or use another --db")
     runs: dict[str, str] = {}  # run id -> status, filled by run_tests
-    try:
-        prepared = spool.prepare(db_file, resume_id)
+
+    def _measuring(prepared):
+        """After ``prepare``: what earlier runs left, the run's inputs and
+        options, then the measuring (``runner.run_tests``, not yet awaited).
+        Returns (whether a packet test prints JSON lines instead of the summary,
+        the coroutine)."""
+        nonlocal test, quiet
+
         for found in prepared["recovered"]:
             if found["stored"] and not quiet:
                 click.echo(f"vantage: stored {found['stored']} measurements that run {safe(found['run_id'])} left in its "
@@ -190,9 +203,26 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
             progress=lambda name, total: _Progress(total, name, quiet),
             warn=None if quiet else (lambda message: click.echo(f"warning: {safe(message)}", err=True)),
             runs=runs,
+            hand_over=spool.store_elsewhere(db_file, lock, {"packet_lines": packet_lines}) if common.OWN_PROGRAM else None,
         )
+        return packet_lines, work
+
+    try:
+        if back is not None and back["task"] == "store":  # measured, and the spools are stored
+            packet_lines = back["carry"]["packet_lines"]
+
+            def finish():
+                return spool.stored(back, runs)
+        else:
+            if back is None and common.OWN_PROGRAM:
+                spool.prepare_elsewhere(db_file, resume_id, lock, carry={})  # comes back as back["task"] "prepare"
+            prepared = spool.prepared(back) if back is not None else spool.prepare(db_file, resume_id)
+            packet_lines, work = _measuring(prepared)
+
+            def finish():
+                return asyncio.run(work)
         try:
-            summaries = asyncio.run(work)
+            summaries = finish()
         except KeyboardInterrupt:
             # run_tests stored every finished measurement and marked the run interrupted.
             ids = _interrupted_runs(runs, resume_id)

@@ -6,7 +6,6 @@ set of files, a directory fsync, a directory swap)."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import tempfile
@@ -34,7 +33,7 @@ def describe(exc: BaseException) -> str:
     """One short reason for an error line; aiohttp messages can be long."""
     import aiohttp
 
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+    if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is TimeoutError since 3.11
         return "timed out"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"network unreachable ({exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error})"

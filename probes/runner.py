@@ -434,6 +434,7 @@ async def run_tests(
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
     runs: dict[str, str] | None = None,
+    hand_over: Callable[[dict], None] | None = None,
 ) -> list[RunSummary]:
     """Run each test over ``inputs`` (a new run per test), or finish the run
     ``resume_id`` (one test; ``inputs`` are its remaining inputs).
@@ -446,7 +447,8 @@ async def run_tests(
     the database; its measurements go to a spool (the run's start as its
     first line), and once it has exited this process records the runs and
     stores the spools (probes/spool.py, ``measure_apart``). ``runs`` is filled
-    with each run id and its final status, also when the run is cut by Ctrl-C."""
+    with each run id and its final status, also when the run is cut by Ctrl-C.
+    ``hand_over``: the spools are stored elsewhere (``spool.store_elsewhere``)."""
     if con is None:
         from . import spool
 
@@ -455,7 +457,7 @@ async def run_tests(
                                         concurrency=concurrency, max_runtime=max_runtime, progress=progress,
                                         warn=warn, runs=runs)
 
-        return await spool.measure_apart(measure, db_file, progress=progress, warn=warn, runs=runs)
+        return await spool.measure_apart(measure, db_file, progress=progress, warn=warn, runs=runs, hand_over=hand_over)
     return await _measure_tests(con, db_file, tests, inputs, options, config, resume_id=resume_id,
                                 concurrency=concurrency, max_runtime=max_runtime, progress=progress, warn=warn,
                                 runs=runs)

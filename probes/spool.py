@@ -3,12 +3,14 @@
 DuckDB's library and allocator cost a process ~55-70 MB (docs/benchmarks.md),
 and a measuring process ~50 MB; side by side they never fit the probe's
 memory budget. So they never run side by side: `vantage run` first opens the
-database in a short-lived process (``python -m probes.spool prepare``: open
-and migrate, store what earlier runs left, what a resumed run has left to
-do), then forks the process that measures (``measure_apart``), which only
-appends finished measurements to a spool file beside the database, and once
-that process has exited opens the database itself and stores the spools
-(``store_runs``):
+database (``prepare``: open and migrate, store what earlier runs left, what a
+resumed run has left to do), then forks the process that measures
+(``measure_apart``), which only appends finished measurements to a spool file
+beside the database, and once that process has exited stores the spools
+(``store_runs``). As its own program, `vantage run` does both database steps
+by becoming the database process and coming back (``hand_over``: exec, the
+same pid), so not even the waiting command is beside DuckDB; called from
+Python (click's test runner), it uses a child process and stores in-process.
 
 - ``SpoolSink`` is the runner's sink. A new run's first line is what
   ``runner.start_run`` records (its inputs, options, location); then ``aput``
@@ -116,6 +118,14 @@ class RunLock:
         self.fd = fd
         _HELD.add(fd)
         return True
+
+    def adopt(self, fd: int) -> "RunLock":
+        """Take over the lock this process held before it exec'd (``hand_over``):
+        the same descriptor, still locked."""
+        os.fstat(fd)  # OSError when it is not open: the hand-over lost it
+        self.fd = fd
+        _HELD.add(fd)
+        return self
 
     def holder(self) -> int | None:
         """The pid of the run holding the lock, or None when nobody does."""
@@ -294,6 +304,11 @@ def _child(task: str, payload: dict[str, Any]) -> dict[str, Any]:
     except (ValueError, IndexError):
         raise RuntimeError(f"the database process failed ({proc.returncode}): "
                            f"{(proc.stderr.strip().splitlines() or [''])[-1]}") from None
+    return _checked(answer)
+
+
+def _checked(answer: dict[str, Any]) -> dict[str, Any]:
+    """A task's answer, or its failure raised: a StoreError (one line) or an internal error."""
     if "error" in answer:
         raise StoreError(answer["error"])
     if "internal" in answer:
@@ -324,7 +339,7 @@ def start_entry(run_id: str, test_name: str, inputs, options: dict, location) ->
 # Raspberry Pi's 100 MB budget side by side (docs/benchmarks.md). So they never
 # live side by side: `vantage run` forks the process that measures, waits for
 # it with nothing but the CLI in memory (~27 MB), and only once it is gone
-# opens the database itself and stores the spools.
+# stores the spools (by a hand-over, below, or itself).
 
 STORE_BATCH = 50  # records per transaction when a spool is stored (fewer: less DuckDB memory, slower)
 STORE_QUEUE = 50
@@ -388,7 +403,8 @@ class _RunsRelay(dict):
         _send(self.fd, ("run", run_id, status))
 
 
-async def measure_apart(measure, db_file: str, *, progress=None, warn=None, runs: dict[str, str] | None = None):
+async def measure_apart(measure, db_file: str, *, progress=None, warn=None, runs: dict[str, str] | None = None,
+                        hand_over=None):
     """Run ``await measure(progress=, warn=, runs=)`` (``runner.run_tests``'s
     measuring, whose sink is a ``SpoolSink`` that ends each spool with its end
     line) in a forked process, relay its progress and warnings here, then,
@@ -397,7 +413,11 @@ async def measure_apart(measure, db_file: str, *, progress=None, warn=None, runs
     statuses. Ctrl-C reaches the measuring process (forwarded if sent to this
     one alone): it stops measuring, the spools are stored, and
     KeyboardInterrupt is raised here as `vantage run` expects. A measuring
-    process killed outright leaves its spools, stored here as interrupted."""
+    process killed outright leaves its spools, stored here as interrupted.
+
+    ``hand_over(ended)``, when given, stores elsewhere and never returns
+    (`vantage run` becomes the database process: ``hand_over`` below), and
+    the command finishes with ``conclude(ended, finals)``."""
     import signal
     import sys as _sys
 
@@ -480,10 +500,24 @@ async def measure_apart(measure, db_file: str, *, progress=None, warn=None, runs
         # Storing takes seconds and loses nothing if cut, but is not cut by Ctrl-C
         # (the measuring process was the one to stop; as the database process was).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        summaries = outcome[1] if outcome and outcome[0] in ("done", "interrupted") else []
+        ended = {"outcome": outcome, "started": list(started), "statuses": dict(started), "status": status}
+        if hand_over is not None:
+            hand_over(ended)
         finals = store_runs(db_file, list(started))
     finally:
         signal.signal(signal.SIGINT, previous)
+    return conclude(ended, finals, runs)
+
+
+def conclude(ended: dict[str, Any], finals: dict[str, str], runs: dict[str, str] | None = None):
+    """``measure_apart``'s outcome once the spools are stored: the summaries
+    with the runs' final statuses (also set in ``runs``), or the measuring
+    process's exception, KeyboardInterrupt for a run stopped by Ctrl-C,
+    MeasuringDied for a measuring process killed outright."""
+    outcome, status = ended["outcome"], ended["status"]
+    summaries = outcome[1] if outcome and outcome[0] in ("done", "interrupted") else []
+    if runs is not None:
+        runs.update(ended["statuses"])
     for run_id, final in finals.items():
         if runs is not None:
             runs[run_id] = final
@@ -592,6 +626,140 @@ def store_runs(db_file: str, run_ids: list[str]) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------
+# Hand-over: `vantage run` becomes the database process, and back.
+#
+# A database process peaks at ~100-110 MB on its own (DuckDB's library pages
+# and allocator, docs/benchmarks.md); beside it, a waiting `vantage run`
+# (~29 MB) took the probe past its budget. So when `vantage run` is the
+# process's own program, it does not wait for a database process: it becomes
+# one. ``hand_over`` exec's ``python -m probes.spool stage FILE`` in its place
+# (same pid, terminal and run lock; none of its modules or memory), which does
+# the task and then exec's the same `vantage run` command line again; there
+# ``handed_back`` returns the task's answer and what the command carried over.
+
+STAGE_ENV = "VANTAGE_RUN_STAGE"  # names the hand-over's file in the process that comes back
+
+
+def stage_path(db_file: str | os.PathLike) -> Path:
+    return paths.beside_db(db_file, f".stage-{os.getpid()}.json")
+
+
+_sigint_ignored: bool | None = None  # how the command started: kept through every hand-over
+
+
+def hand_over(task: str, payload: dict[str, Any], lock: RunLock, carry: dict[str, Any]):
+    """Become ``python -m probes.spool stage``, which runs ``task`` (as
+    ``prepare`` or ``store_runs`` would) and then becomes this command line
+    again. Never returns. ``carry`` (JSON) comes back with the answer."""
+    import signal
+
+    ignored = _sigint_ignored if _sigint_ignored is not None else signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    path = stage_path(payload["db"])
+    state = {"pid": os.getpid(), "task": task, "payload": payload, "carry": carry, "lock_fd": lock.fd,
+             "argv": [sys.executable, *sys.orig_argv[1:]], "sigint_ignored": ignored,
+             "pythonpath": os.environ.get("PYTHONPATH")}
+    _write_state(path, state)
+    os.set_inheritable(lock.fd, True)
+    for stream in (sys.stdout, sys.stderr):  # what the command printed must not die with its buffers
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, state["pythonpath"]) if p))
+    env.pop(STAGE_ENV, None)
+    os.execve(sys.executable, [sys.executable, "-m", "probes.spool", "stage", str(path)], env)
+
+
+def handed_back() -> dict[str, Any] | None:
+    """In the command a hand-over came back to: ``{"task", "answer", "carry",
+    "lock_fd"}``, else None. The variable is removed from the environment so
+    no child inherits it; a stage file of another process is ignored."""
+    global _sigint_ignored
+    path = os.environ.pop(STAGE_ENV, None)
+    if not path:
+        return None
+    try:
+        state = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or state.get("pid") != os.getpid() or "answer" not in state:
+        return None
+    Path(path).unlink(missing_ok=True)
+    _sigint_ignored = bool(state.get("sigint_ignored"))
+    return state
+
+
+def prepared(state: dict[str, Any]) -> dict[str, Any]:
+    """``prepare``'s answer, from the hand-over ``prepare_elsewhere`` began."""
+    return _checked(state["answer"])
+
+
+def prepare_elsewhere(db_file: str, resume_id: str | None, lock: RunLock, carry: dict[str, Any]):
+    """``prepare`` by a hand-over: never returns; the command comes back with
+    ``handed_back()["task"] == "prepare"``."""
+    hand_over("prepare", {"db": db_file, "resume": resume_id}, lock, carry)
+
+
+def store_elsewhere(db_file: str, lock: RunLock, carry: dict[str, Any]):
+    """``measure_apart``'s ``hand_over`` for `vantage run`: the spools stored
+    by the database process this command becomes; it comes back with
+    ``handed_back()["task"] == "store"``, and ``stored`` concludes."""
+    import base64
+    import pickle
+
+    def store(ended: dict[str, Any]):
+        packed = base64.b64encode(pickle.dumps(ended, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii")
+        hand_over("store", {"db": db_file, "run_ids": ended["started"]}, lock, dict(carry, ended=packed))
+
+    return store
+
+
+def stored(state: dict[str, Any], runs: dict[str, str] | None = None):
+    """What ``measure_apart`` returns (or raises), once the hand-over of
+    ``store_elsewhere`` has stored the spools. (The pickle is this run's own:
+    a 0600 file beside the database, written by this pid.)"""
+    import base64
+    import pickle
+
+    ended = pickle.loads(base64.b64decode(state["carry"]["ended"]))
+    return conclude(ended, _checked(state["answer"])["finals"], runs)
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, json.dumps(state, default=str).encode())
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def _stage(path: str):
+    """``python -m probes.spool stage FILE``: the task, then back to the command."""
+    import signal
+
+    state = json.loads(Path(path).read_text(encoding="utf-8"))
+    state["answer"] = _answer(state["task"], state["payload"])
+    _write_state(Path(path), state)
+    env = dict(os.environ)
+    if state.get("pythonpath") is None:
+        env.pop("PYTHONPATH", None)
+    else:
+        env["PYTHONPATH"] = state["pythonpath"]
+    env[STAGE_ENV] = path
+    # exec keeps an ignored SIGINT ignored: the command gets back the Ctrl-C it started with.
+    signal.signal(signal.SIGINT, signal.SIG_IGN if state.get("sigint_ignored") else signal.SIG_DFL)
+    os.execve(state["argv"][0], state["argv"], env)
+
+
+def _task_store(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"finals": store_runs(payload["db"], payload["run_ids"])}
+
+
+
+# --------------------------------------------------------------------------
 # The database process: each task opens the database, does its work, exits.
 
 def _connect(db_file: str):
@@ -602,7 +770,7 @@ def _connect(db_file: str):
     deadline = time.monotonic() + BUSY_WAIT_SECONDS
     while True:
         try:
-            return store.connect(db_file, memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
+            return store.connect(db_file, **store.PROBE_LIMITS)
         except StoreError as exc:
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                 raise
@@ -701,7 +869,7 @@ def _record_start(con, entry: dict[str, Any]) -> None:
                      runner.Location(**entry["location"]))
 
 
-_TASKS = {"prepare": _task_prepare}
+_TASKS = {"prepare": _task_prepare, "store": _task_store}
 
 
 def main(argv: list[str]) -> int:
@@ -710,19 +878,26 @@ def main(argv: list[str]) -> int:
     # A stop (Ctrl-C, systemd's KillSignal=SIGINT to the whole cgroup) is for
     # the measuring process: this one finishes storing, which takes seconds.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    payload = json.loads(sys.stdin.read())
+    if argv[0] == "stage":
+        _stage(argv[1])
+    answer = _answer(argv[0], json.loads(sys.stdin.read()))
+    sys.stdout.write(json.dumps(answer, default=str) + "\n")
+    return 0
+
+
+def _answer(task: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """A task's answer: a VantageError as ``{"error"}`` (one line for the
+    user), anything else as ``{"internal"}``."""
     try:
-        answer = _TASKS[argv[0]](payload)
+        return _TASKS[task](payload)
     except VantageError as exc:
-        answer = {"error": str(exc)}
+        return {"error": str(exc)}
     except Exception as exc:
         if os.environ.get("VANTAGE_DEBUG"):
             import traceback
 
             traceback.print_exc()
-        answer = {"internal": f"{type(exc).__name__}: {_first_line(exc)}"}
-    sys.stdout.write(json.dumps(answer, default=str) + "\n")
-    return 0
+        return {"internal": f"{type(exc).__name__}: {_first_line(exc)}"}
 
 
 if __name__ == "__main__":

@@ -49,9 +49,12 @@ SCHEMA_VERSION = schema.SCHEMA_VERSION
 
 # A probe on a Raspberry Pi only appends: a small buffer pool (DuckDB spills
 # beyond it) and one thread took a 10,000-record write from +84 MB to +55 MB
-# of RSS without slowing the run (bench/probe_bench.py).
-PROBE_MEMORY_LIMIT = "32MB"
-PROBE_THREADS = 1
+# of RSS without slowing the run; row groups of 2,048 rows (DuckDB's vector,
+# instead of 122,880) keep what a checkpoint holds at once small enough for a
+# 16 MB pool: -10 MB more at 10,000 records (bench/probe_bench.py). The row
+# group size is the probe connection's, not the file's: analysis connections
+# append with DuckDB's default.
+PROBE_LIMITS: dict[str, Any] = {"memory_limit": "16MB", "threads": 1, "row_group_size": 2048}
 
 
 class StoreError(VantageError):
@@ -63,11 +66,11 @@ def default_db_path() -> Path:
 
 
 def connect(path: str | os.PathLike | None = None, read_only: bool = False, memory_limit: str | None = None,
-            threads: int | None = None) -> duckdb.DuckDBPyConnection:
+            threads: int | None = None, row_group_size: int | None = None) -> duckdb.DuckDBPyConnection:
     """Open (and migrate) the database, or raise StoreError with a clear reason.
 
-    ``memory_limit``/``threads``: DuckDB's defaults (80% of RAM, all cores) suit
-    analysis; the probe passes PROBE_MEMORY_LIMIT/PROBE_THREADS.
+    ``memory_limit``/``threads``/``row_group_size``: DuckDB's defaults (80% of
+    RAM, all cores) suit analysis; the probe passes ``**PROBE_LIMITS``.
 
     A database of a newer schema than this build knows is refused (StoreError);
     an older one is migrated, also when opened read-only (briefly read-write)."""
@@ -83,7 +86,7 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False, memo
             raise StoreError(f"the database {target} is not writable")
         if not read_only and not target.exists() and not os.access(target.parent, os.W_OK):
             raise StoreError(f"cannot write the database in {target.parent}: permission denied")
-    con = _open(target, read_only)
+    con = _open(target, read_only, row_group_size)
     try:
         version = schema_version(con)
         check_version(version, target)
@@ -99,7 +102,7 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False, memo
                                  f"and that failed: {_first_line(exc)}") from None
             finally:
                 migrating.close()
-            con = _open(target, True)
+            con = _open(target, True, row_group_size)
         if memory_limit:
             con.execute(f"SET memory_limit = '{memory_limit}'")
         if threads:
@@ -112,11 +115,23 @@ def connect(path: str | os.PathLike | None = None, read_only: bool = False, memo
     return con
 
 
-def _open(target: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+def _open(target: Path, read_only: bool, row_group_size: int | None = None) -> duckdb.DuckDBPyConnection:
     import duckdb
 
     try:
-        return duckdb.connect(str(target), read_only=read_only)
+        if not row_group_size or str(target) == ":memory:":
+            return duckdb.connect(str(target), read_only=read_only)
+        # The row group size is an option of ATTACH only: the file attached and made the default catalog.
+        con = duckdb.connect()
+        try:
+            path = str(target).replace("'", "''")
+            con.execute(f"ATTACH '{path}' AS probe_db (ROW_GROUP_SIZE {int(row_group_size)}"
+                        f"{', READ_ONLY' if read_only else ''})")
+            con.execute("USE probe_db")
+        except BaseException:
+            con.close()
+            raise
+        return con
     except duckdb.Error as exc:
         raise StoreError(f"cannot open the database {target}: {_first_line(exc)}") from None
 

@@ -329,3 +329,18 @@ def test_resume_reuses_the_runs_concurrency_unless_given_again(tmp_path, home, m
     # Without --concurrency, a new run records the setting it ran with.
     result = cli.invoke(run_command, ["--url", "https://b.example/", *base])
     assert calls[-1]["concurrency"] == 50 and calls[-1]["options"]["concurrency"] == 50
+
+
+def test_main_called_from_python_never_hands_the_process_over(monkeypatch, capsys):
+    """`vantage run` exec's over its own process only when it is the program
+    (cli.main.program): a caller of main() (a test, a script) is never replaced."""
+    from cli import common, main
+
+    monkeypatch.setattr(common, "OWN_PROGRAM", False)
+    monkeypatch.setattr(sys, "argv", ["vantage", "--help"])
+    try:
+        main.main()
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    assert "Commands:" in capsys.readouterr().out
+    assert common.OWN_PROGRAM is False

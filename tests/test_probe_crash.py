@@ -127,6 +127,53 @@ async def test_the_next_run_stores_what_a_killed_run_finished_and_names_it(tmp_p
     assert status == "finished" and sorted(url for _, url in rows) == sorted(urls)
 
 
+def _image(pid: int) -> tuple[list[str], list[int]]:
+    """The command line ``pid`` runs now and its children ([] once it is gone)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return [], []
+    return argv, children
+
+
+async def test_the_database_work_runs_alone_in_the_runs_own_process(tmp_path, home, http_server):
+    """`vantage run` becomes its database process (prepare, then storing the
+    spools) and comes back (probes/spool.py, the hand-over): the same pid, no
+    other process beside it, and the command's output and lock intact."""
+    db = tmp_path / "v.duckdb"
+    urls = [http_server.url(f"/page?n={i}") for i in range(20)]
+    args = ["run", "web", *[a for u in urls for a in ("--url", u)], "--db", str(db), "--yes", "--json", "--no-doh",
+            "--probe-cc", "ZZ", "--probe-asn", "AS0"]
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli.main", *args, cwd=ROOT, env=home,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    images, measuring_children = [], 0  # what the pid ran, in order: "run" or "database"
+    reading = asyncio.ensure_future(proc.communicate())
+    while not reading.done():
+        argv, children = _image(proc.pid)
+        image = "database" if argv[1:4] == ["-m", "probes.spool", "stage"] else "run" if "cli.main" in argv else None
+        if image == "database":
+            assert children == [], f"a process beside the database process: {children}"
+        elif children:
+            measuring_children = max(measuring_children, len(children))
+        if image and (not images or images[-1] != image):
+            images.append(image)
+        await asyncio.sleep(0.002)
+    out, err = await reading
+    assert proc.returncode == 0, err.decode()
+    # Prepare, measure, store, print: the database work twice, each time alone.
+    assert images == ["run", "database", "run", "database", "run"], images
+    assert measuring_children == 1  # while measuring: the forked measuring process, alone
+    summary = json.loads(out)
+    assert summary[0]["status"] == "finished" and summary[0]["measured"] == 20
+    rows, status = _stored(db, summary[0]["run_id"])
+    assert status == "finished" and sorted(url for _, url in rows) == sorted(urls)
+    assert not list(tmp_path.glob("v.duckdb.stage-*")) and not list(tmp_path.glob("v.duckdb.spool-*"))
+    from probes.spool import RunLock
+
+    assert RunLock(db).holder() is None
+
+
 # ---------------------------------------------------------------- the spool, stored in-process
 
 

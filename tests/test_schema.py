@@ -158,7 +158,7 @@ def _flood(record, count=61_000):
 
 
 def test_a_61000_event_record_is_stored_in_the_probes_memory_limit(tmp_path):
-    con = store.connect(tmp_path / "v.duckdb", memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
+    con = store.connect(tmp_path / "v.duckdb", **store.PROBE_LIMITS)
     record = _flood(_record())
     store.write_all(con, [(record, None), (_record(url="https://next.example/"), None)])
     assert con.execute("SELECT count(*) FROM measurements").fetchone()[0] == 2
@@ -177,7 +177,7 @@ def test_a_record_of_many_big_hops_is_stored_in_the_probes_memory_limit(tmp_path
     hops = [{"request": {"url": f"https://a.example/{i}", "method": "GET"},
              "response": {"code": 302, "headers": headers, "body": body}, "x_redirect_index": i} for i in range(1500)]
     record = _record(requests=hops)
-    con = store.connect(tmp_path / "v.duckdb", memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
+    con = store.connect(tmp_path / "v.duckdb", **store.PROBE_LIMITS)
     store.write_all(con, [(record, None)])
     rows, text = con.execute("SELECT count(*), sum(coalesce(length(body), 0) + coalesce(length(headers::VARCHAR), 0)) "
                              "FROM http_transactions WHERE side = 'probe'").fetchone()
@@ -193,7 +193,7 @@ def test_a_record_of_many_big_hops_is_stored_in_the_probes_memory_limit(tmp_path
 
 def test_stored_record_json_is_bounded(tmp_path):
     record = _record(x_blob=["y" * 60_000] * 40)  # 2.4 MB of one odd key
-    con = store.connect(tmp_path / "v.duckdb", memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
+    con = store.connect(tmp_path / "v.duckdb", **store.PROBE_LIMITS)
     store.write_all(con, [(record, None)])
     stored = json.loads(con.execute("SELECT record FROM measurements").fetchone()[0])
     assert stored["test_keys"]["x_blob"] is None and "x_blob" in stored["test_keys"]["x_store_caps"]["keys_dropped"]
@@ -246,7 +246,7 @@ async def test_a_hostile_site_does_not_stop_the_run(tmp_path):
         if "hostile" in url:
             _flood({"test_keys": keys})
 
-    con = store.connect(tmp_path / "v.duckdb", memory_limit=store.PROBE_MEMORY_LIMIT, threads=store.PROBE_THREADS)
+    con = store.connect(tmp_path / "v.duckdb", **store.PROBE_LIMITS)
     inputs = [("https://hostile.example/", None)] + [(f"https://s{i}.example/", None) for i in range(20)]
     test = _spec(measure)
     start_run(con, "R", test, inputs, {}, Location())
