@@ -368,16 +368,17 @@ async def serve_forever(config: CollectorConfig, on_ready=None) -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
         logging.getLogger(name).propagate = False
     collector = Collector(config)
+    # Before the ports are bound: a SIGTERM as soon as they answer is a clean stop, not the default death.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     runners, bound = await collector.start()
     collector.log(f"listening on {bound[0]} (metrics and health on {bound[1]}); spool {config.spool}, "
                   f"database {config.db}; {collector.spool.recovered} open segment(s) recovered, "
                   f"{len(collector.spool.ready_segments())} to ingest")
     if on_ready:
         on_ready(bound)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     collector.log("stopping: no new requests; ingesting what is spooled")
     await collector.stop(runners)
