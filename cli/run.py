@@ -113,10 +113,10 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
     if unattended:
         from probes.schedule import NO_CONSENT_UNATTENDED
 
-        if not config.consent_given:  # never asked, never --yes: the volunteer consents at a terminal
-            _record_unattended(str(db_path or config.db), "refused: no consent recorded", [])
-            raise VantageError(NO_CONSENT_UNATTENDED.format(config=config.path))
-        if back is None:
+        if back is None:  # checked once: a hand-over back never refuses what it already measured
+            if not config.consent_given:  # never asked, never --yes: the volunteer consents at a terminal
+                _record_unattended(str(db_path or config.db), "refused: no consent recorded", [])
+                raise VantageError(NO_CONSENT_UNATTENDED.format(config=config.path))
             from probes.schedule import rotate_log
 
             rotate_log()
@@ -128,16 +128,18 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
     overrides = {"resolver": resolver, "doh_url": doh_url, "probe_cc": probe_cc, "probe_asn": probe_asn,
                  "helpers": list(helpers) or None}
     config = config.replace(**{k: v for k, v in overrides.items() if v})
-    if ca_file:
-        _check_ca_file(ca_file, "--ca-file")
-    elif config.extra_ca_file:
-        _check_ca_file(config.extra_ca_file, f"extra_ca_file (from {config.sources.get('extra_ca_file', 'the config')}):")
-    if categories and (urls or input_file):
-        raise VantageError("--category filters a test list (--list); it cannot apply to --url or --input-file")
-    try:
-        Policy.from_cidrs(public_networks)  # where the probe's redirects may lead (probes/http.py)
-    except ValueError as exc:
-        raise VantageError(f"--public-network: {exc}") from None
+    if back is None:  # (the passes after a hand-over go on with what this one checked)
+        if ca_file:
+            _check_ca_file(ca_file, "--ca-file")
+        elif config.extra_ca_file:
+            _check_ca_file(config.extra_ca_file,
+                           f"extra_ca_file (from {config.sources.get('extra_ca_file', 'the config')}):")
+        if categories and (urls or input_file):
+            raise VantageError("--category filters a test list (--list); it cannot apply to --url or --input-file")
+        try:
+            Policy.from_cidrs(public_networks)  # where the probe's redirects may lead (probes/http.py)
+        except ValueError as exc:
+            raise VantageError(f"--public-network: {exc}") from None
 
     db_file = str(db_path or config.db)
     # One run per database at a time; this process never opens the database

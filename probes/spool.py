@@ -658,7 +658,10 @@ def hand_over(task: str, payload: dict[str, Any], lock: RunLock, carry: dict[str
     state = {"pid": os.getpid(), "task": task, "payload": payload, "carry": carry, "lock_fd": lock.fd,
              "argv": [sys.executable, *sys.orig_argv[1:]], "sigint_ignored": ignored,
              "pythonpath": os.environ.get("PYTHONPATH")}
-    _write_state(path, state)
+    try:
+        _write_state(path, state)
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror}") from None
     os.set_inheritable(lock.fd, True)
     for stream in (sys.stdout, sys.stderr):  # what the command printed must not die with its buffers
         try:
@@ -668,7 +671,11 @@ def hand_over(task: str, payload: dict[str, Any], lock: RunLock, carry: dict[str
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, state["pythonpath"]) if p))
     env.pop(STAGE_ENV, None)
-    os.execve(sys.executable, [sys.executable, "-m", "probes.spool", "stage", str(path)], env)
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "probes.spool", "stage", str(path)], env)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise StoreError(f"cannot start the database process ({sys.executable}): {exc.strerror}") from None
 
 
 def handed_back() -> dict[str, Any] | None:
@@ -679,19 +686,44 @@ def handed_back() -> dict[str, Any] | None:
     path = os.environ.pop(STAGE_ENV, None)
     if not path:
         return None
-    try:
-        state = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(state, dict) or state.get("pid") != os.getpid() or "answer" not in state:
-        return None
+    state = _read_state(Path(path))
+    if state.get("pid") != os.getpid():
+        return None  # another process's hand-over (an inherited variable): not this command's
+    if "answer" not in state:
+        raise StoreError(f"the hand-over file {path} has no answer: the database step did not finish; "
+                         "the next `vantage run` stores what this one measured")
     Path(path).unlink(missing_ok=True)
     _sigint_ignored = bool(state.get("sigint_ignored"))
     return state
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    """A hand-over file, only if this user's own and nobody else's to write
+    (it carries a pickle): else one line."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            info = os.fstat(fd)
+            if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+                raise StoreError(f"the hand-over file {path} is not this user's alone: refused")
+            with os.fdopen(os.dup(fd), encoding="utf-8") as fh:
+                state = json.load(fh)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StoreError(f"cannot read the hand-over file {path}: {exc.strerror}") from None
+    except ValueError:
+        raise StoreError(f"the hand-over file {path} is not valid JSON") from None
+    if not isinstance(state, dict):
+        raise StoreError(f"the hand-over file {path} is not a hand-over")
+    return state
+
+
 def prepared(state: dict[str, Any]) -> dict[str, Any]:
-    """``prepare``'s answer, from the hand-over ``prepare_elsewhere`` began."""
+    """``prepare``'s answer, from the hand-over ``prepare_elsewhere`` began;
+    KeyboardInterrupt when a Ctrl-C came while it prepared."""
+    if state["answer"].get("interrupted"):
+        raise KeyboardInterrupt
     return _checked(state["answer"])
 
 
@@ -723,12 +755,15 @@ def stored(state: dict[str, Any], runs: dict[str, str] | None = None):
     import pickle
 
     ended = pickle.loads(base64.b64decode(state["carry"]["ended"]))
+    if runs is not None:  # also when storing failed: an unattended run records which runs it was
+        runs.update(ended["statuses"])
     return conclude(ended, _checked(state["answer"])["finals"], runs)
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
     temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    temporary.unlink(missing_ok=True)  # a crash's leftover; O_EXCL then creates ours, never follows a link
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         _write_all(fd, json.dumps(state, default=str).encode())
     finally:
@@ -737,12 +772,33 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def _stage(path: str):
-    """``python -m probes.spool stage FILE``: the task, then back to the command."""
+    """``python -m probes.spool stage FILE``: the task, then back to the
+    command. What fails here is one line on stderr and exit 2: the spools
+    keep every measurement for the next run."""
     import signal
 
-    state = json.loads(Path(path).read_text(encoding="utf-8"))
-    state["answer"] = _answer(state["task"], state["payload"])
-    _write_state(Path(path), state)
+    try:
+        state = _read_state(Path(path))
+        argv = state["argv"]
+    except (StoreError, KeyError, TypeError) as exc:
+        sys.stderr.write(f"vantage: {exc}\n")
+        sys.exit(2)
+    if state["task"] == "prepare" and not state.get("sigint_ignored"):
+        # Prepare may wait a minute for a busy database: Ctrl-C cuts it (what
+        # it stores is idempotent, a spool goes only once stored), and the
+        # command, back, stops before it measures.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        state["answer"] = _answer(state["task"], state["payload"])
+    except KeyboardInterrupt:
+        state["answer"] = {"interrupted": True}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _write_state(Path(path), state)
+    except OSError as exc:
+        sys.stderr.write(f"vantage: cannot write {path}: {exc.strerror}; the measurements wait in their spools "
+                         "for the next `vantage run`\n")
+        sys.exit(2)
     env = dict(os.environ)
     if state.get("pythonpath") is None:
         env.pop("PYTHONPATH", None)
@@ -751,7 +807,11 @@ def _stage(path: str):
     env[STAGE_ENV] = path
     # exec keeps an ignored SIGINT ignored: the command gets back the Ctrl-C it started with.
     signal.signal(signal.SIGINT, signal.SIG_IGN if state.get("sigint_ignored") else signal.SIG_DFL)
-    os.execve(state["argv"][0], state["argv"], env)
+    try:
+        os.execve(argv[0], argv, env)
+    except OSError as exc:
+        sys.stderr.write(f"vantage: cannot come back to the command ({argv[0]}): {exc.strerror}\n")
+        sys.exit(2)
 
 
 def _task_store(payload: dict[str, Any]) -> dict[str, Any]:

@@ -121,10 +121,12 @@ def _open(target: Path, read_only: bool, row_group_size: int | None = None) -> d
     try:
         if not row_group_size or str(target) == ":memory:":
             return duckdb.connect(str(target), read_only=read_only)
-        # The row group size is an option of ATTACH only: the file attached and made the default catalog.
+        # The row group size is an option of ATTACH only: the file attached and made the default catalog,
+        # spilling where DuckDB spills for a file it opens itself (``<db>.tmp``), not in the working directory.
         con = duckdb.connect()
         try:
             path = str(target).replace("'", "''")
+            con.execute(f"SET temp_directory = '{path}.tmp'")
             con.execute(f"ATTACH '{path}' AS probe_db (ROW_GROUP_SIZE {int(row_group_size)}"
                         f"{', READ_ONLY' if read_only else ''})")
             con.execute("USE probe_db")

@@ -305,3 +305,84 @@ def test_ctrl_c_between_the_fork_and_the_measuring_handler_interrupts_the_run(tm
     with pytest.raises(KeyboardInterrupt):
         asyncio.run(spool.measure_apart(measure, str(tmp_path / "v.duckdb")))
     assert time.monotonic() - start < 30
+
+
+# ---------------------------------------------------------------- the hand-over's file
+
+def test_a_hand_over_file_anyone_else_could_write_is_refused(tmp_path, monkeypatch):
+    from probes import spool
+    from probes.store import StoreError
+
+    state = tmp_path / "v.duckdb.stage-1.json"
+    state.write_text(json.dumps({"pid": os.getpid(), "answer": {}}))
+    state.chmod(0o666)
+    monkeypatch.setenv(spool.STAGE_ENV, str(state))
+    with pytest.raises(StoreError, match="not this user's alone"):
+        spool.handed_back()
+    assert spool.STAGE_ENV not in os.environ  # never inherited by the run's children
+    link = tmp_path / "link.json"
+    state.chmod(0o600)
+    link.symlink_to(state)
+    monkeypatch.setenv(spool.STAGE_ENV, str(link))
+    with pytest.raises(StoreError, match="cannot read the hand-over file"):
+        spool.handed_back()
+    monkeypatch.setenv(spool.STAGE_ENV, str(state))
+    assert spool.handed_back() == {"pid": os.getpid(), "answer": {}} and not state.exists()
+
+
+def test_a_store_that_failed_after_a_hand_over_still_names_its_runs(tmp_path):
+    """An unattended run records which runs it was even when storing failed."""
+    import base64
+    import pickle
+
+    from probes import spool
+    from probes.runner import RunSummary
+    from probes.store import StoreError
+
+    ended = {"outcome": ("done", [RunSummary("R1", "finished", 3, 3)]), "started": ["R1"],
+             "statuses": {"R1": "running"}, "status": 0}
+    state = {"carry": {"ended": base64.b64encode(pickle.dumps(ended)).decode()},
+             "answer": {"error": "writing to the database failed: disk full"}}
+    runs: dict[str, str] = {}
+    with pytest.raises(StoreError, match="disk full"):
+        spool.stored(state, runs)
+    assert runs == {"R1": "running"}
+    state["answer"] = {"finals": {"R1": "finished"}}
+    assert [s.status for s in spool.stored(state, runs)] == ["finished"] and runs == {"R1": "finished"}
+
+
+async def test_ctrl_c_while_prepare_waits_for_a_busy_database_stops_the_run(tmp_path, home, http_server):
+    """The database step of a hand-over waits up to a minute for a database
+    another program holds; Ctrl-C there ends the run at once (exit 130), with
+    nothing measured."""
+    db = tmp_path / "v.duckdb"
+    duckdb.connect(str(db)).close()
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+                               "print('ready', flush=True); time.sleep(60)", str(db)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        args = ["run", "web", "--url", http_server.url("/"), "--db", str(db), "--yes", "--quiet", "--no-doh",
+                "--probe-cc", "ZZ", "--probe-asn", "AS0"]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.main", *args, cwd=ROOT, env=home, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 20
+        while _image(proc.pid)[0][1:4] != ["-m", "probes.spool", "stage"]:
+            assert time.monotonic() < deadline, "the run never reached its database step"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(1.0)  # waiting for the database
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert time.monotonic() - started < 10  # not the minute's wait
+        assert proc.returncode == 130, err.decode()
+        assert "Traceback" not in err.decode()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not list(tmp_path.glob("v.duckdb.spool-*")) and not list(tmp_path.glob("v.duckdb.stage-*"))
+    con = duckdb.connect(str(db), read_only=True)
+    try:  # the database was never opened by the run: not even migrated
+        assert con.execute("SELECT count(*) FROM information_schema.tables").fetchone()[0] == 0
+    finally:
+        con.close()
