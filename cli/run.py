@@ -218,10 +218,12 @@ def run(test, list_name, input_file, urls, categories, helpers, db_path, concurr
         else:
             if back is None and common.OWN_PROGRAM:
                 spool.prepare_elsewhere(db_file, resume_id, lock, carry={})  # comes back as back["task"] "prepare"
-            prepared = spool.prepared(back) if back is not None else spool.prepare(db_file, resume_id)
-            packet_lines, work = _measuring(prepared)
+            packet_lines = False
 
-            def finish():
+            def finish():  # a Ctrl-C while preparing is a run interrupted before it started, below
+                nonlocal packet_lines
+                prepared = spool.prepared(back) if back is not None else spool.prepare(db_file, resume_id)
+                packet_lines, work = _measuring(prepared)
                 return asyncio.run(work)
         try:
             summaries = finish()

@@ -428,7 +428,16 @@ async def measure_apart(measure, db_file: str, *, progress=None, warn=None, runs
             stream.flush()
         except (OSError, ValueError):
             pass
+    import gc
+
+    # What the parent holds stays out of the child's garbage collections: a
+    # child that collected a parent's DuckDB object (a caller that had a
+    # connection) ran its destructor without DuckDB's threads and crashed;
+    # and the pages stay shared (copy-on-write) instead of touched.
+    gc.freeze()
     pid = os.fork()
+    if pid:
+        gc.unfreeze()
     if pid == 0:  # ------------------------------------------------ the measuring process
         # A Ctrl-C before _measure_here's own handler is noted, not raised: a
         # KeyboardInterrupt here would end this process without the spool's end line.
@@ -632,17 +641,15 @@ def store_runs(db_file: str, run_ids: list[str]) -> dict[str, str]:
 # and allocator, docs/benchmarks.md); beside it, a waiting `vantage run`
 # (~29 MB) took the probe past its budget. So when `vantage run` is the
 # process's own program, it does not wait for a database process: it becomes
-# one. ``hand_over`` exec's ``python -m probes.spool stage FILE`` in its place
+# one. ``hand_over`` exec's ``python -m probes.spool stage FD`` in its place
 # (same pid, terminal and run lock; none of its modules or memory), which does
 # the task and then exec's the same `vantage run` command line again; there
 # ``handed_back`` returns the task's answer and what the command carried over.
+# The state travels in an anonymous memory file (memfd) the exec's keep open:
+# no file on disk to go stale, be linked or be read by another user.
 
-STAGE_ENV = "VANTAGE_RUN_STAGE"  # names the hand-over's file in the process that comes back
-
-
-def stage_path(db_file: str | os.PathLike) -> Path:
-    return paths.beside_db(db_file, f".stage-{os.getpid()}.json")
-
+STAGE_ENV = "VANTAGE_RUN_STAGE"  # the hand-over's descriptor, in the process that comes back
+_MEMFD_NAME = "vantage-run-stage"
 
 _sigint_ignored: bool | None = None  # how the command started: kept through every hand-over
 
@@ -654,14 +661,12 @@ def hand_over(task: str, payload: dict[str, Any], lock: RunLock, carry: dict[str
     import signal
 
     ignored = _sigint_ignored if _sigint_ignored is not None else signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    path = stage_path(payload["db"])
     state = {"pid": os.getpid(), "task": task, "payload": payload, "carry": carry, "lock_fd": lock.fd,
              "argv": [sys.executable, *sys.orig_argv[1:]], "sigint_ignored": ignored,
              "pythonpath": os.environ.get("PYTHONPATH")}
-    try:
-        _write_state(path, state)
-    except OSError as exc:
-        raise StoreError(f"cannot write {path}: {exc.strerror}") from None
+    fd = os.memfd_create(_MEMFD_NAME, 0)
+    _write_state(fd, state)
+    os.set_inheritable(fd, True)
     os.set_inheritable(lock.fd, True)
     for stream in (sys.stdout, sys.stderr):  # what the command printed must not die with its buffers
         try:
@@ -671,52 +676,64 @@ def hand_over(task: str, payload: dict[str, Any], lock: RunLock, carry: dict[str
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, state["pythonpath"]) if p))
     env.pop(STAGE_ENV, None)
+    # Ignored across the exec (a disposition exec keeps): the new image's start is not cut; _stage decides.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "probes.spool", "stage", str(path)], env)
+        os.execve(sys.executable, [sys.executable, "-m", "probes.spool", "stage", str(fd)], env)
     except OSError as exc:
-        path.unlink(missing_ok=True)
+        signal.signal(signal.SIGINT, previous)
+        os.close(fd)
         raise StoreError(f"cannot start the database process ({sys.executable}): {exc.strerror}") from None
 
 
 def handed_back() -> dict[str, Any] | None:
     """In the command a hand-over came back to: ``{"task", "answer", "carry",
     "lock_fd"}``, else None. The variable is removed from the environment so
-    no child inherits it; a stage file of another process is ignored."""
+    no child inherits it."""
     global _sigint_ignored
-    path = os.environ.pop(STAGE_ENV, None)
-    if not path:
+    value = os.environ.pop(STAGE_ENV, None)
+    if not value:
         return None
-    state = _read_state(Path(path))
-    if state.get("pid") != os.getpid():
-        return None  # another process's hand-over (an inherited variable): not this command's
-    if "answer" not in state:
-        raise StoreError(f"the hand-over file {path} has no answer: the database step did not finish; "
-                         "the next `vantage run` stores what this one measured")
-    Path(path).unlink(missing_ok=True)
+    fd = _stage_fd(value)
+    try:
+        state = _read_state(fd)
+    finally:
+        os.close(fd)
+    if state.get("pid") != os.getpid() or "answer" not in state:
+        raise StoreError("the hand-over of this run is not this process's: the next `vantage run` stores what "
+                         "it measured")
     _sigint_ignored = bool(state.get("sigint_ignored"))
     return state
 
 
-def _read_state(path: Path) -> dict[str, Any]:
-    """A hand-over file, only if this user's own and nobody else's to write
-    (it carries a pickle): else one line."""
+def _stage_fd(value: str) -> int:
+    """The hand-over's descriptor named by ``value``: open, and our memfd."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            info = os.fstat(fd)
-            if info.st_uid != os.geteuid() or info.st_mode & 0o022:
-                raise StoreError(f"the hand-over file {path} is not this user's alone: refused")
-            with os.fdopen(os.dup(fd), encoding="utf-8") as fh:
-                state = json.load(fh)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise StoreError(f"cannot read the hand-over file {path}: {exc.strerror}") from None
-    except ValueError:
-        raise StoreError(f"the hand-over file {path} is not valid JSON") from None
+        fd = int(value)
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{_MEMFD_NAME}"):
+            raise ValueError
+    except (ValueError, OSError):
+        raise StoreError(f"{STAGE_ENV}={value}: not a hand-over of `vantage run` (unset it)") from None
+    return fd
+
+
+def _read_state(fd: int) -> dict[str, Any]:
+    try:
+        size = os.fstat(fd).st_size
+        state = json.loads(os.pread(fd, size, 0).decode("utf-8")) if size else None
+    except (OSError, ValueError):
+        state = None
     if not isinstance(state, dict):
-        raise StoreError(f"the hand-over file {path} is not a hand-over")
+        raise StoreError("the hand-over of this run is unreadable: the next `vantage run` stores what it measured")
     return state
+
+
+def _write_state(fd: int, state: dict[str, Any]) -> None:
+    data = json.dumps(state, default=str).encode()
+    os.ftruncate(fd, 0)
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], written)
 
 
 def prepared(state: dict[str, Any]) -> dict[str, Any]:
@@ -749,8 +766,8 @@ def store_elsewhere(db_file: str, lock: RunLock, carry: dict[str, Any]):
 
 def stored(state: dict[str, Any], runs: dict[str, str] | None = None):
     """What ``measure_apart`` returns (or raises), once the hand-over of
-    ``store_elsewhere`` has stored the spools. (The pickle is this run's own:
-    a 0600 file beside the database, written by this pid.)"""
+    ``store_elsewhere`` has stored the spools. (The pickle is this run's own,
+    in a memfd only this process held.)"""
     import base64
     import pickle
 
@@ -760,43 +777,53 @@ def stored(state: dict[str, Any], runs: dict[str, str] | None = None):
     return conclude(ended, _checked(state["answer"])["finals"], runs)
 
 
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.unlink(missing_ok=True)  # a crash's leftover; O_EXCL then creates ours, never follows a link
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        _write_all(fd, json.dumps(state, default=str).encode())
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+_stop_asked = False  # a Ctrl-C while preparing (the database image of a hand-over)
 
 
-def _stage(path: str):
-    """``python -m probes.spool stage FILE``: the task, then back to the
+def _ask_stop(signum, frame) -> None:
+    """Ctrl-C while preparing: noted once (a second one is ignored), acted on
+    at ``_stop_point``, never inside DuckDB or the Sink."""
+    import signal
+
+    global _stop_asked
+    _stop_asked = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_point() -> None:
+    if _stop_asked:
+        raise KeyboardInterrupt
+
+
+def _stage(value: str):
+    """``python -m probes.spool stage FD``: the task, then back to the
     command. What fails here is one line on stderr and exit 2: the spools
     keep every measurement for the next run."""
     import signal
 
     try:
-        state = _read_state(Path(path))
+        fd = _stage_fd(value)
+        state = _read_state(fd)
         argv = state["argv"]
     except (StoreError, KeyError, TypeError) as exc:
         sys.stderr.write(f"vantage: {exc}\n")
         sys.exit(2)
     if state["task"] == "prepare" and not state.get("sigint_ignored"):
-        # Prepare may wait a minute for a busy database: Ctrl-C cuts it (what
-        # it stores is idempotent, a spool goes only once stored), and the
-        # command, back, stops before it measures.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Prepare may wait a minute for a busy database: Ctrl-C ends it at the
+        # next stop point (between spools, while waiting), and the command,
+        # back, stops before it measures.
+        signal.signal(signal.SIGINT, _ask_stop)
     try:
         state["answer"] = _answer(state["task"], state["payload"])
     except KeyboardInterrupt:
         state["answer"] = {"interrupted": True}
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _stop_asked:
+        state["answer"]["interrupted"] = True
     try:
-        _write_state(Path(path), state)
+        _write_state(fd, state)
     except OSError as exc:
-        sys.stderr.write(f"vantage: cannot write {path}: {exc.strerror}; the measurements wait in their spools "
+        sys.stderr.write(f"vantage: the hand-over failed: {exc.strerror}; the measurements wait in their spools "
                          "for the next `vantage run`\n")
         sys.exit(2)
     env = dict(os.environ)
@@ -804,7 +831,7 @@ def _stage(path: str):
         env.pop("PYTHONPATH", None)
     else:
         env["PYTHONPATH"] = state["pythonpath"]
-    env[STAGE_ENV] = path
+    env[STAGE_ENV] = str(fd)
     # exec keeps an ignored SIGINT ignored: the command gets back the Ctrl-C it started with.
     signal.signal(signal.SIGINT, signal.SIG_IGN if state.get("sigint_ignored") else signal.SIG_DFL)
     try:
@@ -835,6 +862,7 @@ def _connect(db_file: str):
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+            _stop_point()
 
 
 def store_spool(con, db_file: str, spool: Path) -> dict[str, Any]:
@@ -905,7 +933,10 @@ def _task_prepare(payload: dict[str, Any]) -> dict[str, Any]:
     db = payload["db"]
     con = _connect(db)
     try:
-        recovered = [store_spool(con, db, spool) for spool in spools(db)]
+        recovered = []
+        for spool in spools(db):
+            _stop_point()
+            recovered.append(store_spool(con, db, spool))
         answer: dict[str, Any] = {"recovered": recovered, "resume": None}
         if payload.get("resume"):
             found = runner.resume(con, payload["resume"])

@@ -168,7 +168,7 @@ async def test_the_database_work_runs_alone_in_the_runs_own_process(tmp_path, ho
     assert summary[0]["status"] == "finished" and summary[0]["measured"] == 20
     rows, status = _stored(db, summary[0]["run_id"])
     assert status == "finished" and sorted(url for _, url in rows) == sorted(urls)
-    assert not list(tmp_path.glob("v.duckdb.stage-*")) and not list(tmp_path.glob("v.duckdb.spool-*"))
+    assert not list(tmp_path.glob("v.duckdb.spool-*"))
     from probes.spool import RunLock
 
     assert RunLock(db).holder() is None
@@ -309,25 +309,32 @@ def test_ctrl_c_between_the_fork_and_the_measuring_handler_interrupts_the_run(tm
 
 # ---------------------------------------------------------------- the hand-over's file
 
-def test_a_hand_over_file_anyone_else_could_write_is_refused(tmp_path, monkeypatch):
+def test_the_hand_over_is_read_only_from_its_own_memfd(monkeypatch):
     from probes import spool
     from probes.store import StoreError
 
-    state = tmp_path / "v.duckdb.stage-1.json"
-    state.write_text(json.dumps({"pid": os.getpid(), "answer": {}}))
-    state.chmod(0o666)
-    monkeypatch.setenv(spool.STAGE_ENV, str(state))
-    with pytest.raises(StoreError, match="not this user's alone"):
-        spool.handed_back()
+    with open(os.devnull) as other:  # a descriptor that is no hand-over: refused, one line
+        monkeypatch.setenv(spool.STAGE_ENV, str(other.fileno()))
+        with pytest.raises(StoreError, match="not a hand-over"):
+            spool.handed_back()
     assert spool.STAGE_ENV not in os.environ  # never inherited by the run's children
-    link = tmp_path / "link.json"
-    state.chmod(0o600)
-    link.symlink_to(state)
-    monkeypatch.setenv(spool.STAGE_ENV, str(link))
-    with pytest.raises(StoreError, match="cannot read the hand-over file"):
+    monkeypatch.setenv(spool.STAGE_ENV, "12x")
+    with pytest.raises(StoreError, match="not a hand-over"):
         spool.handed_back()
-    monkeypatch.setenv(spool.STAGE_ENV, str(state))
-    assert spool.handed_back() == {"pid": os.getpid(), "answer": {}} and not state.exists()
+
+    def memfd(state):
+        fd = os.memfd_create(spool._MEMFD_NAME, 0)
+        spool._write_state(fd, state)
+        return fd
+
+    monkeypatch.setenv(spool.STAGE_ENV, str(memfd({"pid": os.getpid() + 1, "answer": {}})))
+    with pytest.raises(StoreError, match="not this process's"):
+        spool.handed_back()
+    fd = memfd({"pid": os.getpid(), "answer": {"finals": {}}, "sigint_ignored": False})
+    monkeypatch.setenv(spool.STAGE_ENV, str(fd))
+    assert spool.handed_back()["answer"] == {"finals": {}}
+    with pytest.raises(OSError):
+        os.fstat(fd)  # read once, then closed
 
 
 def test_a_store_that_failed_after_a_hand_over_still_names_its_runs(tmp_path):
@@ -376,11 +383,11 @@ async def test_ctrl_c_while_prepare_waits_for_a_busy_database_stops_the_run(tmp_
         out, err = await asyncio.wait_for(proc.communicate(), 20)
         assert time.monotonic() - started < 10  # not the minute's wait
         assert proc.returncode == 130, err.decode()
-        assert "Traceback" not in err.decode()
+        assert "Traceback" not in err.decode() and "interrupted before a run started" in err.decode()
     finally:
         holder.kill()
         holder.wait()
-    assert not list(tmp_path.glob("v.duckdb.spool-*")) and not list(tmp_path.glob("v.duckdb.stage-*"))
+    assert not list(tmp_path.glob("v.duckdb.spool-*"))
     con = duckdb.connect(str(db), read_only=True)
     try:  # the database was never opened by the run: not even migrated
         assert con.execute("SELECT count(*) FROM information_schema.tables").fetchone()[0] == 0
