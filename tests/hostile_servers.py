@@ -200,7 +200,9 @@ class HostileDNS(servers.TwinPortServer):
             if count == 1:
                 addresses = [self.answer]
             else:
-                addresses = [self.answer] + [f"198.18.{i // 250}.{i % 250 + 1}" for i in range(count - 1)]
+                # Loopback, where nothing listens: a connection to one is refused at once, and
+                # nothing leaves the machine (198.18.0.0/15 went out of a host with a default route).
+                addresses = [self.answer] + [f"127.77.{i // 250}.{i % 250 + 1}" for i in range(count - 1)]
             response.answer.append(dns.rrset.from_text_list(question.name, 60, "IN", "A", addresses))
         return response
 
