@@ -9,17 +9,17 @@ from typing import Any
 
 import click
 
+# True when the process's own program is the vantage command (cli.main.program),
+# not a caller's (click's test runner, a test calling main()): only then may
+# `vantage run` exec into its database process and back (probes/spool.py).
+OWN_PROGRAM = False
+
 # Characters a terminal may act on rather than show: C0 controls (ESC starts
 # CSI/OSC sequences, BEL, BS, CR rewrite the line), DEL, the C1 controls
 # (\x9b is a one-byte CSI, \x9d a one-byte OSC), and the Unicode bidi
 # embeddings/overrides/isolates and line/paragraph separators, which reorder
 # or break what is shown. Joiners (ZWJ, ZWNJ: needed by Persian and emoji)
 # are left alone.
-# True when the process's own program is the vantage command (cli.main.program),
-# not a caller's (click's test runner, a test calling main()): only then may
-# `vantage run` exec into its database process and back (probes/spool.py).
-OWN_PROGRAM = False
-
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 

@@ -845,7 +845,6 @@ def _task_store(payload: dict[str, Any]) -> dict[str, Any]:
     return {"finals": store_runs(payload["db"], payload["run_ids"])}
 
 
-
 # --------------------------------------------------------------------------
 # The database process: each task opens the database, does its work, exits.
 
