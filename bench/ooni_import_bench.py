@@ -5,7 +5,8 @@ Replicates every Web Connectivity measurement of the shared folder
 into one large ``.jsonl.gz`` (distinct report ids, no measurement_uid, so
 every copy is a new measurement), then imports it into a fresh DuckDB file in
 a child process (``probes.ooni_import.import_ooni``, as the CLI does) and
-reports measurements per second parsed and stored, and the child's peak RSS.
+reports measurements per second parsed and stored, the child's peak RSS and
+the largest of its worker processes' (``worker_peak_rss_mb``: each worker's).
 
     python bench/ooni_import_bench.py [--count 200000] [--threads 2] [--out bench/results/ooni_import.json]
 
@@ -35,7 +36,7 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 from probes.store import connect
-from probes.ooni_import import import_ooni
+from probes.ooni_import import MAX_WORKERS, _cores, import_ooni
 con = connect(sys.argv[3])
 con.execute(f"SET threads = {int(sys.argv[4])}")
 t0 = time.perf_counter()
@@ -45,7 +46,8 @@ con.close()
 print(json.dumps({"seconds": seconds, "imported": summary.imported, "bad": summary.bad,
                   "duplicates": summary.duplicates,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "reader_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+                  "workers": min(MAX_WORKERS, _cores()),
+                  "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
 
@@ -99,7 +101,7 @@ def run(count: int, threads: int, workdir: Path, which: str) -> dict:
     result.update({
         "samples": which, "measurements": count, "per_second": round(result["imported"] / result["seconds"]),
         "seconds": round(result["seconds"], 2), "peak_rss_mb": round(result["peak_rss_mb"], 1),
-        "reader_peak_rss_mb": round(result["reader_peak_rss_mb"], 1),
+        "worker_peak_rss_mb": round(result["worker_peak_rss_mb"], 1),
         "load_average_1m_at_start": load, "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "json_mb": round(raw / 1e6, 1), "gz_mb": round(disk / 1e6, 1), "db_mb": round(db.stat().st_size / 1e6, 1),
         "generate_seconds": round(made, 1),

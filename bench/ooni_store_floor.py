@@ -56,8 +56,6 @@ def _cpu() -> float:
 
 
 def _flattened_batch() -> dict:
-    import pyarrow as pa  # noqa: F401  (loaded before the clock starts)
-
     from bench.ooni_import_bench import samples
     from probes import store
     from probes.ooni_import import record_from_ooni

@@ -209,31 +209,39 @@ class _Counting(io.RawIOBase):
         super().close()
 
 
-_LineItem = tuple[int, Any]  # (line, parsed JSON value or an Exception)
+_LineItem = tuple[int, Any]  # (line, JSON text not parsed yet (bytes), a parsed value, or an Exception)
 
 
-def _parse_lines(lines: Iterable[bytes], start: int = 1) -> Iterator[_LineItem]:
-    number = start - 1
+def _lines(lines: Iterable[bytes], start: int = 1) -> Iterator[_LineItem]:
+    """The non-blank lines, as they are: parsing is ``parse_item``'s (in
+    whichever process flattens them)."""
     for number, line in enumerate(lines, start):
-        if not line.strip():
-            continue
-        try:
-            yield number, _loads(line)
-        except _JSONError as exc:
-            yield number, ValueError(f"not JSON: {_short(exc)}")
+        if line.strip():
+            yield number, line
+
+
+def parse_item(item: Any) -> Any:
+    """A line's JSON text parsed (or the ValueError it raised); what is not
+    text (parsed already, or an Exception) is returned as it is."""
+    if not isinstance(item, bytes):
+        return item
+    try:
+        return _loads(item)
+    except _JSONError as exc:
+        return ValueError(f"not JSON: {_short(exc)}")
 
 
 def _short(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def iter_documents(path: Path, on_read: Callable[[int], None] | None = None) -> Iterator[_LineItem]:
-    """(line, JSON value or the Exception that line raised) for one file.
+def iter_items(path: Path, on_read: Callable[[int], None] | None = None) -> Iterator[_LineItem]:
+    """(line, item) for one file, JSON lines left unparsed (``parse_item``).
 
     ``.gz``: JSON lines; a truncated or corrupt stream yields one error at
     the line where it broke, after every line before it. Other files: one
     JSON document (an object, or a list of them, or ooniprobe's ``.jsonc`` with
-    ``//`` comment lines), else JSON lines."""
+    ``//`` comment lines), parsed, else JSON lines."""
     raw = _Counting(open(path, "rb", buffering=0), on_read)
     if path.name.endswith(".gz"):
         # GzipFile's own line reader, not a big buffer over it: a read that
@@ -241,7 +249,7 @@ def iter_documents(path: Path, on_read: Callable[[int], None] | None = None) -> 
         fh = gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 16), mode="rb")
         number = 0
         try:
-            for number, item in _parse_lines(fh):
+            for number, item in _lines(fh):
                 yield number, item
         except (EOFError, OSError, zlib.error) as exc:  # BadGzipFile is an OSError
             yield number + 1, ValueError(f"truncated or corrupt gzip stream: {_short(exc)}")
@@ -251,7 +259,7 @@ def iter_documents(path: Path, on_read: Callable[[int], None] | None = None) -> 
     with io.BufferedReader(raw, 1 << 20) as fh:
         data = fh.read()
     if path.suffix == ".jsonl":
-        yield from _parse_lines(data.splitlines())
+        yield from _lines(data.splitlines())
         return
     text = data
     uid = None
@@ -265,7 +273,7 @@ def iter_documents(path: Path, on_read: Callable[[int], None] | None = None) -> 
     try:
         doc = _loads(text)
     except _JSONError:
-        yield from _parse_lines(text.splitlines())  # JSON lines in a .json file
+        yield from _lines(text.splitlines())  # JSON lines in a .json file
         return
     if isinstance(doc, list):
         for position, item in enumerate(doc, 1):
@@ -276,92 +284,112 @@ def iter_documents(path: Path, on_read: Callable[[int], None] | None = None) -> 
         yield 1, doc
 
 
+def iter_documents(path: Path, on_read: Callable[[int], None] | None = None) -> Iterator[_LineItem]:
+    """(line, JSON value or the Exception that line raised) for one file
+    (``iter_items``, parsed)."""
+    for line, item in iter_items(path, on_read):
+        yield line, parse_item(item)
+
+
 # --- Importing ---------------------------------------------------------------
 
-# Above this many bytes of input, a worker process reads, converts and
-# flattens while this one writes (bench/ooni_import_bench.py: the two halves
-# each take about one core); below it the worker's start-up is not worth it.
+# Above this many bytes of input, worker processes parse, convert and flatten
+# while this process reads the files and writes (bench/ooni_import_bench.py);
+# below it their start-up is not worth it.
 WORKER_BYTES = 4 * 1024 * 1024
-# Batches flattened ahead of the writer: what bounds the worker's lead, and so
-# the memory held between the two processes.
-WORKER_QUEUE = 2
+# At most this many worker processes (one a core: flattening is the slow
+# half, ~500 us of CPU a measurement against the writer's ~250).
+MAX_WORKERS = 8
 # DuckDB's buffer pool during an import (its default is 80% of RAM): the
 # import's memory stays flat whatever the file size (docs/benchmarks.md).
 IMPORT_MEMORY_LIMIT = "256MB"
 
 
 @dataclass
+class _Chunk:
+    """Up to a batch of lines as read, not parsed yet: (file, line, item)
+    each (``iter_items``; an Exception for what could not be read), and how
+    many files were begun in it. Cheap to send to a worker: raw bytes."""
+
+    files: int = 0
+    items: list[tuple[str, int, Any]] = field(default_factory=list)
+
+
+@dataclass
 class _Batch:
-    """One batch read and flattened, for the writer: what reading found
-    since the previous batch (``read``: counts and bad lines, in the order
-    they were met), the batch's measurement ids and where each came from,
-    its rows as Arrow tables (``probes.store.arrow_tables``)."""
+    """One chunk parsed and flattened, for the writer: what reading found
+    in it (``read``: counts and bad lines, in the order they were met), its
+    distinct measurements' ids and where each came from, their rows as Arrow
+    tables (``probes.store.arrow_tables``)."""
 
     read: ImportSummary
     ids: list[str]
     where: dict[str, tuple[str, int]]
     tables: dict[str, Any]
-    bytes_read: int = 0
 
 
-def _batches(files: list[Path], batch_size: int, on_read: Callable[[int], None] | None = None) -> Iterator[_Batch]:
-    """Read ``files`` into batches of distinct measurements, flattened. Every
-    JSON document is counted in one batch's ``read`` (the last batch may hold
-    no measurement)."""
-    read = ImportSummary()
-    batch: list[tuple[dict[str, Any], str | None]] = []
-    where: dict[str, tuple[str, int]] = {}
-
-    def flattened() -> _Batch:
-        nonlocal read, batch, where
-
-        def refused(item: tuple[dict[str, Any], str | None], exc: BaseException) -> None:
-            file, line = where.pop(item[0]["measurement_id"], ("?", 0))
-            read.add_error(file, line, f"not stored: {_short(exc)}")
-
-        tables, ids = store.arrow_tables_each(batch, refused)
-        done = _Batch(read, ids, where, tables)
-        read, batch, where = ImportSummary(), [], {}
-        return done
-
+def _chunks(files: list[Path], batch_size: int, on_read: Callable[[int], None] | None = None) -> Iterator[_Chunk]:
+    """Read ``files`` into chunks of ``batch_size`` lines (the last may be
+    empty: it still counts its files). Reading is this process's: what it
+    costs is gunzip and cutting lines, ~45 us a measurement."""
+    chunk = _Chunk()
     for path in files:
-        read.files += 1
+        chunk.files += 1
         name = str(path)
         try:
-            for line, doc in iter_documents(path, on_read):
-                read.records += 1
-                if isinstance(doc, Exception):
-                    read.add_error(name, line, str(doc))
-                    continue
-                if not isinstance(doc, dict):
-                    read.add_error(name, line, f"not a JSON object but {type(doc).__name__}")
-                    continue
-                test = doc.get("test_name")
-                if "test_keys" not in doc or not isinstance(test, str):
-                    read.not_measurements += 1
-                    continue
-                if test not in IMPORTED_TESTS:
-                    read.skipped[test] = read.skipped.get(test, 0) + 1
-                    continue
-                try:
-                    record = record_from_ooni(doc)
-                except Exception as exc:  # a record the converter cannot read: it alone is lost
-                    read.add_error(name, line, f"cannot convert: {type(exc).__name__}: {_short(exc)}")
-                    continue
-                version = doc.get("test_version")
-                version = version if isinstance(version, str) else "unknown"
-                read.versions[version] = read.versions.get(version, 0) + 1
-                mid = record["measurement_id"]
-                if mid in where:  # twice in one batch: the first one counts
-                    read.duplicates += 1
-                    continue
-                where[mid] = (name, line)
-                batch.append((record, None))
-                if len(batch) >= batch_size:
-                    yield flattened()
+            for line, item in iter_items(path, on_read):
+                chunk.items.append((name, line, item))
+                if len(chunk.items) >= batch_size:
+                    yield chunk
+                    chunk = _Chunk()
         except OSError as exc:
-            read.add_error(name, 0, f"cannot read: {exc.strerror or _short(exc)}")
-    yield flattened()
+            chunk.items.append((name, 0, ValueError(f"cannot read: {exc.strerror or _short(exc)}")))
+    yield chunk
+
+
+def _flatten_chunk(chunk: _Chunk) -> _Batch:
+    """Parse, convert and flatten one chunk (in a worker process, or in
+    this one for small imports): the same batch either way."""
+    read = ImportSummary(files=chunk.files)
+    batch: list[tuple[dict[str, Any], str | None]] = []
+    where: dict[str, tuple[str, int]] = {}
+    for name, line, item in chunk.items:
+        read.records += 1
+        doc = parse_item(item)
+        if isinstance(doc, Exception):
+            read.add_error(name, line, str(doc))
+            continue
+        if not isinstance(doc, dict):
+            read.add_error(name, line, f"not a JSON object but {type(doc).__name__}")
+            continue
+        test = doc.get("test_name")
+        if "test_keys" not in doc or not isinstance(test, str):
+            read.not_measurements += 1
+            continue
+        if test not in IMPORTED_TESTS:
+            read.skipped[test] = read.skipped.get(test, 0) + 1
+            continue
+        try:
+            record = record_from_ooni(doc)
+        except Exception as exc:  # a record the converter cannot read: it alone is lost
+            read.add_error(name, line, f"cannot convert: {type(exc).__name__}: {_short(exc)}")
+            continue
+        version = doc.get("test_version")
+        version = version if isinstance(version, str) else "unknown"
+        read.versions[version] = read.versions.get(version, 0) + 1
+        mid = record["measurement_id"]
+        if mid in where:  # twice in one chunk: the first one counts
+            read.duplicates += 1
+            continue
+        where[mid] = (name, line)
+        batch.append((record, None))
+
+    def refused(item: tuple[dict[str, Any], str | None], exc: BaseException) -> None:
+        file, line = where.pop(item[0]["measurement_id"], ("?", 0))
+        read.add_error(file, line, f"not stored: {_short(exc)}")
+
+    tables, ids = store.arrow_tables_each(batch, refused)
+    return _Batch(read, ids, where, tables)
 
 
 def _merge(summary: ImportSummary, read: ImportSummary) -> None:
@@ -377,18 +405,28 @@ def _merge(summary: ImportSummary, read: ImportSummary) -> None:
     summary.errors += read.errors[:max(0, MAX_ERRORS_LISTED - len(summary.errors))]
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (a container's share)
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def import_ooni(con, paths: Iterable[str | os.PathLike], *, batch_size: int = 1000,
-                on_progress: Callable[[int, int], None] | None = None, worker: bool | None = None) -> ImportSummary:
+                on_progress: Callable[[int, int], None] | None = None, worker: bool | None = None,
+                workers: int | None = None) -> ImportSummary:
     """Import OONI measurement files and directories into the database
     ``con`` (probes.store.connect). ``on_progress(bytes_read, bytes_total)``
-    is called as the files are read (compressed bytes). ``worker``: read and
-    flatten in a worker process (default: when the input is over
-    WORKER_BYTES and there are two cores). Returns the summary; raises
-    OoniImportError only for a path that does not exist."""
+    is called as the files are read (compressed bytes). ``worker``: parse
+    and flatten in worker processes (``workers`` of them, default one a
+    core up to MAX_WORKERS), else in this one (default: workers when the
+    input is over WORKER_BYTES and there are two cores). Returns the
+    summary; raises OoniImportError only for a path that does not exist, or
+    when a worker process dies."""
     files = iter_files(paths)
     total = sum(p.stat().st_size for p in files)
     if worker is None:
-        worker = total >= WORKER_BYTES and (os.cpu_count() or 1) >= 2
+        worker = total >= WORKER_BYTES and _cores() >= 2
     summary = ImportSummary()
     done = 0
 
@@ -410,71 +448,81 @@ def import_ooni(con, paths: Iterable[str | os.PathLike], *, batch_size: int = 10
         summary.imported += stored
         summary.duplicates += len(batch.ids) - stored - (summary.bad - before)
 
+    chunks = _chunks(files, batch_size, progressed)
     with store.memory_limit(con, IMPORT_MEMORY_LIMIT), store.bulk_gc() as collect:
-        if worker:
-            for batch in _from_worker(files, batch_size):
-                if on_progress and batch.bytes_read:
-                    progressed(batch.bytes_read)
-                write(batch)
-                collect()
-        else:
-            for batch in _batches(files, batch_size, progressed):
-                write(batch)
-                collect()
+        batches = (_in_workers(chunks, workers or min(MAX_WORKERS, _cores())) if worker
+                   else map(_flatten_chunk, chunks))
+        for batch in batches:
+            write(batch)
+            collect()
     return summary
 
 
-# --- The worker process ------------------------------------------------------
+# --- Worker processes --------------------------------------------------------
 
 
-def _worker_main(files: list[str], batch_size: int, out) -> None:
-    """Read, convert and flatten in this process; the batches go to the
-    writer through ``out`` (bounded: this process waits when it is ahead)."""
+def _worker_started() -> None:
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the writer's to handle: it stops this process
-    read = 0
-
-    def counted(n: int) -> None:
-        nonlocal read
-        read += n
-
-    try:
-        with store.bulk_gc() as collect:
-            for batch in _batches([Path(f) for f in files], batch_size, counted):
-                batch.bytes_read, read = read, 0
-                out.put(("batch", batch))
-                collect()
-        out.put(("done", None))
-    except BaseException as exc:  # the writer raises it: nothing is lost silently
-        out.put(("error", f"{type(exc).__name__}: {_short(exc)}"))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the writer's to handle: it stops the workers
 
 
-def _from_worker(files: list[Path], batch_size: int) -> Iterator[_Batch]:
+def _flatten_in_worker(chunk: _Chunk) -> _Batch:
+    with store.bulk_gc() as collect:
+        batch = _flatten_chunk(chunk)
+        collect()
+    return batch
+
+
+def _in_workers(chunks: Iterator[_Chunk], workers: int) -> Iterator[_Batch]:
+    """``_flatten_chunk`` of every chunk in ``workers`` processes, the
+    batches in the order of the chunks. At most ``workers`` chunks are out
+    while the caller writes the last batch: what bounds the memory held
+    between the processes, whatever the input's size."""
+    import collections
     import multiprocessing
-    import queue
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB's threads
-    out = ctx.Queue(maxsize=WORKER_QUEUE)
-    proc = ctx.Process(target=_worker_main, args=([str(f) for f in files], batch_size, out), name="vantage-import-reader",
-                       daemon=True)
-    proc.start()
+    pool = ProcessPoolExecutor(max(1, workers), mp_context=ctx, initializer=_worker_started)
+    pending: collections.deque = collections.deque()
+
+    def died() -> OoniImportError:
+        codes = [p.exitcode for p in list((getattr(pool, "_processes", None) or {}).values()) if p.exitcode]
+        return OoniImportError(f"a worker process of the import died (exit code {codes[0] if codes else '?'})")
+
+    def submit(chunk: _Chunk) -> None:
+        try:
+            pending.append(pool.submit(_flatten_in_worker, chunk))
+        except BrokenProcessPool:
+            raise died() from None
+
+    def result(future) -> _Batch:
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise died() from None
+        except Exception as exc:  # the writer raises it: nothing is lost silently
+            raise OoniImportError(f"reading the files failed: {type(exc).__name__}: {_short(exc)}") from None
+
+    finished = False
     try:
-        while True:
-            try:
-                kind, value = out.get(timeout=1.0)
-            except queue.Empty:
-                if not proc.is_alive():
-                    raise OoniImportError(f"the import's reader process died (exit code {proc.exitcode})") from None
-                continue
-            if kind == "done":
-                break
-            if kind == "error":
-                raise OoniImportError(f"reading the files failed: {value}")
-            yield value
+        for chunk in chunks:
+            submit(chunk)
+            if len(pending) > workers:
+                yield result(pending.popleft())
+        while pending:
+            yield result(pending.popleft())
+        finished = True
     finally:
-        if proc.is_alive():
-            proc.terminate()
-        proc.join(5)
-        out.close()
-        out.cancel_join_thread()
+        if finished:
+            pool.shutdown(wait=True)
+        else:  # stopped early (Ctrl-C, an error, a worker that died): a chunk being flattened is not waited for
+            # the executor has no public way to stop a running task: its processes are ended here
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.join(5)

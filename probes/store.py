@@ -470,9 +470,16 @@ def insert_each(con: duckdb.DuckDBPyConnection, tables: dict[str, Any], ids: lis
 def _alone_on_failure(batch: list, write: Callable[[list], int], on_failure: Callable[[Any, BaseException], None]) -> int:
     """``write(batch)``; when it fails, ``write([item])`` for each item, so an
     item that cannot be stored fails alone (``on_failure(item, exc)``).
-    Returns how many were stored."""
+    Returns how many were stored. A Ctrl-C that DuckDB turned into its
+    InterruptException is no item's failure: it stops the caller, as
+    KeyboardInterrupt (caught as a failure, it made the import go on, one
+    record a transaction)."""
+    import duckdb
+
     try:
         return write(batch)
+    except duckdb.InterruptException:
+        raise KeyboardInterrupt from None
     except Exception as exc:
         if len(batch) == 1:
             on_failure(batch[0], exc)
@@ -481,6 +488,8 @@ def _alone_on_failure(batch: list, write: Callable[[list], int], on_failure: Cal
     for item in batch:
         try:
             stored += write([item])
+        except duckdb.InterruptException:
+            raise KeyboardInterrupt from None
         except Exception as exc:
             on_failure(item, exc)
     return stored

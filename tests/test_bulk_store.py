@@ -1,17 +1,20 @@
 """The bulk writer (probes/store.py: arrow_tables, insert_tables, insert_each)
-and the import's reader process (probes/ooni_import.py): the same rows, the
+and the import's worker processes (probes/ooni_import.py): the same rows, the
 same summary, whichever road the records take."""
 
 from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
+from pathlib import Path
 
 import duckdb
 import pytest
 
 from probes import flatten, store
-from probes.ooni_import import import_ooni, record_from_ooni
+from probes.ooni_import import OoniImportError, import_ooni, record_from_ooni
 from shared import shared_path
 from test_ooni_import import _qa_lines, _write_gz
 
@@ -166,3 +169,87 @@ def test_the_shared_folder_imports_alike_in_both_roads(tmp_path):
             con.close()
         results.append((summary, _rows(db)))
     assert results[0] == results[1]
+
+
+def _worker_processes() -> list[int]:
+    """This process's children that multiprocessing spawned (its resource
+    tracker left out)."""
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in command:
+                pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_worker_that_dies_ends_the_import_with_one_line_and_keeps_what_was_stored(tmp_path, workers):
+    path = tmp_path / "big.jsonl.gz"
+    _write_gz(path, _qa_lines(copies=40))
+    killed = []
+
+    def progress(done: int, total: int) -> None:
+        if not killed and done > total // 3:  # some batches stored, more to come
+            killed.extend(_worker_processes())
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+
+    con = store.connect(tmp_path / "v.duckdb")
+    try:
+        with pytest.raises(OoniImportError, match=r"^a worker process of the import died \(exit code -9\)$"):
+            import_ooni(con, [path], batch_size=7, worker=True, workers=workers, on_progress=progress)
+        stored = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
+    finally:
+        con.close()
+    assert len(killed) == workers
+    assert 0 < stored < 2000  # what was written before stays
+    assert not _worker_processes()  # and no worker is left behind
+
+
+def test_ctrl_c_stops_an_import_at_once_and_a_second_import_adds_the_rest(tmp_path):
+    """DuckDB turns a Ctrl-C during a query into its InterruptException;
+    caught as a batch's failure it made the import go on, a record a
+    transaction. Now the import stops (exit 130), keeps what it wrote, and
+    importing the file again stores the rest."""
+    import subprocess
+    import sys
+    import time
+
+    docs = _qa_lines(copies=300)  # 15,000 lines: seconds of work
+    distinct = len({record_from_ooni(d)["measurement_id"] for d in docs})  # (some QA ones share an id)
+    path = tmp_path / "big.jsonl.gz"
+    _write_gz(path, docs)
+    db = tmp_path / "v.duckdb"
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "cli.main", "import", "ooni", "-q", str(path), "--db", str(db)]
+    proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def written() -> int:  # the database and its WAL: a batch of 1,000 is ~7 MB of record text
+        return sum(p.stat().st_size for p in (db, Path(str(db) + ".wal")) if p.exists())
+
+    deadline = time.monotonic() + 60
+    while written() < 4_000_000 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the first batches are committed
+    assert proc.poll() is None, "the import ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - sent < 10, (proc.returncode, err)
+    assert err.strip().splitlines()[-1] == "aborted"
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        kept = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
+    finally:
+        con.close()
+    assert 0 < kept < distinct
+    again = subprocess.run(command[:-2] + ["--json", "--db", str(db)], cwd=root, capture_output=True, text=True,
+                           timeout=300)
+    summary = json.loads(again.stdout)
+    assert again.returncode == 0 and summary["imported"] == distinct - kept, again.stderr
+    assert summary["imported"] + summary["duplicates"] == len(docs)
+    assert not _worker_processes()
