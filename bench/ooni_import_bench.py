@@ -8,7 +8,7 @@ a child process (``probes.ooni_import.import_ooni``, as the CLI does) and
 reports measurements per second parsed and stored, the child's peak RSS and
 the largest of its worker processes' (``worker_peak_rss_mb``: each worker's).
 
-    python bench/ooni_import_bench.py [--count 200000] [--threads 2] [--out bench/results/ooni_import.json]
+    python bench/ooni_import_bench.py [--count 200000] [--threads 2] [--workers 2] [--out bench/results/ooni_import.json]
 
 Goal (issue 12): at least 15,000 measurements/s on 2 cores, memory bounded
 whatever the file size (peak RSS measured at two sizes).
@@ -39,14 +39,15 @@ from probes.store import connect
 from probes.ooni_import import MAX_WORKERS, _cores, import_ooni
 con = connect(sys.argv[3])
 con.execute(f"SET threads = {int(sys.argv[4])}")
+workers = int(sys.argv[5]) or min(MAX_WORKERS, _cores())
 t0 = time.perf_counter()
-summary = import_ooni(con, [sys.argv[2]])
+summary = import_ooni(con, [sys.argv[2]], workers=workers)
 seconds = time.perf_counter() - t0
 con.close()
 print(json.dumps({"seconds": seconds, "imported": summary.imported, "bad": summary.bad,
                   "duplicates": summary.duplicates,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "workers": min(MAX_WORKERS, _cores()),
+                  "workers": workers,
                   "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
@@ -88,14 +89,14 @@ def make_file(path: Path, count: int, which: str) -> tuple[int, int]:
     return raw, path.stat().st_size
 
 
-def run(count: int, threads: int, workdir: Path, which: str) -> dict:
+def run(count: int, threads: int, workdir: Path, which: str, workers: int = 0) -> dict:
     data = workdir / f"ooni-{count}.jsonl.gz"
     t0 = time.perf_counter()
     raw, disk = make_file(data, count, which)
     made = time.perf_counter() - t0
     db = workdir / f"import-{count}.duckdb"
     load = round(os.getloadavg()[0], 2)  # other jobs on the machine lower every figure
-    out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(data), str(db), str(threads)],
+    out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(data), str(db), str(threads), str(workers)],
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result.update({
@@ -117,6 +118,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="DuckDB threads (the goal is for 2 cores)")
     parser.add_argument("--samples", choices=("qa", "all"), action="append",
                         help="which measurements to replicate (repeatable; default both)")
+    parser.add_argument("--workers", type=int, action="append",
+                        help="worker processes (repeatable; default: the import's own choice, one a core)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ooni_import.json"))
     args = parser.parse_args()
     counts = args.count or [50_000, 200_000]
@@ -124,9 +127,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vantage-ooni-bench-") as tmp:
         for which in args.samples or ["qa", "all"]:
             for count in counts:
-                result = run(count, args.threads, Path(tmp), which)
-                print(json.dumps(result), flush=True)
-                results.append(result)
+                for workers in args.workers or [0]:
+                    result = run(count, args.threads, Path(tmp), which, workers)
+                    print(json.dumps(result), flush=True)
+                    results.append(result)
     report = {"runs": results, "threads": args.threads, "cpus": os.cpu_count(), "python": platform.python_version(),
               "goal_per_second": 15000}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,8 @@ def wrap_test_keys(doc: dict[str, Any], uid: str | None = None) -> dict[str, Any
     """ooniprobe's test fixtures sometimes hold the test keys alone: the
     envelope is rebuilt from what they say (the input is the first request's
     URL; OONI lists the last hop first)."""
-    urls = [(r.get("request") or {}).get("url") for r in _list(doc.get("requests")) if isinstance(r, dict)]
+    requests = [r.get("request") for r in _list(doc.get("requests")) if isinstance(r, dict)]
+    urls = [r.get("url") for r in requests if isinstance(r, dict)]
     return {"test_name": "web_connectivity", "measurement_uid": uid, "input": urls[-1] if urls else None,
             "test_keys": doc}
 
@@ -267,8 +269,9 @@ def iter_items(path: Path, on_read: Callable[[int], None] | None = None) -> Iter
         lines = data.splitlines()
         comments = [ln.decode("utf-8", "replace") for ln in lines if ln.lstrip().startswith(b"//")]
         for comment in comments:
-            if "explorer.ooni.org/m/" in comment:
-                uid = comment.split("explorer.ooni.org/m/", 1)[1].split()[0]
+            after = comment.split("explorer.ooni.org/m/", 1)[1].split() if "explorer.ooni.org/m/" in comment else []
+            if after:
+                uid = after[0]
         text = b"\n".join(b"" if ln.lstrip().startswith(b"//") else ln for ln in lines)
     try:
         doc = _loads(text)
@@ -297,12 +300,18 @@ def iter_documents(path: Path, on_read: Callable[[int], None] | None = None) -> 
 # while this process reads the files and writes (bench/ooni_import_bench.py);
 # below it their start-up is not worth it.
 WORKER_BYTES = 4 * 1024 * 1024
-# At most this many worker processes (one a core: flattening is the slow
-# half, ~500 us of CPU a measurement against the writer's ~250).
+# At most this many worker processes (one a core: parsing and flattening
+# take ~550 us of CPU a measurement, the writer ~360, DuckDB's ~250 of it).
 MAX_WORKERS = 8
 # DuckDB's buffer pool during an import (its default is 80% of RAM): the
 # import's memory stays flat whatever the file size (docs/benchmarks.md).
 IMPORT_MEMORY_LIMIT = "256MB"
+
+
+class _Unreadable(ValueError):
+    """A file, or the rest of one, that could not be read: reported with
+    the file, not counted as a record (the summary's ``records`` are JSON
+    documents read)."""
 
 
 @dataclass
@@ -331,7 +340,7 @@ class _Batch:
 def _chunks(files: list[Path], batch_size: int, on_read: Callable[[int], None] | None = None) -> Iterator[_Chunk]:
     """Read ``files`` into chunks of ``batch_size`` lines (the last may be
     empty: it still counts its files). Reading is this process's: what it
-    costs is gunzip and cutting lines, ~45 us a measurement."""
+    costs is gunzip and cutting lines, ~40 us a measurement."""
     chunk = _Chunk()
     for path in files:
         chunk.files += 1
@@ -343,7 +352,9 @@ def _chunks(files: list[Path], batch_size: int, on_read: Callable[[int], None] |
                     yield chunk
                     chunk = _Chunk()
         except OSError as exc:
-            chunk.items.append((name, 0, ValueError(f"cannot read: {exc.strerror or _short(exc)}")))
+            chunk.items.append((name, 0, _Unreadable(f"cannot read: {exc.strerror or _short(exc)}")))
+        except Exception as exc:  # a file our reader chokes on: it alone is reported, the others are read
+            chunk.items.append((name, 0, _Unreadable(f"cannot read: {type(exc).__name__}: {_short(exc)}")))
     yield chunk
 
 
@@ -354,6 +365,9 @@ def _flatten_chunk(chunk: _Chunk) -> _Batch:
     batch: list[tuple[dict[str, Any], str | None]] = []
     where: dict[str, tuple[str, int]] = {}
     for name, line, item in chunk.items:
+        if isinstance(item, _Unreadable):
+            read.add_error(name, line, str(item))
+            continue
         read.records += 1
         doc = parse_item(item)
         if isinstance(doc, Exception):
@@ -449,12 +463,17 @@ def import_ooni(con, paths: Iterable[str | os.PathLike], *, batch_size: int = 10
         summary.duplicates += len(batch.ids) - stored - (summary.bad - before)
 
     chunks = _chunks(files, batch_size, progressed)
-    with store.memory_limit(con, IMPORT_MEMORY_LIMIT), store.bulk_gc() as collect:
-        batches = (_in_workers(chunks, workers or min(MAX_WORKERS, _cores())) if worker
-                   else map(_flatten_chunk, chunks))
-        for batch in batches:
-            write(batch)
-            collect()
+    batches = (_in_workers(chunks, workers or min(MAX_WORKERS, _cores())) if worker
+               else map(_flatten_chunk, chunks))
+    try:
+        with store.memory_limit(con, IMPORT_MEMORY_LIMIT), store.bulk_gc() as collect:
+            for batch in batches:
+                write(batch)
+                collect()
+    finally:  # also when writing fails or is interrupted: the workers stop, the files close, now
+        if worker:
+            batches.close()
+        chunks.close()
     return summary
 
 
@@ -462,8 +481,6 @@ def import_ooni(con, paths: Iterable[str | os.PathLike], *, batch_size: int = 10
 
 
 def _worker_started() -> None:
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the writer's to handle: it stops the workers
 
 
@@ -487,16 +504,21 @@ def _in_workers(chunks: Iterator[_Chunk], workers: int) -> Iterator[_Batch]:
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding DuckDB's threads
     pool = ProcessPoolExecutor(max(1, workers), mp_context=ctx, initializer=_worker_started)
     pending: collections.deque = collections.deque()
+    started: dict[int, Any] = {}  # every worker process, for the exit code of the one that died
 
     def died() -> OoniImportError:
-        codes = [p.exitcode for p in list((getattr(pool, "_processes", None) or {}).values()) if p.exitcode]
-        return OoniImportError(f"a worker process of the import died (exit code {codes[0] if codes else '?'})")
+        for process in started.values():
+            process.join(1)  # its exit code is known once it is reaped
+        codes = [p.exitcode for p in started.values() if p.exitcode]
+        first = [c for c in codes if c != -signal.SIGTERM] or codes  # the pool ends the others with SIGTERM
+        return OoniImportError(f"a worker process of the import died (exit code {first[0] if first else '?'})")
 
     def submit(chunk: _Chunk) -> None:
         try:
             pending.append(pool.submit(_flatten_in_worker, chunk))
         except BrokenProcessPool:
             raise died() from None
+        started.update(getattr(pool, "_processes", None) or {})  # the executor starts them as work comes
 
     def result(future) -> _Batch:
         try:
@@ -504,9 +526,8 @@ def _in_workers(chunks: Iterator[_Chunk], workers: int) -> Iterator[_Batch]:
         except BrokenProcessPool:
             raise died() from None
         except Exception as exc:  # the writer raises it: nothing is lost silently
-            raise OoniImportError(f"reading the files failed: {type(exc).__name__}: {_short(exc)}") from None
+            raise OoniImportError(f"flattening failed in a worker process: {type(exc).__name__}: {_short(exc)}") from None
 
-    finished = False
     try:
         for chunk in chunks:
             submit(chunk)
@@ -514,15 +535,10 @@ def _in_workers(chunks: Iterator[_Chunk], workers: int) -> Iterator[_Batch]:
                 yield result(pending.popleft())
         while pending:
             yield result(pending.popleft())
-        finished = True
     finally:
-        if finished:
-            pool.shutdown(wait=True)
-        else:  # stopped early (Ctrl-C, an error, a worker that died): a chunk being flattened is not waited for
-            # the executor has no public way to stop a running task: its processes are ended here
-            processes = list((getattr(pool, "_processes", None) or {}).values())
-            pool.shutdown(wait=False, cancel_futures=True)
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.join(5)
+        # Also when stopped early (Ctrl-C, an error, a worker that died):
+        # what has not started is cancelled, the chunks being flattened (a
+        # second at most; the workers ignore Ctrl-C) are waited for. Ending
+        # the workers instead could cut a result mid-message and leave the
+        # pool's reader thread, and so the interpreter's exit, waiting forever.
+        pool.shutdown(wait=True, cancel_futures=True)

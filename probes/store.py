@@ -471,16 +471,17 @@ def _alone_on_failure(batch: list, write: Callable[[list], int], on_failure: Cal
     """``write(batch)``; when it fails, ``write([item])`` for each item, so an
     item that cannot be stored fails alone (``on_failure(item, exc)``).
     Returns how many were stored. A Ctrl-C that DuckDB turned into its
-    InterruptException is no item's failure: it stops the caller, as
-    KeyboardInterrupt (caught as a failure, it made the import go on, one
-    record a transaction)."""
-    import duckdb
+    InterruptException is no item's failure: on the main thread (where
+    Python takes Ctrl-C) it stops the caller, as KeyboardInterrupt (caught
+    as a failure, it made an import go on, a record a transaction)."""
+    import threading
 
+    main = threading.current_thread() is threading.main_thread()
     try:
         return write(batch)
-    except duckdb.InterruptException:
-        raise KeyboardInterrupt from None
     except Exception as exc:
+        if main and _interrupted(exc):
+            raise KeyboardInterrupt from None
         if len(batch) == 1:
             on_failure(batch[0], exc)
             return 0
@@ -488,11 +489,29 @@ def _alone_on_failure(batch: list, write: Callable[[list], int], on_failure: Cal
     for item in batch:
         try:
             stored += write([item])
-        except duckdb.InterruptException:
-            raise KeyboardInterrupt from None
         except Exception as exc:
+            if main and _interrupted(exc):
+                raise KeyboardInterrupt from None
             on_failure(item, exc)
     return stored
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or what it replaced, is DuckDB's answer to a Ctrl-C
+    during a statement: its InterruptException, or the Python client's
+    ``RuntimeError: Query interrupted``. The statement's clean-up (an
+    unregister in the aborted transaction) raises an error of its own, with
+    the interrupt as its context."""
+    import duckdb
+
+    for _ in range(8):
+        if exc is None:
+            return False
+        if isinstance(exc, duckdb.InterruptException) or (
+                type(exc) is RuntimeError and str(exc).startswith("Query interrupted")):
+            return True
+        exc = exc.__context__
+    return False
 
 
 def stored_ids(con: duckdb.DuckDBPyConnection, ids: list[Any]) -> set[str]:

@@ -171,19 +171,35 @@ def test_the_shared_folder_imports_alike_in_both_roads(tmp_path):
     assert results[0] == results[1]
 
 
-def _worker_processes() -> list[int]:
-    """This process's children that multiprocessing spawned (its resource
+def _spawned(parent: int) -> set[int]:
+    """``parent``'s children that multiprocessing spawned (its resource
     tracker left out)."""
-    pids = []
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        for pid in (task / "children").read_text().split():
+    pids = set()
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:  # the thread or the process ended
+            continue
+        for pid in children:
             try:
                 command = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
             if b"spawn_main" in command:
-                pids.append(int(pid))
+                pids.add(int(pid))
     return pids
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -191,10 +207,11 @@ def test_a_worker_that_dies_ends_the_import_with_one_line_and_keeps_what_was_sto
     path = tmp_path / "big.jsonl.gz"
     _write_gz(path, _qa_lines(copies=40))
     killed = []
+    before = _spawned(os.getpid())  # another test's, if any: not this import's
 
     def progress(done: int, total: int) -> None:
         if not killed and done > total // 3:  # some batches stored, more to come
-            killed.extend(_worker_processes())
+            killed.extend(_spawned(os.getpid()) - before)
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
 
@@ -207,7 +224,7 @@ def test_a_worker_that_dies_ends_the_import_with_one_line_and_keeps_what_was_sto
         con.close()
     assert len(killed) == workers
     assert 0 < stored < 2000  # what was written before stays
-    assert not _worker_processes()  # and no worker is left behind
+    assert not _alive(_spawned(os.getpid()) - before)  # and no worker is left behind
 
 
 def test_ctrl_c_stops_an_import_at_once_and_a_second_import_adds_the_rest(tmp_path):
@@ -228,19 +245,25 @@ def test_ctrl_c_stops_an_import_at_once_and_a_second_import_adds_the_rest(tmp_pa
     command = [sys.executable, "-m", "cli.main", "import", "ooni", "-q", str(path), "--db", str(db)]
     proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        def written() -> int:  # the database and its WAL: a batch of 1,000 is ~7 MB of record text
+            return sum(p.stat().st_size for p in (db, Path(str(db) + ".wal")) if p.exists())
 
-    def written() -> int:  # the database and its WAL: a batch of 1,000 is ~7 MB of record text
-        return sum(p.stat().st_size for p in (db, Path(str(db) + ".wal")) if p.exists())
-
-    deadline = time.monotonic() + 60
-    while written() < 4_000_000 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # until the first batches are committed
-    assert proc.poll() is None, "the import ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    sent = time.monotonic()
-    _out, err = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 60
+        while written() < 4_000_000 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the first batches are committed
+        assert proc.poll() is None, "the import ended before it could be interrupted"
+        workers = _spawned(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130 and time.monotonic() - sent < 10, (proc.returncode, err)
     assert err.strip().splitlines()[-1] == "aborted"
+    assert workers and not _alive(workers)  # the workers ended with it
     con = duckdb.connect(str(db), read_only=True)
     try:
         kept = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
@@ -252,4 +275,28 @@ def test_ctrl_c_stops_an_import_at_once_and_a_second_import_adds_the_rest(tmp_pa
     summary = json.loads(again.stdout)
     assert again.returncode == 0 and summary["imported"] == distinct - kept, again.stderr
     assert summary["imported"] + summary["duplicates"] == len(docs)
-    assert not _worker_processes()
+
+
+def test_a_file_the_reader_chokes_on_is_reported_and_the_others_imported(tmp_path):
+    """A .jsonc whose comment names no measurement after explorer's address,
+    with test keys whose request is not an object, imports; a file that
+    cannot be read (/proc/self/mem: EIO at offset 0) is an error with its
+    name, not a record; the same in both roads."""
+    docs = _qa_lines()[:5]
+    _write_gz(tmp_path / "a.jsonl.gz", docs)
+    keys = dict(docs[0]["test_keys"])
+    keys["requests"] = [{"request": "GET /"}] + list(keys.get("requests") or [])
+    (tmp_path / "b.jsonc").write_text("// see https://explorer.ooni.org/m/\n" + json.dumps(keys))
+    paths = [tmp_path / "a.jsonl.gz", "/proc/self/mem", tmp_path / "b.jsonc"]
+    read, stored = {}, {}
+    for worker in (False, True):
+        con = store.connect(tmp_path / f"{worker}.duckdb")
+        try:
+            read[worker] = import_ooni(con, paths, worker=worker).as_dict()
+            stored[worker] = con.execute("SELECT count(*) FROM measurements").fetchone()[0]
+        finally:
+            con.close()
+    assert read[True] == read[False] and stored[True] == stored[False] == 6
+    first = read[False]
+    assert first["files"] == 3 and first["records"] == 6 and first["imported"] == 6, first
+    assert first["errors"] == [{"file": "/proc/self/mem", "line": 0, "error": "cannot read: Input/output error"}]
