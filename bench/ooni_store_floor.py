@@ -148,10 +148,12 @@ def main() -> None:
         return
     results = []
     with tempfile.TemporaryDirectory(prefix="vantage-store-floor-") as tmp:
-        for variant in [v for _ in range(args.repeat) for v in args.variant or list(VARIANTS)]:
+        for n, variant in enumerate(v for _ in range(args.repeat) for v in args.variant or list(VARIANTS)):
             load = round(os.getloadavg()[0], 2)
-            out = subprocess.run([sys.executable, __file__, "--count", str(args.count), "--child", variant,
-                                  str(Path(tmp) / f"{variant}.duckdb")], capture_output=True, text=True, check=True)
+            db = Path(tmp) / f"{n}-{variant}.duckdb"  # a fresh database each run
+            out = subprocess.run([sys.executable, __file__, "--count", str(args.count), "--child", variant, str(db)],
+                                 capture_output=True, text=True, check=True)
+            db.unlink()
             result = json.loads(out.stdout.strip().splitlines()[-1]) | {"load_average_1m_at_start": load}
             print(json.dumps(result), flush=True)
             results.append(result)
