@@ -410,9 +410,16 @@ def _insert_arrow(con: duckdb.DuckDBPyConnection, table: str, data, where: str =
     try:
         result = con.execute(f"{verb} INTO {table} ({', '.join(data.column_names)}) SELECT * FROM {view}{where}"
                              + (" RETURNING measurement_id" if returning else ""))
-        return result.fetchall() if returning else None
-    finally:
-        con.unregister(view)
+        rows = result.fetchall() if returning else None
+    except BaseException:
+        # In the transaction the failed statement aborted, the unregister
+        # fails too ("Current transaction is aborted"): the statement's own
+        # error (a constraint, Ctrl-C) is the one to raise and report.
+        with contextlib.suppress(Exception):
+            con.unregister(view)
+        raise
+    con.unregister(view)
+    return rows
 
 
 def insert_tables(con: duckdb.DuckDBPyConnection, tables: dict[str, Any]) -> int:
@@ -496,22 +503,14 @@ def _alone_on_failure(batch: list, write: Callable[[list], int], on_failure: Cal
     return stored
 
 
-def _interrupted(exc: BaseException | None) -> bool:
-    """Whether ``exc``, or what it replaced, is DuckDB's answer to a Ctrl-C
-    during a statement: its InterruptException, or the Python client's
-    ``RuntimeError: Query interrupted``. The statement's clean-up (an
-    unregister in the aborted transaction) raises an error of its own, with
-    the interrupt as its context."""
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is DuckDB's answer to a Ctrl-C during a statement:
+    its InterruptException, or the Python client's ``RuntimeError: Query
+    interrupted``."""
     import duckdb
 
-    for _ in range(8):
-        if exc is None:
-            return False
-        if isinstance(exc, duckdb.InterruptException) or (
-                type(exc) is RuntimeError and str(exc).startswith("Query interrupted")):
-            return True
-        exc = exc.__context__
-    return False
+    return isinstance(exc, duckdb.InterruptException) or (
+        type(exc) is RuntimeError and str(exc).startswith("Query interrupted"))
 
 
 def stored_ids(con: duckdb.DuckDBPyConnection, ids: list[Any]) -> set[str]:

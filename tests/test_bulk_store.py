@@ -228,10 +228,11 @@ def test_a_worker_that_dies_ends_the_import_with_one_line_and_keeps_what_was_sto
 
 
 def test_ctrl_c_stops_an_import_at_once_and_a_second_import_adds_the_rest(tmp_path):
-    """DuckDB turns a Ctrl-C during a query into its InterruptException;
-    caught as a batch's failure it made the import go on, a record a
-    transaction. Now the import stops (exit 130), keeps what it wrote, and
-    importing the file again stores the rest."""
+    """DuckDB turns a Ctrl-C during a query into ``RuntimeError: Query
+    interrupted`` (or its InterruptException); caught as a batch's failure
+    it made the import go on, a record a transaction. Now the import stops
+    (exit 130), keeps what it wrote, and importing the file again stores
+    the rest."""
     import subprocess
     import sys
     import time
@@ -300,3 +301,22 @@ def test_a_file_the_reader_chokes_on_is_reported_and_the_others_imported(tmp_pat
     first = read[False]
     assert first["files"] == 3 and first["records"] == 6 and first["imported"] == 6, first
     assert first["errors"] == [{"file": "/proc/self/mem", "line": 0, "error": "cannot read: Input/output error"}]
+
+
+def test_a_statement_that_fails_in_a_transaction_raises_its_own_error(tmp_path):
+    """The unregister after a failed statement fails too in the aborted
+    transaction; it must not hide the statement's error (what an import
+    reports for a measurement the database refuses)."""
+    import pyarrow as pa
+
+    con = duckdb.connect()
+    try:
+        con.execute("CREATE TABLE dns_answers (measurement_id VARCHAR, ttl INTEGER CHECK (ttl < 5))")
+        con.execute("BEGIN")
+        with pytest.raises(duckdb.ConstraintException, match="CHECK constraint"):
+            store._insert_arrow(con, "dns_answers", pa.table({"measurement_id": ["m"], "ttl": [9]}))
+        con.execute("ROLLBACK")
+        store._insert_arrow(con, "dns_answers", pa.table({"measurement_id": ["m"], "ttl": [1]}))  # the name is free again
+        assert con.execute("SELECT count(*) FROM dns_answers").fetchone()[0] == 1
+    finally:
+        con.close()
